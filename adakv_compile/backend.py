@@ -1,0 +1,101 @@
+"""The Dynamo backend: rewrite attention in the graph, then hand it to the inner compiler (Inductor).
+
+    backend = adakv_backend(AdaKVConfig(budget=512))
+    model.forward = torch.compile(model.forward, backend=backend)   # or model.compile(backend=backend)
+
+The rewrite happens on the Dynamo graph *before* ``compile_fx``, so it is part of what Inductor caches.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from .config import AdaKVConfig
+from .kernels.store import StoreError, is_store_view
+from .passes import run_passes
+from .report import Report, RewriteRecord
+
+log = logging.getLogger("adakv_compile")
+_graph_ids = itertools.count()
+
+INNER = ("inductor", "eager", "aot_eager")
+
+
+class AdaKVBackend:
+    """Callable Dynamo backend; ``report`` lists what was rewritten in every graph compiled so far."""
+
+    def __init__(self, config: Optional[AdaKVConfig] = None, inner: str = "inductor"):
+        if config is None:
+            config = AdaKVConfig()
+        if not isinstance(config, AdaKVConfig):
+            raise TypeError(f"adakv_backend(config=...) needs an AdaKVConfig, got {type(config).__name__}")
+        if inner not in INNER:
+            raise ValueError(f"adakv_backend(inner={inner!r}): must be one of {INNER}")
+        self.config = config
+        self.inner = inner
+        self.report = Report()
+        self.graphs_compiled = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        graph_id = next(_graph_ids)
+        self.graphs_compiled += 1
+        result = run_passes(gm, self.config)
+        for p in result.planned:
+            rec = RewriteRecord(graph_id, p.layer, p.site.pattern, p.phase, p.action, p.mode,
+                                p.site.anchor.name, p.reason)
+            self.report.append(rec)
+            if p.action == "skipped":
+                log.warning("adakv: attention %s in graph %d left untouched: %s", p.site.anchor.name,
+                            graph_id, p.reason)
+            elif p.reason:
+                log.info("adakv: %s", rec)
+        if not result.planned:
+            log.info("adakv: graph %d has no attention", graph_id)
+        compiled = self._inner(gm, example_inputs)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
+        if not dense_idx:
+            return compiled
+
+        def run(*args):
+            for i in dense_idx:
+                if isinstance(args[i], torch.Tensor) and is_store_view(args[i]):
+                    raise StoreError(
+                        f"graph {graph_id} keeps the cache input {names[i]!r} as a full cache, but it holds "
+                        "an adakv compacted store. The layer was compressed by one compiled graph but "
+                        "not recognised in this one; see backend.report for the reason.")
+            return compiled(*args)
+
+        return run
+
+    def _inner(self, gm, example_inputs) -> Callable:
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "aot_eager":
+            from torch._dynamo.backends.registry import lookup_backend
+            return lookup_backend("aot_eager")(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+
+def adakv_backend(config: Optional[AdaKVConfig] = None, inner: str = "inductor", **fields) -> AdaKVBackend:
+    """Make a Dynamo backend. ``fields`` are AdaKVConfig fields, e.g. ``adakv_backend(budget=512)``."""
+    if fields:
+        config = (config or AdaKVConfig()).replace(**fields)
+    return AdaKVBackend(config, inner=inner)
+
+
+def registered_backend(gm: fx.GraphModule, example_inputs):
+    """Entry point for ``torch.compile(backend="adakv")``: the default config (exact mode).
+
+    Pass settings with ``torch.compile(model, backend="adakv", options={...})`` is not supported by
+    Dynamo for third-party backends; use ``adakv_backend(AdaKVConfig(...))`` for compression.
+    """
+    return _DEFAULT(gm, example_inputs)
+
+
+_DEFAULT = AdaKVBackend()

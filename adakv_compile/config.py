@@ -1,0 +1,150 @@
+"""AdaKVConfig: what to keep, validated once at construction.
+
+A config with neither ``budget`` nor ``compression_ratio`` is *exact mode*: every attention is still
+rewritten into the project's op, but nothing is dropped and caches stay plain tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional, Tuple
+
+_POOLINGS = ("max", "avg")
+_GQA = ("mean", "max")
+_ALLOC = ("adaptive", "uniform")
+_SCHEDULES = ("flat", "pyramid")
+_SCORERS = ("snapkv", "streaming")
+
+
+def _fail(field_name: str, value, why: str):
+    raise ValueError(f"AdaKVConfig.{field_name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class AdaKVConfig:
+    """Ada-KV compression settings (see docs/algorithm.md for the exact semantics).
+
+    budget: tokens kept per KV head on average, the observation window included.
+    compression_ratio: alternative to ``budget``: the fraction of each prompt dropped (0 <= r < 1).
+    window: the last ``window`` prompt tokens score the rest and are always kept.
+    pooling, kernel_size: 1-D pooling of the scores (SnapKV).
+    alpha: safeguard; every head keeps at least ``floor(alpha * (budget - window))`` chosen tokens.
+    gqa_reduce: how query-head scores are reduced per KV group.
+    allocation: "adaptive" (Ada-KV, one top-k over the layer's heads) or "uniform" (SnapKV).
+    layer_schedule: "flat" (same budget every layer) or "pyramid" (PyramidKV, beta = ``pyramid_beta``).
+    skip_layers: attention-layer indices (0-based, graph order) that keep their full cache.
+    scorer: "snapkv" (window attention) or "streaming" (StreamingLLM: sinks + most recent).
+    sink_tokens: sinks kept by the streaming scorer.
+    decode_reserve: free slots reserved per (row, KV head) for new tokens before the store must grow.
+    """
+
+    budget: Optional[int] = None
+    compression_ratio: Optional[float] = None
+    window: int = 32
+    pooling: str = "max"
+    kernel_size: int = 7
+    alpha: float = 0.2
+    gqa_reduce: str = "mean"
+    allocation: str = "adaptive"
+    layer_schedule: str = "flat"
+    pyramid_beta: int = 20
+    skip_layers: Tuple[int, ...] = field(default_factory=tuple)
+    scorer: str = "snapkv"
+    sink_tokens: int = 4
+    decode_reserve: int = 64
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if self.budget is not None and self.compression_ratio is not None:
+            _fail("budget", self.budget, "give either budget or compression_ratio, not both")
+        if not is_int(self.window) or self.window < 1:
+            _fail("window", self.window, "must be an integer >= 1")
+        if self.budget is not None:
+            if not is_int(self.budget):
+                _fail("budget", self.budget, "must be an integer number of tokens per KV head")
+            if self.budget <= self.window:
+                _fail("budget", self.budget,
+                      f"must be larger than window={self.window} (the budget includes the window)")
+        if self.compression_ratio is not None:
+            r = self.compression_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) or not 0 <= r < 1:
+                _fail("compression_ratio", r, "must be a number in [0, 1) (the fraction dropped)")
+        if self.pooling not in _POOLINGS:
+            _fail("pooling", self.pooling, f"must be one of {_POOLINGS}")
+        if not is_int(self.kernel_size) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            _fail("kernel_size", self.kernel_size, "must be an odd integer >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            _fail("alpha", self.alpha, "must be a number in [0, 1]")
+        if self.gqa_reduce not in _GQA:
+            _fail("gqa_reduce", self.gqa_reduce, f"must be one of {_GQA}")
+        if self.allocation not in _ALLOC:
+            _fail("allocation", self.allocation, f"must be one of {_ALLOC}")
+        if self.layer_schedule not in _SCHEDULES:
+            _fail("layer_schedule", self.layer_schedule, f"must be one of {_SCHEDULES}")
+        if not is_int(self.pyramid_beta) or self.pyramid_beta < 1:
+            _fail("pyramid_beta", self.pyramid_beta, "must be an integer >= 1")
+        if self.scorer not in _SCORERS:
+            _fail("scorer", self.scorer, f"must be one of {_SCORERS}")
+        if not is_int(self.sink_tokens) or self.sink_tokens < 0:
+            _fail("sink_tokens", self.sink_tokens, "must be an integer >= 0")
+        if not is_int(self.decode_reserve) or self.decode_reserve < 1:
+            _fail("decode_reserve", self.decode_reserve, "must be an integer >= 1")
+        skip = self.skip_layers
+        if isinstance(skip, (list, set, frozenset, range)):
+            skip = tuple(sorted(skip))
+            object.__setattr__(self, "skip_layers", skip)
+        if not isinstance(skip, tuple) or not all(is_int(i) and i >= 0 for i in skip):
+            _fail("skip_layers", self.skip_layers, "must be a collection of layer indices >= 0")
+
+    @property
+    def compresses(self) -> bool:
+        """False in exact mode (no budget, no ratio)."""
+        return self.budget is not None or self.compression_ratio is not None
+
+    @property
+    def ratio_fraction(self) -> Optional[Fraction]:
+        """The compression ratio as an exact fraction, so kept counts are integer arithmetic."""
+        if self.compression_ratio is None:
+            return None
+        return Fraction(self.compression_ratio).limit_denominator(1 << 20)
+
+    def replace(self, **changes) -> "AdaKVConfig":
+        return dataclasses.replace(self, **changes)
+
+    def key(self) -> str:
+        """A stable string naming this config (used in cache keys and reports)."""
+        return repr(dataclasses.astuple(self))
+
+
+def keep_for_row(config: AdaKVConfig, n_real: int) -> int:
+    """Tokens per KV head (window included) a row of ``n_real`` valid tokens keeps on the flat schedule."""
+    if config.budget is not None:
+        return config.budget
+    r = config.ratio_fraction
+    kept = n_real - (n_real * r.numerator) // r.denominator
+    return max(kept, config.window + 1)
+
+
+def layer_keep(config: AdaKVConfig, n_real: int, layer: int, num_layers: int) -> int:
+    """Tokens per KV head (window included) kept at ``layer`` for a row of ``n_real`` valid tokens.
+
+    Returns a number >= n_real when the row is not compressed at that layer.
+    """
+    if layer in config.skip_layers:
+        return n_real
+    w = config.window
+    keep = keep_for_row(config, n_real)
+    if config.layer_schedule == "flat" or num_layers <= 1:
+        return keep
+    base = keep - w
+    lo = base // config.pyramid_beta
+    hi = 2 * base - lo
+    if hi >= n_real - w:
+        hi = n_real - w
+        lo = 2 * base - hi
+    steps = (hi - lo) // (num_layers - 1)
+    return hi - layer * steps + w

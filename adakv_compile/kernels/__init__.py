@@ -1,0 +1,2 @@
+"""Custom ops and their plain-PyTorch implementations (Triton kernels plug in here)."""
+from . import ops  # noqa: F401  (registers torch.ops.adakv.*)

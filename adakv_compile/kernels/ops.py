@@ -1,0 +1,97 @@
+"""The project's custom ops: what the rewritten graph calls.
+
+- ``adakv::attention``     exact attention (SDPA semantics, + soft-capping) — exact mode and prefill.
+- ``adakv::compress``      prefill: score, allocate, pack the kept K/V into new stores; returns the
+                           zero-stride cache views the model keeps (see store.py).
+- ``adakv::attend_append`` decode/extend: append the new K/V to the stores *in place* and attend.
+
+``attend_append`` writes into the storage behind its cache inputs without declaring a mutation: the
+cache view is a zero-stride alias of the pool, which functionalization would otherwise clone
+(O(cache) per step). This is safe because the rewritten graph reads the store only through these ops;
+the graph returns ``as_strided`` views of the same inputs, which carry no data. Do not use these ops
+outside the rewrite (docs/design.md, "hidden mutation").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import AdaKVConfig
+from . import store as kv_store
+from .allocate import keep_mask
+from .attend import exact_attention, store_attention
+from .score import window_scores
+
+_CONFIGS: dict[str, AdaKVConfig] = {}
+
+
+def register_config(config: AdaKVConfig) -> str:
+    """Make a config reachable from graphs by a stable string key."""
+    key = config.key()
+    _CONFIGS[key] = config
+    return key
+
+
+def config_for(key: str) -> AdaKVConfig:
+    try:
+        return _CONFIGS[key]
+    except KeyError:
+        raise RuntimeError(f"adakv: no config registered under {key!r}; build the backend first") from None
+
+
+def valid_from_mask(attn_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
+    """Valid (non-padding) keys [B, n]: those the last query may attend."""
+    if attn_mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    last = attn_mask[..., -1, :]
+    while last.dim() > 2:
+        last = last[:, 0]
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.expand(batch, n).contiguous()
+
+
+@torch.library.custom_op("adakv::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+              scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
+    return exact_attention(q, k, v, attn_mask, scale, is_causal, softcap).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, softcap):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+@torch.library.custom_op("adakv::compress", mutates_args=())
+def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+             scale: float, softcap: float, layer: int, num_layers: int, config_key: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    config = config_for(config_key)
+    B, Hkv, n, _ = k.shape
+    valid = valid_from_mask(attn_mask, B, n, k.device)
+    scores = window_scores(q, k, valid, config, scale, softcap or None)
+    keep = keep_mask(scores, valid, config, layer, num_layers)
+    return kv_store.build(k, v, keep, config.decode_reserve)
+
+
+@compress.register_fake
+def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key):
+    B, Hkv, n, D = k.shape
+    vk = k.new_empty((D,)).as_strided((B, Hkv, n, D), (0, 0, 0, 1))
+    vv = v.new_empty((v.shape[-1],)).as_strided((B, Hkv, n, v.shape[-1]), (0, 0, 0, 1))
+    return vk, vv
+
+
+@torch.library.custom_op("adakv::attend_append", mutates_args=())
+def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    if k_new.shape[-1] != v_new.shape[-1]:
+        raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
+    pool_k, pool_v, lay = kv_store.append(k_cache, v_cache, k_new, v_new)
+    return store_attention(q, pool_k, pool_v, lay, k_new.shape[2], scale, softcap)
+
+
+@attend_append.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, scale, softcap):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v_new.shape[-1])

@@ -1,0 +1,243 @@
+"""The compacted KV store: one flat pool per cache tensor, shown to the model as a zero-stride view.
+
+Why this shape (docs/design.md has the full decision):
+- The tensor that sits in the model's cache (an HF ``DynamicLayer.keys`` or a hand-written tuple) is a
+  *logical view* ``[B, Hkv, L, D]`` with strides ``(0, 0, 0, 1)``: ``L`` is the number of tokens the model
+  has seen, so ``get_seq_length()``, positions and mask sizes stay right, and ``torch.cat`` with new K/V
+  still type-checks when Dynamo traces the model. The view reads nothing meaningful; its *storage* is
+  the pool.
+- The pool is a flat run of token *slots* of ``D`` elements. Slots ``[0, hs)`` hold an int32 header;
+  each (row, KV head) owns one contiguous segment ``[off, off + cap)`` of which ``len`` slots are used.
+  Memory is what is kept plus ``decode_reserve`` free slots per (row, head) plus the header.
+- ``copy.deepcopy`` copies the storage and keeps the view's strides, so a copied cache is independent.
+- New tokens are written in place into each segment's free slots (O(new tokens)). When a segment is full
+  the whole pool is re-laid out with more room and the *same storage object* is resized, so every view
+  of it stays valid and the model never sees a new shape (amortised: room grows with the cache).
+
+Only the values pool's data slots are used; its header slots stay zero (same slot numbering as keys).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = 0x41444B56  # "ADKV"
+VERSION = 1
+# header fields (int32 index)
+H_MAGIC, H_VERSION, H_B, H_HKV, H_HS, H_SLOTS, H_USED, H_MINROOM, H_LOGICAL, H_RESERVE = range(10)
+H_PER_HEAD = 16  # offsets start here; then lengths, then capacities, each B*Hkv int32
+
+
+class StoreError(RuntimeError):
+    """A cache tensor is not an adakv store, or was changed in a way the store cannot follow."""
+
+
+def header_ints(rows: int, heads: int) -> int:
+    return H_PER_HEAD + 3 * rows * heads
+
+
+def header_slots(rows: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Slots the header needs; a whole number of int32 words."""
+    slot_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+    hs = math.ceil(header_ints(rows, heads) * 4 / slot_bytes)
+    while (hs * slot_bytes) % 4:
+        hs += 1
+    return hs
+
+
+def is_store_view(t: torch.Tensor) -> bool:
+    """True for the zero-stride views this module hands out (cheap: metadata only)."""
+    return t.dim() == 4 and t.stride() == (0, 0, 0, 1)
+
+
+def pool_of(view: torch.Tensor) -> torch.Tensor:
+    """The flat pool behind a store view (all of its storage), as a 1-D tensor."""
+    if not is_store_view(view):
+        raise StoreError(
+            "expected an adakv compacted cache (a zero-stride view made by the adakv backend), got a tensor "
+            f"of shape {tuple(view.shape)} and strides {view.stride()}. The cache was either not produced "
+            "by an adakv-compiled prefill, or changed by an operation the compacted layout does not support "
+            "(e.g. beam-search reorder_cache / index_select, crop, or concatenation outside the model)."
+        )
+    st = view.untyped_storage()
+    numel = st.nbytes() // view.element_size()
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(st, 0, (numel,), (1,))
+
+
+def make_view(pool: torch.Tensor, rows: int, heads: int, length: int, head_dim: int) -> torch.Tensor:
+    """A fresh (non-view) tensor sharing ``pool``'s storage, shaped like a cache of ``length`` tokens."""
+    return torch.empty(0, dtype=pool.dtype, device=pool.device).set_(
+        pool.untyped_storage(), 0, (rows, heads, length, head_dim), (0, 0, 0, 1))
+
+
+@dataclass
+class Layout:
+    """Host copy of the header: everything an op needs to address the pool."""
+    rows: int
+    heads: int
+    hs: int
+    slots: int
+    logical: int
+    reserve: int
+    offsets: torch.Tensor  # [B, Hkv] int64, on the pool's device
+    lengths: torch.Tensor
+    caps: torch.Tensor
+    min_room: int
+
+
+def read_layout(view_k: torch.Tensor) -> tuple[torch.Tensor, Layout]:
+    """Check the magic and read the header of the keys store (one small device-to-host copy)."""
+    pool = pool_of(view_k)
+    d = view_k.shape[-1]
+    if pool.numel() < 2 * d:
+        raise StoreError("cache storage too small to be an adakv store")
+    w = pool[: 2 * d].view(torch.int32)
+    fixed = w[:H_PER_HEAD].tolist() if w.numel() >= H_PER_HEAD else None
+    if not fixed or fixed[H_MAGIC] != MAGIC or fixed[H_VERSION] != VERSION:
+        raise StoreError("cache tensor has the compacted-view shape but no adakv header (magic mismatch)")
+    rows, heads, hs = fixed[H_B], fixed[H_HKV], fixed[H_HS]
+    if (rows, heads) != (view_k.shape[0], view_k.shape[1]):
+        raise StoreError(
+            f"adakv store holds {rows} rows x {heads} KV heads but the cache view is "
+            f"{tuple(view_k.shape[:2])}: batch-changing cache operations are not supported")
+    if fixed[H_LOGICAL] != view_k.shape[2]:
+        raise StoreError(
+            f"adakv store has seen {fixed[H_LOGICAL]} tokens but the cache view says {view_k.shape[2]}: the "
+            "cache was cropped or sliced outside the model, which a compacted cache cannot follow")
+    hdr = pool[: hs * d].view(torch.int32)
+    bh = rows * heads
+    per = hdr[H_PER_HEAD: H_PER_HEAD + 3 * bh].to(torch.int64).view(3, rows, heads)
+    lay = Layout(rows, heads, hs, fixed[H_SLOTS], fixed[H_LOGICAL], fixed[H_RESERVE],
+                 per[0], per[1], per[2], fixed[H_MINROOM])
+    return pool, lay
+
+
+def _write_header(pool: torch.Tensor, d: int, hs: int, rows: int, heads: int, slots: int,
+                  logical: int, reserve: int, offsets, lengths, caps) -> None:
+    hdr = pool[: hs * d].view(torch.int32)
+    min_room = int((caps - lengths).min()) if caps.numel() else 0
+    fixed = torch.tensor([MAGIC, VERSION, rows, heads, hs, slots, slots, min_room, logical, reserve],
+                         dtype=torch.int32)
+    hdr[: len(fixed)] = fixed.to(pool.device)
+    bh = rows * heads
+    hdr[H_PER_HEAD: H_PER_HEAD + bh] = offsets.reshape(-1).to(torch.int32)
+    hdr[H_PER_HEAD + bh: H_PER_HEAD + 2 * bh] = lengths.reshape(-1).to(torch.int32)
+    hdr[H_PER_HEAD + 2 * bh: H_PER_HEAD + 3 * bh] = caps.reshape(-1).to(torch.int32)
+
+
+def _segment_slots(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Slot index of every used slot, segment by segment ([sum(counts)] int64)."""
+    counts = counts.reshape(-1)
+    total = int(counts.sum())
+    starts = offsets.reshape(-1).repeat_interleave(counts)
+    first = torch.cumsum(counts, 0) - counts
+    within = torch.arange(total, device=counts.device) - first.repeat_interleave(counts)
+    return starts + within
+
+
+def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
+          logical: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the kept tokens of ``k``/``v`` [B, Hkv, n, D] (``keep`` [B, Hkv, n] bool) into new stores.
+
+    Returns the two cache views ``[B, Hkv, logical, D]`` (``logical`` defaults to n).
+    """
+    rows, heads, n, d = k.shape
+    logical = n if logical is None else logical
+    counts = keep.sum(-1)  # [B, Hkv]
+    caps = counts + reserve
+    hs = header_slots(rows, heads, d, k.dtype)
+    offsets = hs + torch.cumsum(caps.reshape(-1), 0) - caps.reshape(-1)
+    slots = hs + int(caps.sum())
+    pool_k = torch.zeros(slots * d, dtype=k.dtype, device=k.device)
+    pool_v = torch.zeros(slots * d, dtype=v.dtype, device=v.device)
+    dest = _segment_slots(offsets, counts)
+    pool_k.view(slots, d)[dest] = k[keep]
+    pool_v.view(slots, d)[dest] = v[keep]
+    _write_header(pool_k, d, hs, rows, heads, slots, logical, reserve,
+                  offsets.view(rows, heads), counts, caps)
+    return make_view(pool_k, rows, heads, logical, d), make_view(pool_v, rows, heads, logical, d)
+
+
+def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Layout, need: int) -> Layout:
+    """Re-lay out both pools with room for ``need`` more tokens per segment; resize storage in place."""
+    d = view_k.shape[-1]
+    room = max(lay.reserve, math.ceil(int(lay.lengths.max()) / 4), need)
+    new_caps = lay.lengths + room
+    new_off = lay.hs + torch.cumsum(new_caps.reshape(-1), 0) - new_caps.reshape(-1)
+    slots = lay.hs + int(new_caps.sum())
+    src = _segment_slots(lay.offsets, lay.lengths)
+    dst = _segment_slots(new_off, lay.lengths)
+    for pool, view in ((pool_k, view_k), (pool_v, view_v)):
+        moved = pool.view(-1, d)[src].clone()
+        hdr = pool[: lay.hs * d].clone()
+        st = view.untyped_storage()
+        st.resize_(slots * d * view.element_size())
+        fresh = torch.empty(0, dtype=view.dtype, device=view.device).set_(st, 0, (slots * d,), (1,))
+        fresh.zero_()
+        fresh[: lay.hs * d] = hdr
+        fresh.view(slots, d)[dst] = moved
+        if pool is pool_k:
+            new_pool_k = fresh
+    _write_header(new_pool_k, d, lay.hs, lay.rows, lay.heads, slots, lay.logical, lay.reserve,
+                  new_off.view(lay.rows, lay.heads), lay.lengths, new_caps)
+    return Layout(lay.rows, lay.heads, lay.hs, slots, lay.logical, lay.reserve,
+                  new_off.view(lay.rows, lay.heads), lay.lengths, new_caps.view(lay.rows, lay.heads),
+                  room)
+
+
+def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    """Write ``t`` new tokens [B, Hkv, t, D] at the end of every segment, in place.
+
+    Returns the (possibly resized) pools and the layout *after* the append.
+    """
+    pool_k, lay = read_layout(view_k)
+    pool_v = pool_of(view_v)
+    if pool_v.numel() != pool_k.numel():
+        raise StoreError("keys and values stores of one layer disagree in size")
+    t = k_new.shape[2]
+    if lay.min_room < t:
+        lay = _regrow(view_k, view_v, pool_k, pool_v, lay, t)
+        pool_k, pool_v = pool_of(view_k), pool_of(view_v)
+    d = view_k.shape[-1]
+    slot = (lay.offsets + lay.lengths)[:, :, None] + torch.arange(t, device=k_new.device)  # [B,H,t]
+    pool_k.view(-1, d)[slot.reshape(-1)] = k_new.reshape(-1, d).to(pool_k.dtype)
+    pool_v.view(-1, d)[slot.reshape(-1)] = v_new.reshape(-1, d).to(pool_v.dtype)
+    lengths = lay.lengths + t
+    hdr = pool_k[: lay.hs * d].view(torch.int32)
+    bh = lay.rows * lay.heads
+    hdr[H_PER_HEAD + bh: H_PER_HEAD + 2 * bh] = lengths.reshape(-1).to(torch.int32)
+    hdr[H_MINROOM] = lay.min_room - t
+    hdr[H_LOGICAL] = lay.logical + t
+    lay = Layout(lay.rows, lay.heads, lay.hs, lay.slots, lay.logical + t, lay.reserve,
+                 lay.offsets, lengths, lay.caps, lay.min_room - t)
+    return pool_k, pool_v, lay
+
+
+def gather_padded(pool: torch.Tensor, lay: Layout, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments as a padded [B, Hkv, Lmax, D] tensor and a [B, Hkv, Lmax] validity mask (plain path)."""
+    lmax = int(lay.lengths.max()) if lay.lengths.numel() else 0
+    idx = torch.arange(lmax, device=pool.device)
+    valid = idx < lay.lengths[:, :, None]
+    slot = torch.where(valid, lay.offsets[:, :, None] + idx, 0)
+    return pool.view(-1, head_dim)[slot], valid
+
+
+def unpack(view_k: torch.Tensor, view_v: torch.Tensor | None = None):
+    """Per (row, head) kept K (and V) as nested lists of [len, D] tensors — for tests and tools."""
+    pool_k, lay = read_layout(view_k)
+    d = view_k.shape[-1]
+    pools = [pool_k] + ([pool_of(view_v)] if view_v is not None else [])
+    out = []
+    for pool in pools:
+        flat = pool.view(-1, d)
+        out.append([[flat[int(lay.offsets[b, h]): int(lay.offsets[b, h] + lay.lengths[b, h])]
+                     for h in range(lay.heads)] for b in range(lay.rows)])
+    return out if view_v is not None else out[0]
+
+
+def store_bytes(view: torch.Tensor) -> int:
+    """Bytes held by the storage behind a cache tensor (view or plain tensor)."""
+    return view.untyped_storage().nbytes()

@@ -1,0 +1,52 @@
+"""The graph pass pipeline: detect → trace → plan → rewrite, run by ``run_passes`` on a Dynamo graph.
+
+Each stage is its own module; data flows one way. ``PASS_UUID`` names the pipeline's version so that
+anything cached from its output can be keyed on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..config import AdaKVConfig
+from ..kernels.ops import register_config
+from .detect import AttentionSite, Skipped, find_attention
+from .plan import PlannedSite, plan
+from .rewrite import rewrite_site
+from .trace import CacheFlow, trace_cache
+
+PASS_UUID = "adakv-passes-v1"
+
+
+@dataclass
+class PassResult:
+    planned: list[PlannedSite] = field(default_factory=list)
+    dense_cache_inputs: list[str] = field(default_factory=list)  # placeholders read as full caches
+
+    @property
+    def rewritten(self) -> int:
+        return sum(p.action == "rewritten" for p in self.planned)
+
+
+def run_passes(gm: fx.GraphModule, config: AdaKVConfig) -> PassResult:
+    """Rewrite every attention of ``gm`` in place; returns what was done."""
+    graph = gm.graph
+    found = find_attention(graph)
+    flows = [trace_cache(s, graph) if isinstance(s, AttentionSite) else None for s in found]
+    planned = plan(found, flows, config)
+    key = register_config(config)
+    cached = [p for p in planned if p.mode != "none"]
+    for p in planned:
+        rewrite_site(graph, p, key, len(found))
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    dense = [p.flow.k_past.name for p in cached
+             if p.mode == "exact" and p.flow is not None and p.flow.k_past is not None]
+    dense += [p.flow.v_past.name for p in cached
+              if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
+    return PassResult(planned, dense)
+
+
+__all__ = ["run_passes", "PassResult", "PlannedSite", "AttentionSite", "Skipped", "CacheFlow", "PASS_UUID"]

@@ -1,0 +1,66 @@
+"""Stage 'plan': decide, per attention, what the rewrite does — and say why when it does less."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..config import AdaKVConfig
+from .detect import AttentionSite, Skipped
+from .trace import CacheFlow
+
+_LAYER_RE = re.compile(r"layers?[_.](?:modules_)?(\d+)|h_(\d+)|layer_(\d+)|blocks?_(\d+)")
+
+
+@dataclass
+class PlannedSite:
+    """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) | none."""
+    site: AttentionSite | Skipped
+    flow: CacheFlow | None
+    ordinal: int
+    layer: int
+    mode: str
+    reason: str = ""
+
+    @property
+    def action(self) -> str:
+        return "skipped" if self.mode == "none" else "rewritten"
+
+    @property
+    def phase(self) -> str:
+        return self.flow.phase if self.flow is not None else "unknown"
+
+
+def layer_of(site, ordinal: int) -> int:
+    """Best-effort model layer index: from module paths / cache input names, else the ordinal."""
+    names = []
+    stack = site.anchor.meta.get("nn_module_stack") or {}
+    names += [str(v[0]) if isinstance(v, tuple) else str(v) for v in stack.values()]
+    if isinstance(site, AttentionSite):
+        for n in (site.k, site.v, site.q):
+            names.append(n.name)
+            names += [a.name for a in n.all_input_nodes]
+    for name in reversed(names):
+        m = _LAYER_RE.search(name)
+        if m:
+            return int(next(g for g in m.groups() if g is not None))
+    return ordinal
+
+
+def plan(found: list, flows: list, config: AdaKVConfig) -> list[PlannedSite]:
+    planned = []
+    for ordinal, (site, flow) in enumerate(zip(found, flows)):
+        layer = layer_of(site, ordinal)
+        if isinstance(site, Skipped):
+            planned.append(PlannedSite(site, None, ordinal, layer, "none", site.reason))
+            continue
+        if not config.compresses or flow.phase == "no-cache":
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
+        elif not flow.compressible:
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
+                                       f"cache kept in full: {flow.reason}"))
+        else:
+            mode = "compress" if flow.phase == "prefill" else "store"
+            planned.append(PlannedSite(site, flow, ordinal, layer, mode))
+    return planned

@@ -1,0 +1,75 @@
+"""Stage 'rewrite': replace each planned attention by the project's ops, in the Dynamo graph.
+
+exact    → ``adakv.attention(q, k, v, mask, ...)`` on the (un-repeated) K/V; caches untouched.
+compress → exact ``adakv.attention`` on the prompt, and ``adakv.compress`` whose zero-stride views
+           replace the K/V the graph returns (so the model's cache holds the compacted store).
+store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph returns
+           ``as_strided`` views of the past inputs one chunk longer (no data is copied).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..kernels import ops as adakv_ops  # noqa: F401  (registers torch.ops.adakv)
+from .detect import val
+from .plan import PlannedSite
+from .trace import SHAPE_ONLY, output_node
+
+
+def _mask_arg(graph: fx.Graph, site) -> fx.Node | None:
+    if site.mask is None or not site.mask_is_bool_inverted:
+        return site.mask
+    return graph.call_function(torch.logical_not, (site.mask,))
+
+
+def _size(graph: fx.Graph, node: fx.Node, dim: int):
+    v = val(node)
+    if v is not None and isinstance(v.shape[dim], int):
+        return int(v.shape[dim])
+    return graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+
+
+def _redirect(cat: fx.Node, replacement: fx.Node, out: fx.Node) -> None:
+    """Point the graph output (and shape-only readers) of a cache tensor at ``replacement``."""
+    out.replace_input_with(cat, replacement)
+    for user in list(cat.users):
+        if user is not out and user.target in SHAPE_ONLY:
+            user.replace_input_with(cat, replacement)
+
+
+def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int) -> None:
+    s, f = p.site, p.flow
+    out = output_node(graph)
+    with graph.inserting_before(s.anchor):
+        mask = _mask_arg(graph, s)
+        if p.mode == "exact":
+            k, v = s.k, s.v
+            new = graph.call_function(torch.ops.adakv.attention.default,
+                                      (s.q, k, v, mask, s.scale, s.is_causal, s.softcap))
+        elif p.mode == "compress":
+            new = graph.call_function(torch.ops.adakv.attention.default,
+                                      (s.q, f.k_new, f.v_new, mask, s.scale, s.is_causal, s.softcap))
+            pair = graph.call_function(torch.ops.adakv.compress.default,
+                                       (s.q, f.k_new, f.v_new, mask, s.scale, s.softcap, p.ordinal,
+                                        num_layers, config_key))
+            kview = graph.call_function(operator.getitem, (pair, 0))
+            vview = graph.call_function(operator.getitem, (pair, 1))
+        elif p.mode == "store":
+            new = graph.call_function(torch.ops.adakv.attend_append.default,
+                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, s.scale, s.softcap))
+            views = []
+            for past, fresh in ((f.k_past, f.k_new), (f.v_past, f.v_new)):
+                length = graph.call_function(operator.add,
+                                             (_size(graph, past, 2), _size(graph, fresh, 2)))
+                shape = [_size(graph, past, 0), _size(graph, past, 1), length, _size(graph, past, 3)]
+                views.append(graph.call_function(torch.as_strided, (past, shape, [0, 0, 0, 1])))
+            kview, vview = views
+        else:
+            return
+    s.anchor.replace_all_uses_with(new)
+    if p.mode in ("compress", "store"):
+        _redirect(f.k_cat, kview, out)
+        _redirect(f.v_cat, vview, out)

@@ -1,0 +1,108 @@
+"""Stage 'trace': where an attention's K/V come from and where they go.
+
+The cache forms we understand (the same for HF DynamicCache, traced through ``cache.update``, and for a
+hand-written model that keeps a tuple):
+- prefill: ``cat([<empty tensor>, k_new], dim=-2)`` returned by the graph, or ``k_new`` itself returned;
+- decode / extend: ``cat([<graph input>, k_new], dim=-2)`` returned by the graph (q length 1 / > 1);
+- no cache: K/V are not returned (encoders, or a model called without a cache).
+A cache that is sliced after the cat (sliding-window layers), written anywhere else, or read by other
+ops is reported with the reason, and its attention is rewritten in exact mode only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .detect import AttentionSite, val
+
+SHAPE_ONLY = {"size", "dim", torch.ops.aten.sym_size.int}
+
+
+@dataclass
+class CacheFlow:
+    phase: str                    # prefill | decode | extend | no-cache
+    k_new: fx.Node
+    v_new: fx.Node
+    k_cat: Optional[fx.Node] = None   # the node whose value is written back as the cache
+    v_cat: Optional[fx.Node] = None
+    k_past: Optional[fx.Node] = None  # graph input holding the past cache (decode/extend)
+    v_past: Optional[fx.Node] = None
+    compressible: bool = False
+    reason: str = ""
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _is_cat(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
+        torch.cat, torch.concat, torch.ops.aten.cat.default)
+
+
+def _cat_parts(node: fx.Node):
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return list(tensors), dim
+
+
+def _is_empty(node) -> bool:
+    v = val(node)
+    return v is not None and v.numel() == 0
+
+
+def _one(node: fx.Node, out: fx.Node, site_nodes: set):
+    """Trace one of K/V: (phase, new, cat, past, reason)."""
+    returned = out in node.users
+    if _is_cat(node):
+        parts, dim = _cat_parts(node)
+        if len(parts) != 2:
+            return "no-cache", node, None, None, f"cache cat of {len(parts)} tensors"
+        past, new = parts
+        nv = val(new)
+        if nv is None or nv.dim() != 4 or dim not in (2, -2):
+            return "no-cache", node, None, None, "cache cat is not along the sequence dim of 4-D K/V"
+        if _is_empty(past):
+            phase = "prefill"
+        elif isinstance(past, fx.Node) and past.op == "placeholder":
+            phase = "decode"
+        else:
+            return "no-cache", node, None, None, f"cache concatenated to a computed tensor ({past.name})"
+        if not returned:
+            users = ", ".join(u.name for u in node.users if u not in site_nodes)
+            return phase, new, node, past if phase == "decode" else None, \
+                f"cache is not returned as concatenated (used by: {users}); e.g. a sliding-window layer"
+        others = [u for u in node.users if u is not out and u not in site_nodes and u.target not in SHAPE_ONLY]
+        if others:
+            return phase, new, node, past if phase == "decode" else None, \
+                "the concatenated cache is also read by " + ", ".join(u.name for u in others)
+        return phase, new, node, past if phase == "decode" else None, ""
+    if returned:
+        return "prefill", node, node, None, ""
+    return "no-cache", node, None, None, ""
+
+
+def trace_cache(site: AttentionSite, graph: fx.Graph) -> CacheFlow:
+    out = output_node(graph)
+    site_nodes = set(site.internal) | {site.anchor}
+    pk, k_new, k_cat, k_past, rk = _one(site.k, out, site_nodes)
+    pv, v_new, v_cat, v_past, rv = _one(site.v, out, site_nodes)
+    if pk != pv:
+        return CacheFlow("no-cache", site.k, site.v, reason=f"keys look like {pk} but values like {pv}")
+    phase = pk
+    qv = val(site.q)
+    if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
+        phase = "extend"
+    reason = rk or rv
+    if phase == "no-cache":
+        return CacheFlow(phase, site.k, site.v, reason=reason)
+    kv, vv = val(k_new), val(v_new)
+    if kv is not None and vv is not None and kv.shape[-1] != vv.shape[-1]:
+        reason = reason or "keys and values have different head_dim"
+    if site.softcap and site.mask is None and phase != "prefill":
+        pass
+    return CacheFlow(phase, k_new, v_new, k_cat, v_cat, k_past, v_past, compressible=not reason,
+                     reason=reason)
