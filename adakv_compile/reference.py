@@ -218,7 +218,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
     for b in range(B):
         n_b = int(valid[b].sum())
         keep_l = layer_keep(config, n_b, layer, num_layers) if config.compresses else n_b
-        if n_b <= keep_l:
+        if n_b < keep_l:
             keep[b] = valid[b].cpu()[None, :].expand(Hkv, n)
             continue
         if scores is None:

@@ -91,10 +91,10 @@ def read_layout(view_k: torch.Tensor) -> tuple[torch.Tensor, Layout]:
     """Check the magic and read the header of the keys store (one small device-to-host copy)."""
     pool = pool_of(view_k)
     d = view_k.shape[-1]
-    if pool.numel() < 2 * d:
+    words = H_PER_HEAD * 4 // view_k.element_size()
+    if pool.numel() < words:
         raise StoreError("cache storage too small to be an adakv store")
-    w = pool[: 2 * d].view(torch.int32)
-    fixed = w[:H_PER_HEAD].tolist() if w.numel() >= H_PER_HEAD else None
+    fixed = pool[:words].view(torch.int32).tolist()
     if not fixed or fixed[H_MAGIC] != MAGIC or fixed[H_VERSION] != VERSION:
         raise StoreError("cache tensor has the compacted-view shape but no adakv header (magic mismatch)")
     rows, heads, hs = fixed[H_B], fixed[H_HKV], fixed[H_HS]
