@@ -42,6 +42,8 @@ def _redirect(cat: fx.Node, replacement: fx.Node, out: fx.Node) -> None:
 
 def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int) -> None:
     s, f = p.site, p.flow
+    if p.mode == "none":
+        return
     out = output_node(graph)
     with graph.inserting_before(s.anchor):
         mask = _mask_arg(graph, s)

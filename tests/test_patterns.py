@@ -1,0 +1,134 @@
+"""Each attention form the pass claims to understand, built directly (both stacks' graph shapes).
+
+transformers 5.24 / torch 2.13 emit SDPA with ``enable_gqa``; transformers 5.17 / torch 2.11 (the GPU
+machine) emit ``repeat_kv`` (getitem-None → expand → reshape) and an explicit mask. These modules
+reproduce both shapes, and the eager chain, so both are tested whatever is installed.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adakv_compile import AdaKVConfig, adakv_backend
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+class Attn(nn.Module):
+    """q/k/v projections + one attention in the chosen form; optional cache in and out."""
+
+    def __init__(self, form, hq=4, hkv=2, d=16):
+        super().__init__()
+        self.form, self.hq, self.hkv, self.d = form, hq, hkv, d
+        self.q = nn.Linear(32, hq * d)
+        self.k = nn.Linear(32, hkv * d)
+        self.v = nn.Linear(32, hkv * d)
+
+    def forward(self, x, mask=None, past_k=None, past_v=None):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.hq, self.d).transpose(1, 2)
+        k = self.k(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        if past_k is not None:
+            k = torch.cat([past_k, k], dim=-2)
+            v = torch.cat([past_v, v], dim=-2)
+        g = self.hq // self.hkv
+        f = self.form
+        scale = 1 / math.sqrt(self.d)
+        if f == "sdpa_gqa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=past_k is None, enable_gqa=True)
+        elif f == "sdpa_positional":
+            o = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), mask, 0.0, False, scale=0.3)
+        elif f == "sdpa_repeat_mask":
+            o = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask,
+                                               dropout_p=0.0, scale=scale)
+        elif f == "repeat_interleave":
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
+                                               attn_mask=mask)
+        elif f.startswith("eager"):
+            kk, vv = repeat_kv(k, g), repeat_kv(v, g)
+            w = torch.matmul(q, kk.transpose(2, 3)) * scale
+            if f == "eager_softcap":
+                w = torch.tanh(w / 5.0) * 5.0
+            if f == "eager_masked_fill":
+                w = w.masked_fill(~mask, float("-inf"))
+            elif mask is not None:
+                w = w + mask
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = F.dropout(w, p=0.0, training=False)
+            o = torch.matmul(w, vv)
+        elif f == "sdpa_dropout":
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True)
+        return o.transpose(1, 2).reshape(B, T, -1), k, v
+
+
+def _masks(form, B, T, S):
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].expand(B, 1, T, S).clone()
+    if form in ("sdpa_repeat_mask", "sdpa_positional", "repeat_interleave"):
+        return allowed
+    if form == "eager_masked_fill":
+        return allowed
+    if form.startswith("eager"):
+        return torch.zeros(B, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return None
+
+
+FORMS = {
+    "sdpa_gqa": "sdpa", "sdpa_positional": "sdpa+repeat_kv", "sdpa_repeat_mask": "sdpa+repeat_kv",
+    "repeat_interleave": "sdpa+repeat_kv", "eager": "eager+repeat_kv",
+    "eager_softcap": "eager+softcap+repeat_kv", "eager_masked_fill": "eager+repeat_kv",
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("cached", [False, True])
+def test_form_is_rewritten_and_exact(form, cached):
+    torch.manual_seed(hash((form, cached)) % 1000)
+    mod = Attn(form).eval()
+    B, T, P = 2, 6, 5
+    x = torch.randn(B, T, 32)
+    past = (torch.randn(B, 2, P, 16), torch.randn(B, 2, P, 16)) if cached else (None, None)
+    S = T + (P if cached else 0)
+    mask = _masks(form, B, T, S)
+    if form == "sdpa_gqa" and cached:
+        mask = None
+    ref = mod(x, mask, *past)
+    backend = adakv_backend(AdaKVConfig(), inner="eager")
+    got = torch.compile(mod, backend=backend, fullgraph=True)(x, mask, *past)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    recs = backend.report
+    assert len(recs) == 1 and recs[0].action == "rewritten", backend.report.table()
+    assert recs[0].pattern == FORMS[form]
+    assert recs[0].phase == ("extend" if cached else "prefill")
+
+
+def test_unsupported_attention_is_left_alone_with_a_reason():
+    torch.manual_seed(0)
+    mod = Attn("sdpa_dropout").eval()
+    x = torch.randn(1, 4, 32)
+    backend = adakv_backend(AdaKVConfig(), inner="eager")
+    torch.compile(mod, backend=backend, fullgraph=True)(x)
+    (rec,) = backend.report
+    assert rec.action == "skipped" and "dropout_p" in rec.reason
+
+
+def test_encoder_attention_without_cache_is_no_cache():
+    torch.manual_seed(0)
+
+    class Enc(Attn):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    mod = Enc("sdpa_gqa").eval()
+    x = torch.randn(2, 5, 32)
+    backend = adakv_backend(AdaKVConfig(budget=64), inner="eager")
+    got = torch.compile(mod, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(got, mod(x), rtol=1e-5, atol=1e-5)
+    (rec,) = backend.report
+    assert (rec.action, rec.phase, rec.mode) == ("rewritten", "no-cache", "exact")
