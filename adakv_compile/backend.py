@@ -15,12 +15,14 @@ import torch
 import torch.fx as fx
 
 from .config import AdaKVConfig
+from .kernels.ops import register_config
 from .kernels.store import StoreError, is_store_view
 from .passes import run_passes
 from .report import Report, RewriteRecord
 
 log = logging.getLogger("adakv_compile")
 _graph_ids = itertools.count()
+_backend_ids = itertools.count()
 
 INNER = ("inductor", "eager", "aot_eager")
 
@@ -39,11 +41,28 @@ class AdaKVBackend:
         self.inner = inner
         self.report = Report()
         self.graphs_compiled = 0
+        self._key = f"backend-{next(_backend_ids)}"
+
+    def reconfigure(self, config: AdaKVConfig) -> None:
+        """Switch compression settings for graphs already compiled, without recompiling.
+
+        Allowed between configs that both compress (the graphs' structure is the same); the new
+        settings apply from the next prefill. Budget sweeps use this.
+        """
+        if not isinstance(config, AdaKVConfig):
+            raise TypeError(f"reconfigure(config=...) needs an AdaKVConfig, got {type(config).__name__}")
+        if config.compresses != self.config.compresses:
+            raise ValueError("reconfigure(config=...): cannot switch between exact mode and compression "
+                             "without recompiling; make a new backend")
+        self.config = config
+        register_config(config, self._key)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         graph_id = next(_graph_ids)
         self.graphs_compiled += 1
-        result = run_passes(gm, self.config)
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+        result = run_passes(gm, self.config, self._key, needs_grad)
         for p in result.planned:
             rec = RewriteRecord(graph_id, p.layer, p.site.pattern, p.phase, p.action, p.mode,
                                 p.site.anchor.name, p.reason)

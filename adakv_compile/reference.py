@@ -218,7 +218,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
     for b in range(B):
         n_b = int(valid[b].sum())
         keep_l = layer_keep(config, n_b, layer, num_layers) if config.compresses else n_b
-        if n_b < keep_l:
+        if n_b <= keep_l:
             keep[b] = valid[b].cpu()[None, :].expand(Hkv, n)
             continue
         if scores is None:
@@ -438,7 +438,7 @@ class ReferenceSession:
             valid = self._valid
             causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
             for b in range(B):
-                allowed = causal & valid[b][None, :]
+                allowed = causal
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
                                                      scale, softcap)

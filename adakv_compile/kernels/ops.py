@@ -26,9 +26,13 @@ from .score import window_scores
 _CONFIGS: dict[str, AdaKVConfig] = {}
 
 
-def register_config(config: AdaKVConfig) -> str:
-    """Make a config reachable from graphs by a stable string key."""
-    key = config.key()
+def register_config(config: AdaKVConfig, key: str | None = None) -> str:
+    """Make a config reachable from graphs by a string key (default: the config's own stable key).
+
+    A backend may register under its own key and later point that key at another config: compiled
+    graphs then compress with the new settings without recompiling (the ops read it at run time).
+    """
+    key = config.key() if key is None else key
     _CONFIGS[key] = config
     return key
 
@@ -61,6 +65,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, softcap):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, attn_mask, scale, is_causal, softcap = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.args = (scale, is_causal, softcap)
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, attn_mask = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        out = exact_attention(*leaves, attn_mask, *ctx.args)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 4
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 @torch.library.custom_op("adakv::compress", mutates_args=())

@@ -29,13 +29,14 @@ class PassResult:
         return sum(p.action == "rewritten" for p in self.planned)
 
 
-def run_passes(gm: fx.GraphModule, config: AdaKVConfig) -> PassResult:
+def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None = None,
+               needs_grad: bool = False) -> PassResult:
     """Rewrite every attention of ``gm`` in place; returns what was done."""
     graph = gm.graph
     found = find_attention(graph)
     flows = [trace_cache(s, graph) if isinstance(s, AttentionSite) else None for s in found]
-    planned = plan(found, flows, config)
-    key = register_config(config)
+    planned = plan(found, flows, config, needs_grad)
+    key = register_config(config, config_key)
     cached = [p for p in planned if p.mode != "none"]
     for p in planned:
         rewrite_site(graph, p, key, len(found))

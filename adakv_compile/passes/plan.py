@@ -48,7 +48,7 @@ def layer_of(site, ordinal: int) -> int:
     return ordinal
 
 
-def plan(found: list, flows: list, config: AdaKVConfig) -> list[PlannedSite]:
+def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False) -> list[PlannedSite]:
     planned = []
     for ordinal, (site, flow) in enumerate(zip(found, flows)):
         layer = layer_of(site, ordinal)
@@ -57,6 +57,10 @@ def plan(found: list, flows: list, config: AdaKVConfig) -> list[PlannedSite]:
             continue
         if not config.compresses or flow.phase == "no-cache":
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
+        elif needs_grad:
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
+                                       "cache kept in full: gradients are on (compression is for "
+                                       "inference: call under torch.no_grad() or torch.inference_mode())"))
         elif not flow.compressible:
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
                                        f"cache kept in full: {flow.reason}"))

@@ -1,0 +1,283 @@
+"""Triton attention over the compacted store (same semantics as ``attend.store_attention``).
+
+Layout read (``kernels/store.py``): ``pool_k`` / ``pool_v`` are flat pools of ``D``-element slots; the
+(row b, KV head h) segment starts at slot ``offsets[b, h]`` and holds ``lengths[b, h]`` used slots, the
+last ``t`` of which are the chunk just appended. Query ``i`` of the chunk (0..t-1) sees the slots
+``[0, length - t + i + 1)`` of its segment (causal inside the chunk).
+
+Kernel design
+-------------
+* One program per (row, KV head) x (block of query rows) x (split of the segment); grid
+  ``(B * Hkv, cdiv(G * t, BLOCK_M), num_splits)``.
+* GQA: the ``G`` query heads of a KV head and the ``t`` chunk queries are flattened into ``G * t`` rows
+  (row ``r`` = query head ``h * G + r // t``, chunk position ``r % t``), so each K/V block is loaded once for
+  the whole group and used by one ``tl.dot`` of ``[BLOCK_M, BLOCK_D] x [BLOCK_D, BLOCK_N]``.
+* The segment is streamed in ``BLOCK_N``-slot blocks with an online softmax (fp32 ``m``, ``l``, ``acc``,
+  base-2 exponentials); the per-row causal limit masks the chunk's own tail.
+* Split-K (flash-decoding): with few (row, head) programs and long segments, each segment is cut into
+  ``num_splits`` equal, ``BLOCK_N``-aligned pieces (per segment, from its own length, read on the device);
+  each piece writes unnormalised ``acc`` plus ``m``, ``l`` to an fp32 workspace, and a second kernel merges
+  the pieces. ``num_splits == 1`` is the one-pass path that writes the output directly.
+* No host read of the lengths: loop bounds come from the device-side lengths. The split heuristic uses
+  only host-known sizes (the pool's slot count, or an optional ``max_len_hint``).
+* ``D`` is padded to a power of two (>= 16) with masks; fp32 inputs use IEEE dot products (no TF32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (portable, interpreter-friendly); saturates correctly for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _store_attn_fwd(
+    Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L,
+    sqb, sqh, sqt, sqd,
+    sob, soh, sot, sod,
+    HKV, G, T, ROWS,
+    scale, softcap,
+    NUM_SPLITS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+
+    off = tl.load(OFF + pid_bh).to(tl.int64)
+    length = tl.load(LEN + pid_bh).to(tl.int32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # flattened (group head, chunk query)
+    row_ok = rows < ROWS
+    g = rows // T
+    i = rows % T
+    # query i of the chunk sees slots < length - T + i + 1; padded rows see nothing
+    limit = tl.where(row_ok, length - T + i + 1, 0)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    qh = (h * G + g).to(tl.int64)
+    q_ptrs = Q + b.to(tl.int64) * sqb + qh[:, None] * sqh + i[:, None].to(tl.int64) * sqt + d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
+
+    # this program's piece of the segment (BLOCK_N-aligned; the whole segment when not split)
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.minimum(lo + per, length)
+    else:
+        lo = 0
+        hi = length
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    kv_base = off * D
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        kt_ptrs = K + kv_base + n[None, :].to(tl.int64) * D + d[:, None]          # [BLOCK_D, BLOCK_N]
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:  # interpreter: bf16 tl.dot is unsupported there (triton-lang/triton#11584)
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt, input_precision=DOT_PREC)
+        if SOFTCAP:
+            s = _tanh(s * (scale / softcap)) * (softcap * 1.4426950408889634)
+        else:
+            s = s * qk_scale
+        s = tl.where(n[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = V + kv_base + n[:, None].to(tl.int64) * D + d[None, :]           # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        p_lo = p.to(v.dtype)  # P rounded to the storage dtype, as on the GPU path
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    if SPLIT:
+        ws_row = (pid_bh * NUM_SPLITS + pid_s).to(tl.int64) * ROWS + rows
+        tl.store(WS_M + ws_row, m_i, mask=row_ok)
+        tl.store(WS_L + ws_row, l_i, mask=row_ok)
+        tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        l_use = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_use[:, None]
+        o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
+                  + d[None, :] * sod)
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_attn_merge(
+    WS_ACC, WS_M, WS_L, OUT,
+    sob, soh, sot, sod,
+    HKV, G, T, ROWS, NUM_SPLITS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    g = rows // T
+    i = rows % T
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(0, NUM_SPLITS):
+        ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
+        m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0)
+        a_s = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                      other=0.0)
+        m_new = tl.maximum(m_t, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_t - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_t = l_t * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_t = m_new
+
+    l_use = tl.where(l_t == 0.0, 1.0, l_t)
+    out = acc / l_use[:, None]
+    qh = (h * G + g).to(tl.int64)
+    o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
+              + d[None, :] * sod)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreting(device: torch.device) -> bool:
+    """Running under ``TRITON_INTERPRET=1`` (CPU tensors): dots are done in fp32 there."""
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def default_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``rows`` = G * t query rows per KV head."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_n = 64 if block_d <= 128 else 32
+    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    return block_m, block_n, num_warps, 2
+
+
+def choose_splits(n_programs: int, est_len: int, block_n: int, device: torch.device,
+                  min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
+    """Split-K factor: only when the (row, head, row-block) programs do not fill the GPU.
+
+    Aim at about two waves of programs, each split keeping at least ``min_tokens_per_split`` slots.
+    """
+    sms = _sm_count(device)
+    if n_programs >= sms or est_len < 2 * min_tokens_per_split:
+        return 1
+    want = triton.cdiv(2 * sms, n_programs)
+    cap = max(1, est_len // min_tokens_per_split)
+    return int(max(1, min(want, cap, max_splits)))
+
+
+def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                           offsets: torch.Tensor, lengths: torch.Tensor, t: int, scale: float,
+                           softcap: float = 0.0, max_len_hint: int | None = None,
+                           num_splits: int | None = None, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
+
+    ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
+    chunk). ``max_len_hint`` (optional, host int) only steers the split-K heuristic; without it the
+    average segment capacity (pool slots / (B*Hkv)) is used — no device-to-host read either way.
+    ``num_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the heuristics (benchmarks).
+    """
+    B, Hq, tq, D = q.shape
+    if tq != t:
+        raise ValueError(f"q has {tq} queries but t={t}")
+    Hkv = offsets.shape[-1]
+    if offsets.shape != (B, Hkv) or lengths.shape != (B, Hkv):
+        raise ValueError(f"offsets/lengths must be [B, Hkv] = [{B}, {Hkv}], got {tuple(offsets.shape)}, "
+                         f"{tuple(lengths.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if D > 256:
+        raise ValueError(f"head_dim {D} > 256 is not supported by the Triton store attention")
+    G = Hq // Hkv
+    out = torch.empty((B, Hq, t, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    pool_k = pool_k.reshape(-1)
+    pool_v = pool_v.reshape(-1)
+    offsets = offsets.contiguous()
+    lengths = lengths.contiguous()
+
+    rows = G * t
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m, bn, nw, ns = default_config(D, rows)
+    block_n = block_n or bn
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    n_mblk = triton.cdiv(rows, block_m)
+    n_bh = B * Hkv
+    if num_splits is None:
+        est = max_len_hint if max_len_hint is not None else (pool_k.numel() // D) // max(1, n_bh)
+        num_splits = choose_splits(n_bh * n_mblk, int(est), block_n, q.device)
+    num_splits = max(1, int(num_splits))
+    dot_prec = "ieee" if pool_k.dtype == torch.float32 else "tf32"
+    softcap = float(softcap or 0.0)
+
+    split = num_splits > 1
+    if split:
+        ws_acc = torch.empty((n_bh * num_splits * rows, D), dtype=torch.float32, device=q.device)
+        ws_m = torch.empty((n_bh * num_splits * rows,), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+    else:
+        ws_acc = ws_m = ws_l = out  # unused
+    _store_attn_fwd[(n_bh, n_mblk, num_splits)](
+        q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        Hkv, G, t, rows,
+        float(scale), softcap if softcap else 1.0,
+        num_splits,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _store_attn_merge[(n_bh, n_mblk)](
+            ws_acc, ws_m, ws_l, out,
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            Hkv, G, t, rows, num_splits,
+            D=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        )
+    return out
