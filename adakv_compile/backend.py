@@ -77,7 +77,8 @@ class AdaKVBackend:
         compiled = self._inner(gm, example_inputs)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
-        if not dense_idx:
+        links = result.store_links
+        if not dense_idx and not links:
             return compiled
 
         def run(*args):
@@ -87,7 +88,12 @@ class AdaKVBackend:
                         f"graph {graph_id} keeps the cache input {names[i]!r} as a full cache, but it holds "
                         "an adakv compacted store. The layer was compressed by one compiled graph but "
                         "not recognised in this one; see backend.report for the reason.")
-            return compiled(*args)
+            outs = compiled(*args)
+            for oi, ai in links:  # carry the host-side store metadata to the new cache views
+                meta = getattr(args[ai], "_adakv_meta", None)
+                if meta is not None:
+                    outs[oi]._adakv_meta = meta
+            return outs
 
         return run
 

@@ -438,7 +438,7 @@ class ReferenceSession:
             valid = self._valid
             causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
             for b in range(B):
-                allowed = causal
+                allowed = causal & valid[b][None, :]
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
                                                      scale, softcap)

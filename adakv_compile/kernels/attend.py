@@ -36,25 +36,28 @@ def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
     return torch.matmul(p, v)
 
 
-def store_attention(q, pool_k, pool_v, lay: kv_store.Layout, t: int, scale: float, softcap: float):
-    """Attention of q [B, Hq, t, D] over the store *after* the chunk's t tokens were appended."""
+def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, scale: float,
+                    softcap: float):
+    """Attention of q [B, Hq, t, D] over the store *after* the chunk's t tokens were appended.
+
+    ``offsets``/``lengths`` [B, Hkv]: each segment's first slot and used length; ``max_len`` bounds
+    the lengths (host int, so no device read is needed).
+    """
     B, Hq, _, D = q.shape
-    Hkv = lay.heads
+    Hkv = offsets.shape[1]
     G = Hq // Hkv
-    Dv = D  # keys and values share head_dim in the store
-    keys, valid = kv_store.gather_padded(pool_k, lay, D)      # [B, Hkv, Lmax, D]
-    vals, _ = kv_store.gather_padded(pool_v, lay, Dv)
-    lmax = keys.shape[2]
+    keys, _ = kv_store.gather_padded(pool_k, offsets, lengths, max_len, D)      # [B, Hkv, L, D]
+    vals, _ = kv_store.gather_padded(pool_v, offsets, lengths, max_len, D)
     # query i of the chunk sees slots < len - t + i + 1 of its head
-    pos = torch.arange(lmax, device=q.device)
-    limit = (lay.lengths - t)[:, :, None] + torch.arange(1, t + 1, device=q.device)  # [B, Hkv, t]
-    allowed = pos[None, None, None, :] < limit[..., None]                              # [B, Hkv, t, L]
+    pos = torch.arange(max_len, device=q.device)
+    limit = (lengths.to(torch.int64) - t)[:, :, None] + torch.arange(1, t + 1, device=q.device)
+    allowed = pos[None, None, None, :] < limit[..., None]                       # [B, Hkv, t, L]
     qg = q.float().reshape(B, Hkv, G * t, D)
-    logits = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale                  # [B, Hkv, G*t, L]
+    logits = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale           # [B, Hkv, G*t, L]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    allowed = allowed[:, :, None].expand(B, Hkv, G, t, lmax).reshape(B, Hkv, G * t, lmax)
+    allowed = allowed[:, :, None].expand(B, Hkv, G, t, max_len).reshape(B, Hkv, G * t, max_len)
     logits = logits.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(logits, dim=-1)
     out = torch.matmul(p, vals.float())
-    return out.reshape(B, Hq, t, Dv).to(q.dtype)
+    return out.reshape(B, Hq, t, D).to(q.dtype)

@@ -111,8 +111,9 @@ def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
                   v_cache: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
     if k_new.shape[-1] != v_new.shape[-1]:
         raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
-    pool_k, pool_v, lay = kv_store.append(k_cache, v_cache, k_new, v_new)
-    return store_attention(q, pool_k, pool_v, lay, k_new.shape[2], scale, softcap)
+    pool_k, pool_v, offsets, lengths, meta = kv_store.append(k_cache, v_cache, k_new, v_new)
+    return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, k_new.shape[2], scale,
+                           softcap)
 
 
 @attend_append.register_fake

@@ -114,6 +114,46 @@ def read_layout(view_k: torch.Tensor) -> tuple[torch.Tensor, Layout]:
     return pool, lay
 
 
+@dataclass
+class HostMeta:
+    """What the host must know to append without reading the device: kept as ``view._adakv_meta``.
+
+    The backend's wrapper moves it from each cache input view to the output view of the same store;
+    a copied tensor carries it in ``__dict__``. When it is missing or does not match the view, the
+    header is read once (one device-to-host copy).
+    """
+    rows: int
+    heads: int
+    hs: int
+    slots: int
+    logical: int
+    min_room: int
+    max_len: int
+    reserve: int
+    nbytes: int
+
+
+def host_meta(view: torch.Tensor) -> HostMeta:
+    meta = view.__dict__.get("_adakv_meta")
+    if meta is not None and meta.logical == view.shape[2] and meta.nbytes == view.untyped_storage().nbytes():
+        return meta
+    _, lay = read_layout(view)
+    meta = HostMeta(lay.rows, lay.heads, lay.hs, lay.slots, lay.logical, lay.min_room,
+                    int(lay.lengths.max()) if lay.lengths.numel() else 0, lay.reserve,
+                    view.untyped_storage().nbytes())
+    view._adakv_meta = meta
+    return meta
+
+
+def device_lengths(pool: torch.Tensor, meta: HostMeta, head_dim: int):
+    """Offsets and lengths [B, Hkv] (int32 views into the device header; no host read)."""
+    hdr = pool[: meta.hs * head_dim].view(torch.int32)
+    bh = meta.rows * meta.heads
+    off = hdr[H_PER_HEAD: H_PER_HEAD + bh].view(meta.rows, meta.heads)
+    lens = hdr[H_PER_HEAD + bh: H_PER_HEAD + 2 * bh].view(meta.rows, meta.heads)
+    return off, lens
+
+
 def _write_header(pool: torch.Tensor, d: int, hs: int, rows: int, heads: int, slots: int,
                   logical: int, reserve: int, offsets, lengths, caps) -> None:
     hdr = pool[: hs * d].view(torch.int32)
@@ -157,7 +197,12 @@ def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
     pool_v.view(slots, d)[dest] = v[keep]
     _write_header(pool_k, d, hs, rows, heads, slots, logical, reserve,
                   offsets.view(rows, heads), counts, caps)
-    return make_view(pool_k, rows, heads, logical, d), make_view(pool_v, rows, heads, logical, d)
+    vk, vv = make_view(pool_k, rows, heads, logical, d), make_view(pool_v, rows, heads, logical, d)
+    max_len = int(counts.max()) if counts.numel() else 0
+    meta = HostMeta(rows, heads, hs, slots, logical, reserve, max_len, reserve,
+                    vk.untyped_storage().nbytes())
+    vk._adakv_meta = vv._adakv_meta = meta
+    return vk, vv
 
 
 def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Layout, need: int) -> Layout:
@@ -187,41 +232,47 @@ def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Lay
                   room)
 
 
-def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
     """Write ``t`` new tokens [B, Hkv, t, D] at the end of every segment, in place.
 
-    Returns the (possibly resized) pools and the layout *after* the append.
+    Returns ``(pool_k, pool_v, offsets, lengths, meta)`` *after* the append; offsets/lengths are
+    device int32 views of the header. No device-to-host read unless the store must grow.
     """
-    pool_k, lay = read_layout(view_k)
-    pool_v = pool_of(view_v)
-    if pool_v.numel() != pool_k.numel():
-        raise StoreError("keys and values stores of one layer disagree in size")
+    if not is_store_view(view_v):
+        pool_of(view_v)  # raises the explanatory StoreError
+    meta = host_meta(view_k)
     t = k_new.shape[2]
-    if lay.min_room < t:
-        lay = _regrow(view_k, view_v, pool_k, pool_v, lay, t)
-        pool_k, pool_v = pool_of(view_k), pool_of(view_v)
     d = view_k.shape[-1]
-    slot = (lay.offsets + lay.lengths)[:, :, None] + torch.arange(t, device=k_new.device)  # [B,H,t]
-    pool_k.view(-1, d)[slot.reshape(-1)] = k_new.reshape(-1, d).to(pool_k.dtype)
-    pool_v.view(-1, d)[slot.reshape(-1)] = v_new.reshape(-1, d).to(pool_v.dtype)
-    lengths = lay.lengths + t
-    hdr = pool_k[: lay.hs * d].view(torch.int32)
-    bh = lay.rows * lay.heads
-    hdr[H_PER_HEAD + bh: H_PER_HEAD + 2 * bh] = lengths.reshape(-1).to(torch.int32)
-    hdr[H_MINROOM] = lay.min_room - t
-    hdr[H_LOGICAL] = lay.logical + t
-    lay = Layout(lay.rows, lay.heads, lay.hs, lay.slots, lay.logical + t, lay.reserve,
-                 lay.offsets, lengths, lay.caps, lay.min_room - t)
-    return pool_k, pool_v, lay
+    if meta.min_room < t:
+        pool_k, lay = read_layout(view_k)
+        pool_v = pool_of(view_v)
+        if pool_v.numel() != pool_k.numel():
+            raise StoreError("keys and values stores of one layer disagree in size")
+        lay = _regrow(view_k, view_v, pool_k, pool_v, lay, t)
+        meta.slots, meta.min_room = lay.slots, lay.min_room
+        meta.nbytes = view_k.untyped_storage().nbytes()
+    pool_k, pool_v = pool_of(view_k), pool_of(view_v)
+    off, lens = device_lengths(pool_k, meta, d)
+    slot = (off.to(torch.int64) + lens)[:, :, None] + torch.arange(t, device=k_new.device)  # [B,H,t]
+    slot = slot.reshape(-1)
+    pool_k.view(-1, d).index_copy_(0, slot, k_new.reshape(-1, d).to(pool_k.dtype))
+    pool_v.view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
+    lens += t
+    hdr = pool_k[: meta.hs * d].view(torch.int32)
+    hdr[H_MINROOM: H_LOGICAL + 1] += torch.tensor([-t, t], dtype=torch.int32, device=hdr.device)
+    meta.logical += t
+    meta.min_room -= t
+    meta.max_len += t
+    view_v.__dict__["_adakv_meta"] = meta
+    return pool_k, pool_v, off, lens, meta
 
 
-def gather_padded(pool: torch.Tensor, lay: Layout, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segments as a padded [B, Hkv, Lmax, D] tensor and a [B, Hkv, Lmax] validity mask (plain path)."""
-    lmax = int(lay.lengths.max()) if lay.lengths.numel() else 0
-    idx = torch.arange(lmax, device=pool.device)
-    valid = idx < lay.lengths[:, :, None]
-    slot = torch.where(valid, lay.offsets[:, :, None] + idx, 0)
+def gather_padded(pool: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, max_len: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments as a padded [B, Hkv, max_len, D] tensor and a [B, Hkv, max_len] validity mask."""
+    idx = torch.arange(max_len, device=pool.device)
+    valid = idx < lengths[:, :, None]
+    slot = torch.where(valid, offsets.to(torch.int64)[:, :, None] + idx, 0)
     return pool.view(-1, head_dim)[slot], valid
 
 

@@ -23,6 +23,8 @@ PASS_UUID = "adakv-passes-v1"
 class PassResult:
     planned: list[PlannedSite] = field(default_factory=list)
     dense_cache_inputs: list[str] = field(default_factory=list)  # placeholders read as full caches
+    # (graph output index, placeholder index): the output is a view of that cache input's store
+    store_links: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def rewritten(self) -> int:
@@ -47,7 +49,20 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
              if p.mode == "exact" and p.flow is not None and p.flow.k_past is not None]
     dense += [p.flow.v_past.name for p in cached
               if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
-    return PassResult(planned, dense)
+    return PassResult(planned, dense, _store_links(graph))
+
+
+def _store_links(graph: fx.Graph) -> list[tuple[int, int]]:
+    import torch
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    links = []
+    for i, node in enumerate(values):
+        if isinstance(node, fx.Node) and node.target is torch.as_strided and node.args[0] in placeholders:
+            links.append((i, placeholders.index(node.args[0])))
+    return links
 
 
 __all__ = ["run_passes", "PassResult", "PlannedSite", "AttentionSite", "Skipped", "CacheFlow", "PASS_UUID"]
