@@ -120,6 +120,15 @@ class AdaKVConfig:
         return repr(dataclasses.astuple(self))
 
 
+def alpha_floor(alpha: float, selectable: int) -> int:
+    """``floor(alpha * B')`` computed exactly (alpha read as a fraction, denominator <= 2**20).
+
+    Exact so that e.g. alpha=0.29, B'=100 gives 29 (float arithmetic gives 28).
+    """
+    a = Fraction(alpha).limit_denominator(1 << 20)
+    return (a.numerator * selectable) // a.denominator
+
+
 def keep_for_row(config: AdaKVConfig, n_real: int) -> int:
     """Tokens per KV head (window included) a row of ``n_real`` valid tokens keeps on the flat schedule."""
     if config.budget is not None:

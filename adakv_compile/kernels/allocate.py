@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import AdaKVConfig, layer_keep
+from ..config import AdaKVConfig, alpha_floor, layer_keep
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tenso
     """
     H, m = scores.shape
     T = H * budget
-    f = int(alpha * budget)
+    f = alpha_floor(alpha, budget)
     win = _ranks(scores.reshape(-1)) < T
     counts = win.view(H, m).sum(-1)
     pool = T - H * f
