@@ -24,6 +24,7 @@ Kernel design
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -169,6 +170,13 @@ def _store_attn_merge(
 
 
 _SM_COUNT: dict[int, int] = {}
+# Without a max_len_hint the longest segment is assumed to be SKEW x the mean (Ada-KV head budgets are skewed)
+SKEW = 4.0
+
+
+def is_interpreted() -> bool:
+    """Whether this module's kernels were built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_store_attn_fwd).__name__ == "InterpretedFunction"
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -194,17 +202,21 @@ def default_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
     return block_m, block_n, num_warps, 2
 
 
-def choose_splits(n_programs: int, est_len: int, block_n: int, device: torch.device,
-                  min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
-    """Split-K factor: only when the (row, head, row-block) programs do not fill the GPU.
+def choose_splits(n_programs: int, mean_len: float, max_len: float, device: torch.device,
+                  min_tokens_per_split: int = 128, max_splits: int = 64) -> int:
+    """Split-K factor (pieces per segment), from host-known sizes only.
 
-    Aim at about two waves of programs, each split keeping at least ``min_tokens_per_split`` slots.
+    Every segment is cut into the same number of pieces, so a piece of the longest segment is
+    ``max_len / S`` slots while the whole job is ``n_programs * mean_len`` slots. The GPU stays balanced
+    when the longest piece is at most half of one SM's share of the job:
+    ``S >= 2 * SMs * max_len / (n_programs * mean_len)``; pieces keep at least ``min_tokens_per_split``
+    slots (the merge and the per-program set-up are not free).
     """
     sms = _sm_count(device)
-    if n_programs >= sms or est_len < 2 * min_tokens_per_split:
+    if sms <= 1 or max_len < 2 * min_tokens_per_split:
         return 1
-    want = triton.cdiv(2 * sms, n_programs)
-    cap = max(1, est_len // min_tokens_per_split)
+    want = math.ceil(2 * sms * max_len / max(1.0, n_programs * mean_len))
+    cap = int(max_len // min_tokens_per_split)
     return int(max(1, min(want, cap, max_splits)))
 
 
@@ -216,8 +228,10 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
-    chunk). ``max_len_hint`` (optional, host int) only steers the split-K heuristic; without it the
-    average segment capacity (pool slots / (B*Hkv)) is used — no device-to-host read either way.
+    chunk). ``max_len_hint`` (optional host int, an upper bound of the longest segment: pass the store's
+    ``HostMeta.max_len`` from ``store.append``) only steers the split-K heuristic; without it the longest
+    segment is taken as ``SKEW`` x the mean capacity (pool slots / (B*Hkv)). No device-to-host read
+    either way: the kernel's loop bounds come from the device-side lengths.
     ``num_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the heuristics (benchmarks).
     """
     B, Hq, tq, D = q.shape
@@ -232,6 +246,10 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported by the Triton store attention")
     G = Hq // Hkv
+    if q.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError(
+            "store_attention_triton got CPU tensors but its kernels were compiled for the GPU: set "
+            "TRITON_INTERPRET=1 before adakv_compile.kernels.triton_attend is first imported to run them on CPU")
     out = torch.empty((B, Hq, t, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -243,14 +261,16 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     rows = G * t
     block_d = max(16, triton.next_power_of_2(D))
     block_m, bn, nw, ns = default_config(D, rows)
-    block_n = block_n or bn
+    block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
     if num_splits is None:
-        est = max_len_hint if max_len_hint is not None else (pool_k.numel() // D) // max(1, n_bh)
-        num_splits = choose_splits(n_bh * n_mblk, int(est), block_n, q.device)
+        # mean segment capacity (kept + free room) from the pool size: no device read
+        mean_len = (pool_k.numel() // D) / max(1, n_bh)
+        max_len = max_len_hint if max_len_hint is not None else SKEW * mean_len
+        num_splits = choose_splits(n_bh * n_mblk, mean_len, max(mean_len, max_len), q.device)
     num_splits = max(1, int(num_splits))
     dot_prec = "ieee" if pool_k.dtype == torch.float32 else "tf32"
     softcap = float(softcap or 0.0)

@@ -72,13 +72,13 @@ def _one(node: fx.Node, out: fx.Node, site_nodes: set):
         else:
             return "no-cache", node, None, None, f"cache concatenated to a computed tensor ({past.name})"
         if not returned:
-            users = ", ".join(u.name for u in node.users if u not in site_nodes)
             return phase, new, node, past if phase == "decode" else None, \
-                f"cache is not returned as concatenated (used by: {users}); e.g. a sliding-window layer"
+                "the cache kept is not the concatenation itself (a sliding-window layer keeps a slice)"
         others = [u for u in node.users if u is not out and u not in site_nodes and u.target not in SHAPE_ONLY]
         if others:
+            what = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
             return phase, new, node, past if phase == "decode" else None, \
-                "the concatenated cache is also read by " + ", ".join(u.name for u in others)
+                "the concatenated cache is also read by other ops (" + ", ".join(what) + ")"
         return phase, new, node, past if phase == "decode" else None, ""
     if returned:
         return "prefill", node, node, None, ""

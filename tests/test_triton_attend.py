@@ -1,0 +1,161 @@
+"""Triton store attention (``kernels/triton_attend.py``) against the plain path (``attend.store_attention``).
+
+On a CPU-only machine the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here
+before triton is first imported); on a CUDA machine the same comparisons run on the GPU. Shapes are small:
+the interpreter executes every block op in numpy.
+
+Triton reads ``TRITON_INTERPRET`` when ``triton`` itself is imported. If another test module imported it
+first (in GPU mode) on a CPU-only machine, the in-process tests skip and one test reruns this file in a
+fresh interpreter-mode subprocess instead.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_TRITON_PREIMPORTED = "triton" in sys.modules
+if not _CUDA and not _TRITON_PREIMPORTED:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernel cannot be tested")
+
+from adakv_compile.kernels import store  # noqa: E402
+from adakv_compile.kernels.attend import store_attention  # noqa: E402
+from adakv_compile.kernels.triton_attend import (  # noqa: E402
+    default_config, is_interpreted, store_attention_triton)
+
+if is_interpreted():
+    DEVICE = "cpu"
+elif _CUDA:
+    DEVICE = "cuda"
+else:
+    DEVICE = None  # triton was imported in GPU mode before this module: see test_in_interpreter_subprocess
+
+needs_device = pytest.mark.skipif(
+    DEVICE is None, reason="triton was imported before TRITON_INTERPRET=1 could be set on this CPU-only "
+                           "machine; these cases run in test_in_interpreter_subprocess instead")
+
+
+@pytest.mark.skipif(DEVICE is not None, reason="in-process cases run (interpreter or CUDA)")
+def test_in_interpreter_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) > 1, res.stdout[-2000:]
+
+
+# kept tokens per (row, KV head) before the chunk: skewed like Ada-KV budgets. With D <= 128 the kernel
+# streams BLOCK_N = 64 slots a step: 5 and 33 fit in one partial block, 190 spans three full blocks + a tail.
+SKEWED = [[5, 64, 190], [130, 33, 77]]
+N_CTX = 200
+
+
+def _randn(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+class _Case:
+    pass
+
+
+def _store(kept, D, dtype, t, seed):
+    """A store built from fresh random K/V with a random keep mask of the given per-head sizes, plus a chunk.
+
+    ``off``/``lens``: int32 device views of the header, as ``store.append`` returns them (what the op
+    passes); ``off64``/``lens64``: int64 copies from ``store.read_layout``; ``max_len``: host bound.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv = len(kept), len(kept[0])
+    k = _randn(g, B, Hkv, N_CTX, D, dtype=dtype)
+    v = _randn(g, B, Hkv, N_CTX, D, dtype=dtype)
+    keep = torch.zeros(B, Hkv, N_CTX, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hkv):
+            keep[b, h, torch.randperm(N_CTX, generator=g)[: kept[b][h]]] = True
+    kv, vv = store.build(k, v, keep.to(DEVICE), reserve=2)
+    k_new = _randn(g, B, Hkv, t, D, dtype=dtype)
+    v_new = _randn(g, B, Hkv, t, D, dtype=dtype)
+    c = _Case()
+    # t = 4 > reserve: also exercises a re-layout
+    c.pool_k, c.pool_v, c.off, c.lens, meta = store.append(kv, vv, k_new, v_new)
+    c.max_len = meta.max_len
+    L = kv.shape[2] + t
+    kv = store.make_view(store.pool_of(kv), B, Hkv, L, D)
+    _, lay = store.read_layout(kv)
+    c.off64, c.lens64 = lay.offsets, lay.lengths
+    assert c.lens64.tolist() == [[n + t for n in row] for row in kept] and c.max_len == max(map(max, kept)) + t
+    assert c.off.dtype == torch.int32 and c.off.tolist() == c.off64.tolist()
+    c.B, c.Hkv, c.g = B, Hkv, g
+    return c
+
+
+def _check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out.float()).all()
+    if dtype == torch.float32:
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert err < 1e-4, f"max error {err:.3g} relative to max |out|"
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 3], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+def test_matches_plain_path(dtype, G, t, softcap):
+    D = 64
+    c = _store(SKEWED, D, dtype, t, seed=G * 10 + t)
+    assert default_config(D, G * t)[1] == 64  # the lengths above are chosen for BLOCK_N = 64
+    q = _randn(c.g, c.B, c.Hkv * G, t, D, dtype=dtype)
+    scale = D ** -0.5 * 3  # sharper softmax than 1/sqrt(D), so masking mistakes show
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, scale, softcap)
+    out = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, softcap,
+                                 max_len_hint=c.max_len)
+    _check(out, ref, dtype)
+    # split-K (flash-decoding) path: 3 pieces per segment, some empty for the short heads
+    out_s = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, softcap, num_splits=3)
+    _check(out_s, ref, dtype)
+
+
+@needs_device
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+def test_head_dims_int64_layout_strided_q(D):
+    t, G = 2, 3
+    c = _store([[9, 70, 40], [3, 21, 100]], D, torch.float32, t, seed=D)
+    q = _randn(c.g, c.B, t, c.Hkv * G, D).transpose(1, 2)  # [B, Hq, t, D], not contiguous
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, D ** -0.5, 0.0)
+    out = store_attention_triton(q, c.pool_k, c.pool_v, c.off64, c.lens64, t, D ** -0.5, 0.0,
+                                 num_splits=2 if D == 80 else 1)
+    _check(out, ref, torch.float32)
+
+
+@needs_device
+def test_more_splits_than_blocks_and_large_group():
+    """Many empty split pieces; G * t = 24 rows (more than one 16-row MMA tile, still one row block)."""
+    t, G, D = 4, 6, 64
+    c = _store([[2, 17]], D, torch.float32, t, seed=7)
+    q = _randn(c.g, 1, 2 * G, t, D)
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, 0.2, 30.0)
+    out = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, 0.2, 30.0, num_splits=6)
+    _check(out, ref, torch.float32)
+
+
+@needs_device
+def test_several_row_blocks():
+    """G * t = 80 rows > BLOCK_M = 64: rows are tiled over the grid's second axis."""
+    t, G, D = 20, 4, 16
+    c = _store([[30], [3]], D, torch.float32, t, seed=3)
+    q = _randn(c.g, 2, G, t, D)
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, 0.3, 0.0)
+    out = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, 0.3, 0.0)
+    _check(out, ref, torch.float32)
