@@ -78,8 +78,28 @@ def main():
     res["report_compress"] = [str(r) for r in b.report]
     print(b.report.table())
     print("lengths", lens)
+    # 2b) compiled (Inductor + Triton kernels on CUDA) == eager reference generator, fp32, padded batch
+    from adakv_compile.reference import ReferenceSession
+    torch._dynamo.reset()
+    cfg = AdaKVConfig(budget=48, window=8)
+    ids = torch.randint(1, 256, (3, 300), device=dev)
+    am = torch.ones_like(ids)
+    am[1, :100] = 0
+    am[2, :280] = 0
+    ref_model = tiny(dev, torch.float32, layers=3, seed=1)
+    ref_model.generation_config.eos_token_id = None
+    ref = ReferenceSession(ref_model, cfg).generate(ids, attention_mask=am, max_new_tokens=12)
+    model = tiny(dev, torch.float32, layers=3, seed=1)
+    model.generation_config.eos_token_id = None
+    model.forward = torch.compile(model.forward, backend=adakv_backend(cfg, inner="inductor"))
+    got = model.generate(ids, attention_mask=am, max_new_tokens=12, do_sample=False)
+    res["checks"]["cuda_triton_equals_reference_generator"] = got.tolist() == ref.tolist()
+    print("cuda == reference:", res["checks"]["cuda_triton_equals_reference_generator"])
     # 3) timing: decode step, compressed vs full (exact backend), batch 8, 4k prompt, 4 layers bf16
-    for name, cfg in (("full", AdaKVConfig()), ("adakv-512", AdaKVConfig(budget=512))):
+    import os
+    for name, cfg, kern in (("full", AdaKVConfig(), "triton"), ("adakv-512", AdaKVConfig(budget=512), "triton"),
+                            ("adakv-512-plain", AdaKVConfig(budget=512), "plain")):
+        os.environ["ADAKV_KERNELS"] = kern
         torch._dynamo.reset()
         model = tiny(dev, torch.bfloat16, layers=4)
         bk = adakv_backend(cfg, inner="inductor")

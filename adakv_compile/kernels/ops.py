@@ -26,6 +26,14 @@ from .score import window_scores
 _CONFIGS: dict[str, AdaKVConfig] = {}
 
 
+def use_triton() -> bool:
+    """Triton kernels on CUDA unless ADAKV_KERNELS=plain (or triton is missing)."""
+    import importlib.util
+    import os
+
+    return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and importlib.util.find_spec("triton") is not None
+
+
 def register_config(config: AdaKVConfig, key: str | None = None) -> str:
     """Make a config reachable from graphs by a string key (default: the config's own stable key).
 
@@ -112,8 +120,12 @@ def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
     if k_new.shape[-1] != v_new.shape[-1]:
         raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
     pool_k, pool_v, offsets, lengths, meta = kv_store.append(k_cache, v_cache, k_new, v_new)
-    return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, k_new.shape[2], scale,
-                           softcap)
+    t = k_new.shape[2]
+    if q.is_cuda and use_triton():
+        from .triton_attend import store_attention_triton  # lazy: CPU installs need no triton
+        return store_attention_triton(q, pool_k, pool_v, offsets, lengths, t, scale, softcap,
+                                      max_len_hint=meta.max_len)
+    return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, t, scale, softcap)
 
 
 @attend_append.register_fake

@@ -1,0 +1,4 @@
+"""``python -m adakv_compile ...`` = the ``adakv`` command."""
+from .cli import main
+
+raise SystemExit(main())
