@@ -53,7 +53,7 @@ class AdaKVConfig:
     skip_layers: Tuple[int, ...] = field(default_factory=tuple)
     scorer: str = "snapkv"
     sink_tokens: int = 4
-    decode_reserve: int = 64
+    decode_reserve: int = 16
 
     def __post_init__(self):
         def is_int(x):
