@@ -41,6 +41,8 @@ class AdaKVBackend:
         self.inner = inner
         self.report = Report()
         self.graphs_compiled = 0
+        self.graphs: list[dict] = []  # one summary per compiled graph, also those without attention
+        self._warned_none = False
         self._key = f"backend-{next(_backend_ids)}"
 
     def reconfigure(self, config: AdaKVConfig) -> None:
@@ -72,8 +74,17 @@ class AdaKVBackend:
                             graph_id, p.reason)
             elif p.reason:
                 log.info("adakv: %s", rec)
+        self.graphs.append({"graph": graph_id, "attention": len(result.planned),
+                            "rewritten": result.rewritten})
         if not result.planned:
             log.info("adakv: graph %d has no attention", graph_id)
+            if not self.report and not self._warned_none:
+                self._warned_none = True
+                log.warning(
+                    "adakv: no attention found in graph %d (nor in any graph before it): nothing is "
+                    "rewritten or compressed. Check that the model computes attention with "
+                    "scaled_dot_product_attention or matmul-softmax-matmul inside the compiled function "
+                    "(`adakv explain` shows what the pass sees).", graph_id)
         compiled = self._inner(gm, example_inputs)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]

@@ -1,7 +1,14 @@
 import logging
+import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels are tested on the CPU through the interpreter; it must be chosen before triton is
+    # first imported (any test module may import it), so it is set here, at collection start.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
