@@ -232,6 +232,20 @@ def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Lay
                   room)
 
 
+_SMALL: dict = {}
+
+
+def _small(kind: str, t: int, device) -> torch.Tensor:
+    """Tiny per-(t, device) constants for the decode step, made once (no host-to-device copy per step)."""
+    key = (kind, t, str(device))
+    x = _SMALL.get(key)
+    if x is None:
+        x = (torch.arange(t, device=device) if kind == "arange"
+             else torch.tensor([-t, t], dtype=torch.int32, device=device))
+        _SMALL[key] = x
+    return x
+
+
 def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
     """Write ``t`` new tokens [B, Hkv, t, D] at the end of every segment, in place.
 
@@ -253,13 +267,13 @@ def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_ne
         meta.nbytes = view_k.untyped_storage().nbytes()
     pool_k, pool_v = pool_of(view_k), pool_of(view_v)
     off, lens = device_lengths(pool_k, meta, d)
-    slot = (off.to(torch.int64) + lens)[:, :, None] + torch.arange(t, device=k_new.device)  # [B,H,t]
+    slot = (off + lens).to(torch.int64)[:, :, None] + _small("arange", t, k_new.device)  # [B,H,t]
     slot = slot.reshape(-1)
     pool_k.view(-1, d).index_copy_(0, slot, k_new.reshape(-1, d).to(pool_k.dtype))
     pool_v.view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
     lens += t
     hdr = pool_k[: meta.hs * d].view(torch.int32)
-    hdr[H_MINROOM: H_LOGICAL + 1] += torch.tensor([-t, t], dtype=torch.int32, device=hdr.device)
+    hdr[H_MINROOM: H_LOGICAL + 1] += _small("delta", t, hdr.device)
     meta.logical += t
     meta.min_room -= t
     meta.max_len += t
