@@ -16,6 +16,7 @@ _GQA = ("mean", "max")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming")
+_SAFEGUARDS = ("official", "kvpress")
 
 
 def _fail(field_name: str, value, why: str):
@@ -31,6 +32,9 @@ class AdaKVConfig:
     window: the last ``window`` prompt tokens score the rest and are always kept.
     pooling, kernel_size: 1-D pooling of the scores (SnapKV).
     alpha: safeguard; every head keeps at least ``floor(alpha * (budget - window))`` chosen tokens.
+    safeguard: how alpha is applied: "official" (FFY0/AdaKV: blend the global top-k counts with the
+        floor) or "kvpress" (NVIDIA kvpress AdaKVPress: each head's top floor tokens are forced, the rest
+        of the layer's budget goes to the best remaining scores of all heads).
     gqa_reduce: how query-head scores are reduced per KV group.
     allocation: "adaptive" (Ada-KV, one top-k over the layer's heads) or "uniform" (SnapKV).
     layer_schedule: "flat" (same budget every layer) or "pyramid" (PyramidKV, beta = ``pyramid_beta``).
@@ -46,6 +50,7 @@ class AdaKVConfig:
     pooling: str = "max"
     kernel_size: int = 7
     alpha: float = 0.2
+    safeguard: str = "official"
     gqa_reduce: str = "mean"
     allocation: str = "adaptive"
     layer_schedule: str = "flat"
@@ -79,6 +84,8 @@ class AdaKVConfig:
             _fail("kernel_size", self.kernel_size, "must be an odd integer >= 1")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             _fail("alpha", self.alpha, "must be a number in [0, 1]")
+        if self.safeguard not in _SAFEGUARDS:
+            _fail("safeguard", self.safeguard, f"must be one of {_SAFEGUARDS}")
         if self.gqa_reduce not in _GQA:
             _fail("gqa_reduce", self.gqa_reduce, f"must be one of {_GQA}")
         if self.allocation not in _ALLOC:

@@ -158,7 +158,7 @@ def alpha_floor(alpha: float, selectable: int) -> int:
     return (a.numerator * selectable) // a.denominator
 
 
-def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float) -> List[int]:
+def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official") -> List[int]:
     """Adaptive apportionment of ``T = H * Bp`` selectable slots over the H heads of one row.
 
     ``scores_row [H, m]``: candidate scores (-inf for non-candidates). Returns ``a[h] = f + share[h]`` with
@@ -172,6 +172,17 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float) -> List[int]:
     if T == 0:
         return [0] * H
     values = scores_row.tolist()
+
+    if safeguard == "kvpress":
+        # kvpress AdaKVPress: each head's own top f are forced in; the other T - H*f slots go to the best
+        # remaining entries of all heads (same global order as below).
+        forced = {(h, j) for h in range(H) for j in _top_positions(values[h], f)} if f else set()
+        rest = sorted(((h, j) for h in range(H) for j in range(m) if (h, j) not in forced),
+                      key=lambda e: (-values[e[0]][e[1]], e[0] * m + e[1]))
+        a = [f] * H
+        for h, _j in rest[:T - H * f]:
+            a[h] += 1
+        return a
 
     # Global top T: entries ordered by (higher score first, lower flat index first).
     entries = [(h, j) for h in range(H) for j in range(m)]
@@ -229,7 +240,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
         if config.allocation == "uniform" or config.scorer == "streaming":
             budgets = [Bp] * Hkv
         else:
-            budgets = head_budgets(row, Bp, config.alpha)
+            budgets = head_budgets(row, Bp, config.alpha, config.safeguard)
         for h in range(Hkv):
             for j in _top_positions(row[h].tolist(), budgets[h]):
                 keep[b, h, j] = True

@@ -20,6 +20,7 @@ from adakv_compile.config import layer_keep
     (dict(skip_layers=(-1,)), "skip_layers"),
     (dict(scorer="h2o"), "scorer"),
     (dict(decode_reserve=0), "decode_reserve"),
+    (dict(safeguard="soft"), "safeguard"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"AdaKVConfig\.{field}="):

@@ -30,6 +30,8 @@ SETTINGS = [
     dict(budget=16, window=4, scorer="streaming", sink_tokens=3),
     dict(budget=16, window=4, skip_layers=(1,)),
     dict(budget=14, window=2, alpha=0.0, kernel_size=1),
+    dict(budget=16, window=4, alpha=0.5, safeguard="kvpress"),
+    dict(budget=20, window=4, alpha=0.2, safeguard="kvpress", layer_schedule="pyramid"),
 ]
 
 
@@ -53,12 +55,14 @@ def test_selection_equals_reference(kwargs, heads):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(20, 90), Hkv=st.integers(1, 3), G=st.integers(1, 2),
        budget=st.integers(6, 40), window=st.integers(1, 5), alpha=st.sampled_from([0.0, 0.2, 0.29, 0.5, 1.0]),
-       pooling=st.sampled_from(["max", "avg"]), alloc=st.sampled_from(["adaptive", "uniform"]))
-def test_selection_equals_reference_property(seed, n, Hkv, G, budget, window, alpha, pooling, alloc):
+       pooling=st.sampled_from(["max", "avg"]), alloc=st.sampled_from(["adaptive", "uniform"]),
+       safeguard=st.sampled_from(["official", "kvpress"]))
+def test_selection_equals_reference_property(seed, n, Hkv, G, budget, window, alpha, pooling, alloc,
+                                             safeguard):
     if budget <= window:
         budget = window + 1
     cfg = AdaKVConfig(budget=budget, window=window, alpha=alpha, pooling=pooling, allocation=alloc,
-                      kernel_size=5)
+                      kernel_size=5, safeguard=safeguard)
     q, k, valid = _inputs(seed, 2, Hkv * G, Hkv, n, 4, pad=(0, seed % n))
     keep = keep_mask(window_scores(q, k, valid, cfg, 0.5), valid, cfg, 0, 1)
     assert torch.equal(keep, reference.select(q, k, valid, cfg, 0, 1, 0.5))
@@ -69,5 +73,7 @@ def test_selection_equals_reference_property(seed, n, Hkv, G, budget, window, al
         if n_b > budget:
             assert int(keep[b].sum()) == Hkv * budget
             assert keep[b, :, n - window:].all()
+            floor = int(alpha * (budget - window) + 1e-9)
+            assert (keep[b].sum(-1) >= floor + window).all()
         else:
             assert torch.equal(keep[b], valid[b].expand(Hkv, n))

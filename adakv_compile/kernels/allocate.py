@@ -14,7 +14,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
+def head_budgets(scores: torch.Tensor, budget: int, alpha: float, safeguard: str = "official") -> torch.Tensor:
     """Ada-KV head budgets for one row: scores [H, m] (candidates), ``budget`` = B' per head on average.
 
     One top-(H*B') over all heads counts winners per head; the safeguard keeps floor(alpha*B') per head
@@ -23,6 +23,10 @@ def head_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tenso
     H, m = scores.shape
     T = H * budget
     f = alpha_floor(alpha, budget)
+    if safeguard == "kvpress":
+        forced = _ranks(scores) < f
+        boosted = scores.masked_fill(forced, float("inf"))
+        return (_ranks(boosted.reshape(-1)) < T).view(H, m).sum(-1)
     win = _ranks(scores.reshape(-1)) < T
     counts = win.view(H, m).sum(-1)
     pool = T - H * f
@@ -49,7 +53,7 @@ def keep_mask(scores: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, la
         bp = keep_l - w
         cand = scores[b, :, :m]
         if config.allocation == "adaptive" and config.scorer == "snapkv":
-            budgets = head_budgets(cand, bp, config.alpha)
+            budgets = head_budgets(cand, bp, config.alpha, config.safeguard)
         else:
             budgets = torch.full((H,), bp, device=scores.device, dtype=torch.long)
         keep[b, :, :m] = _ranks(cand) < budgets[:, None]
