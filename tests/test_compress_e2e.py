@@ -163,3 +163,21 @@ def test_with_gradients_on_the_cache_is_kept_full_and_says_why():
     out.logits.sum().backward()
     assert all(r.mode == "exact" and "no_grad" in r.reason for r in backend.report)
     assert not store.is_store_view(out.past_key_values.layers[0].keys)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dynamic_true_compresses_like_the_default(inner, attn):
+    """torch.compile(dynamic=True) lifts float attributes (the attention scale) into SymFloat inputs."""
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(8))
+    cfg = AdaKVConfig(budget=16, window=4)
+    runs = []
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        model = tiny_llama(seed=8)
+        model.set_attn_implementation(attn)
+        backend = adakv_backend(cfg, inner=inner)
+        model.forward = torch.compile(model.forward, backend=backend, dynamic=dynamic)
+        runs.append(model.generate(ids, max_new_tokens=5, do_sample=False))
+        assert {r.mode for r in backend.report} == {"compress", "store"}, backend.report.table()
+    assert runs[0].tolist() == runs[1].tolist()

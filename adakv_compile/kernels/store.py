@@ -131,6 +131,11 @@ class HostMeta:
     max_len: int
     reserve: int
     nbytes: int
+    _views: object = None  # cached tensor views of the pools (not copied by deepcopy)
+
+    def __deepcopy__(self, memo):
+        return HostMeta(self.rows, self.heads, self.hs, self.slots, self.logical, self.min_room,
+                        self.max_len, self.reserve, self.nbytes)
 
 
 def host_meta(view: torch.Tensor) -> HostMeta:
@@ -235,6 +240,24 @@ def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Lay
 _SMALL: dict = {}
 
 
+def _triton_ok() -> bool:
+    from .ops import use_triton
+    return use_triton()
+
+
+def _cached_views(view_k, view_v, meta: "HostMeta", d: int):
+    """Pools, header and offset/length views of a store, made once per layout (views are cheap to keep,
+    costly to rebuild every decode step)."""
+    key = (view_k.untyped_storage().data_ptr(), view_v.untyped_storage().data_ptr(), meta.slots)
+    cached = meta._views
+    if cached is None or cached[0] != key:
+        pool_k, pool_v = pool_of(view_k), pool_of(view_v)
+        off, lens = device_lengths(pool_k, meta, d)
+        hdr = pool_k[: meta.hs * d].view(torch.int32)
+        cached = meta._views = (key, (pool_k, pool_v, off, lens, hdr))
+    return cached[1]
+
+
 def _small(kind: str, t: int, device) -> torch.Tensor:
     """Tiny per-(t, device) constants for the decode step, made once (no host-to-device copy per step)."""
     key = (kind, t, str(device))
@@ -265,15 +288,18 @@ def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_ne
         lay = _regrow(view_k, view_v, pool_k, pool_v, lay, t)
         meta.slots, meta.min_room = lay.slots, lay.min_room
         meta.nbytes = view_k.untyped_storage().nbytes()
-    pool_k, pool_v = pool_of(view_k), pool_of(view_v)
-    off, lens = device_lengths(pool_k, meta, d)
-    slot = (off + lens).to(torch.int64)[:, :, None] + _small("arange", t, k_new.device)  # [B,H,t]
-    slot = slot.reshape(-1)
-    pool_k.view(-1, d).index_copy_(0, slot, k_new.reshape(-1, d).to(pool_k.dtype))
-    pool_v.view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
-    lens += t
-    hdr = pool_k[: meta.hs * d].view(torch.int32)
-    hdr[H_MINROOM: H_LOGICAL + 1] += _small("delta", t, hdr.device)
+    pool_k, pool_v, off, lens, hdr = _cached_views(view_k, view_v, meta, d)
+    if k_new.is_cuda and _triton_ok():
+        from .triton_append import append_triton
+        bh = meta.rows * meta.heads
+        append_triton(pool_k, pool_v, hdr, k_new, v_new, H_PER_HEAD, H_PER_HEAD + bh, H_MINROOM, H_LOGICAL)
+    else:
+        slot = (off + lens).to(torch.int64)[:, :, None] + _small("arange", t, k_new.device)  # [B,H,t]
+        slot = slot.reshape(-1)
+        pool_k.view(-1, d).index_copy_(0, slot, k_new.reshape(-1, d).to(pool_k.dtype))
+        pool_v.view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
+        lens += t
+        hdr[H_MINROOM: H_LOGICAL + 1] += _small("delta", t, hdr.device)
     meta.logical += t
     meta.min_room -= t
     meta.max_len += t

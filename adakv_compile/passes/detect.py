@@ -31,6 +31,13 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 
 @dataclass
+class ScaleExpr:
+    """A scale known only at run time: ``const`` times/divided by SymFloat nodes (dynamic=True)."""
+    const: float
+    terms: list
+
+
+@dataclass
 class AttentionSite:
     """One attention found in the graph; ``k``/``v`` are the un-repeated [B, Hkv, S, D] tensors."""
     pattern: str
@@ -41,7 +48,7 @@ class AttentionSite:
     mask: Optional[fx.Node]
     mask_is_bool_inverted: bool  # masked_fill form: the node marks *disallowed* positions
     is_causal: bool
-    scale: float
+    scale: "float | fx.Node | ScaleExpr"
     softcap: float
     internal: list = field(default_factory=list)  # nodes only the pattern uses (removed with it)
 
@@ -81,6 +88,11 @@ def _const(x):
         if x.target is torch.tensor and x.args and isinstance(x.args[0], (int, float)):
             return float(x.args[0])
     return None
+
+
+def _is_symbolic_number(node: fx.Node) -> bool:
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return isinstance(v, (torch.SymFloat, torch.SymInt, float, int))
 
 
 def strip_repeat(node: fx.Node) -> tuple[fx.Node, int, list]:
@@ -130,16 +142,18 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Skipped:
     scale = a["scale"]
     if scale is None:
         scale = 1.0 / math.sqrt(int(qv.shape[-1]))
+    elif isinstance(scale, fx.Node) and _is_symbolic_number(scale):
+        pass  # torch.compile(dynamic=True) lifts float attributes: the scale is a SymFloat node
     elif not isinstance(scale, (int, float)):
-        return Skipped(node, "sdpa", "scale is not a constant")
+        return Skipped(node, "sdpa", "scale is not a number")
     k, gk, ik = strip_repeat(a["key"])
     v, gv, iv = strip_repeat(a["value"])
     pattern = "sdpa" + ("+repeat_kv" if gk > 1 else "")
     mask = a["attn_mask"]
     if mask is not None and not isinstance(mask, fx.Node):
         return Skipped(node, pattern, "attn_mask is not a tensor")
-    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], float(scale), 0.0,
-                         ik + iv)
+    scale = scale if isinstance(scale, fx.Node) else float(scale)
+    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], scale, 0.0, ik + iv)
 
 
 def _eager_site(pv_matmul: fx.Node) -> AttentionSite | Skipped | None:
@@ -190,16 +204,23 @@ def _eager_site(pv_matmul: fx.Node) -> AttentionSite | Skipped | None:
             internal += [x, x.args[0], inner]
             x = inner.args[0]
     scale = 1.0
+    sym_terms = []  # (operator, SymFloat node) factors, from torch.compile(dynamic=True)
     while True:
-        if _is_call(x, operator.mul, torch.mul, "mul") and _const(x.args[1]) is not None:
-            scale *= _const(x.args[1])
-        elif _is_call(x, operator.truediv, torch.div, "div") and _const(x.args[1]) is not None:
-            scale /= _const(x.args[1])
+        arg = x.args[1] if isinstance(x, fx.Node) and len(x.args) > 1 else None
+        sym = isinstance(arg, fx.Node) and _is_symbolic_number(arg)
+        if _is_call(x, operator.mul, torch.mul, "mul") and (_const(arg) is not None or sym):
+            if sym:
+                sym_terms.append((operator.mul, arg))
+            else:
+                scale *= _const(arg)
+        elif _is_call(x, operator.truediv, torch.div, "div") and (_const(arg) is not None or sym):
+            if sym:
+                sym_terms.append((operator.truediv, arg))
+            else:
+                scale /= _const(arg)
         else:
             break
         internal.append(x)
-        if isinstance(x.args[1], fx.Node):
-            internal.append(x.args[1])
         x = x.args[0]
     if not _is_call(x, torch.matmul, operator.matmul, "matmul"):
         return Skipped(pv_matmul, "eager", f"softmax input is not matmul(q, kᵀ) but {x.target}")
@@ -216,7 +237,8 @@ def _eager_site(pv_matmul: fx.Node) -> AttentionSite | Skipped | None:
     if softcap and mask is None:
         pass
     pattern = "eager" + ("+softcap" if softcap else "") + ("+repeat_kv" if gk > 1 else "")
-    return AttentionSite(pattern, pv_matmul, q, k, v, mask, inverted, False, scale, softcap,
+    scale_arg = ScaleExpr(scale, sym_terms) if sym_terms else scale
+    return AttentionSite(pattern, pv_matmul, q, k, v, mask, inverted, False, scale_arg, softcap,
                          internal + ik + iv)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops as adakv_ops  # noqa: F401  (registers torch.ops.adakv)
-from .detect import val
+from .detect import ScaleExpr, val
 from .plan import PlannedSite
 from .trace import SHAPE_ONLY, output_node
 
@@ -23,6 +23,16 @@ def _mask_arg(graph: fx.Graph, site) -> fx.Node | None:
     if site.mask is None or not site.mask_is_bool_inverted:
         return site.mask
     return graph.call_function(torch.logical_not, (site.mask,))
+
+
+def _scale_arg(graph: fx.Graph, site):
+    """The scale as an op argument: a float, or FX nodes computing it (SymFloat under dynamic=True)."""
+    if not isinstance(site.scale, ScaleExpr):
+        return site.scale
+    value = site.scale.const
+    for op, node in site.scale.terms:
+        value = graph.call_function(op, (value, node))
+    return value
 
 
 def _size(graph: fx.Graph, node: fx.Node, dim: int):
@@ -47,21 +57,22 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
     out = output_node(graph)
     with graph.inserting_before(s.anchor):
         mask = _mask_arg(graph, s)
+        scale = _scale_arg(graph, s)
         if p.mode == "exact":
             k, v = s.k, s.v
             new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, k, v, mask, s.scale, s.is_causal, s.softcap))
+                                      (s.q, k, v, mask, scale, s.is_causal, s.softcap))
         elif p.mode == "compress":
             new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, s.scale, s.is_causal, s.softcap))
+                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
             pair = graph.call_function(torch.ops.adakv.compress.default,
-                                       (s.q, f.k_new, f.v_new, mask, s.scale, s.softcap, p.ordinal,
+                                       (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
                                         num_layers, config_key))
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "store":
             new = graph.call_function(torch.ops.adakv.attend_append.default,
-                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, s.scale, s.softcap))
+                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap))
             views = []
             for past, fresh in ((f.k_past, f.k_new), (f.v_past, f.v_new)):
                 length = graph.call_function(operator.add,

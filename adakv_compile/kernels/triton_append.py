@@ -1,0 +1,50 @@
+"""Triton append into the compacted store: one launch writes a chunk of new K/V per (row, KV head).
+
+Same effect as the plain path in ``store.append`` (after the room check): program (b, h) reads the
+segment's offset and length from the device header, writes the ``t`` new tokens at slots
+``offset + length + i``, and bumps the length; program 0 also updates the header's min-room and logical
+length. Only program (b, h) touches segment (b, h), so no ordering between programs is needed.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _append_kernel(
+    PK, PV, KN, VN, HDR,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    HKV, T, OFF0, LEN0, MINROOM, LOGICAL,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    off = tl.load(HDR + OFF0 + pid).to(tl.int64)
+    length = tl.load(HDR + LEN0 + pid).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    for i in range(T):
+        k = tl.load(KN + b * skb + h * skh + i * skt + d * skd, mask=dm)
+        v = tl.load(VN + b * svb + h * svh + i * svt + d * svd, mask=dm)
+        slot = off + length + i
+        tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
+        tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
+    tl.store(HDR + LEN0 + pid, (length + T).to(tl.int32))
+    if pid == 0:
+        tl.store(HDR + MINROOM, tl.load(HDR + MINROOM) - T)
+        tl.store(HDR + LOGICAL, tl.load(HDR + LOGICAL) + T)
+
+
+def append_triton(pool_k, pool_v, hdr, k_new, v_new, off0: int, len0: int, minroom: int, logical: int):
+    """Launch the append. ``hdr``: the int32 view of the keys pool's header; k_new/v_new [B, Hkv, t, D]."""
+    B, H, t, D = k_new.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    _append_kernel[(B * H,)](
+        pool_k, pool_v, k_new, v_new, hdr,
+        *k_new.stride(), *v_new.stride(),
+        H, t, off0, len0, minroom, logical,
+        D=D, BLOCK_D=block_d, num_warps=1,
+    )
