@@ -23,6 +23,32 @@ def fill(text: str, name: str, body: str) -> str:
     return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(3), text)
 
 
+KEEP_TABLES = ("exact-match accuracy", "KL(full", "Ada-SnapKV", "Ada-Pyramid")
+
+
+def quality_summary(md: str) -> str:
+    """From the quality report keep what it ran on and, per mode, the accuracy, KL and Ada-vs-non-Ada
+    tables (the full report, with partial credit, top-1 and memory, is linked)."""
+    out, keep = [], True
+    for block in re.split(r"\n(?=## |\*\*)", md):
+        head = block.lstrip()
+        if head.startswith("# "):
+            block = re.sub(r"^# .*\n+", "", head)
+            out.append(block.strip())
+        elif head.startswith("## "):
+            out.append(head.strip())
+        elif head.startswith("**"):
+            if any(k in head.split("\n", 1)[0] for k in KEEP_TABLES):
+                out.append(head.strip())
+        else:
+            out.append(head.strip())
+    out.append("Full report (partial credit, top-1 agreement, answer-token KL, KV memory): "
+               "[bench/results/quality-default.md](bench/results/quality-default.md).\n\n"
+               "![accuracy vs budget](bench/results/quality-default-accuracy.png)\n"
+               "![KL vs budget](bench/results/quality-default-kl.png)")
+    return "\n\n".join(x for x in out if x)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -30,6 +56,8 @@ def main() -> None:
         if src.exists():
             body = src.read_text()
             body = re.sub(r"^# .*\n+", "", body, count=1)  # the section has its own heading
+            if name == "quality":
+                body = quality_summary(body)
             text = fill(text, name, body)
     readme.write_text(text)
 
