@@ -132,3 +132,29 @@ def test_encoder_attention_without_cache_is_no_cache():
     torch.testing.assert_close(got, mod(x), rtol=1e-5, atol=1e-5)
     (rec,) = backend.report
     assert (rec.action, rec.phase, rec.mode) == ("rewritten", "no-cache", "exact")
+
+
+def test_parallel_attentions_share_a_layer_depth():
+    """Two attentions side by side get the same depth (schedules key on it), the next one depth 1."""
+    from adakv_compile.passes.dataflow import attention_depths
+    from adakv_compile.passes.detect import find_attention
+
+    class Parallel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = Attn("sdpa_gqa"), Attn("sdpa_gqa"), Attn("sdpa_gqa")
+
+        def forward(self, x):
+            y = self.a(x)[0] + self.b(x)[0]
+            return self.c(y[..., :32])[0]
+
+    graphs = []
+
+    def grab(gm, ex):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(Parallel().eval(), backend=grab, fullgraph=True)(torch.randn(1, 5, 32))
+    sites = find_attention(graphs[0].graph)
+    depths = attention_depths(graphs[0].graph, [s.anchor for s in sites])
+    assert sorted(depths.values()) == [0, 0, 1]

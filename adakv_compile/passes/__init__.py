@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from ..config import AdaKVConfig
 from ..kernels.ops import register_config
+from .dataflow import attention_depths
 from .detect import AttentionSite, Skipped, find_attention
 from .plan import PlannedSite, plan
 from .rewrite import rewrite_site
@@ -37,11 +38,13 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     graph = gm.graph
     found = find_attention(graph)
     flows = [trace_cache(s, graph) if isinstance(s, AttentionSite) else None for s in found]
-    planned = plan(found, flows, config, needs_grad)
+    depths = attention_depths(graph, [s.anchor for s in found])
+    planned = plan(found, flows, config, needs_grad, [depths[s.anchor] for s in found])
     key = register_config(config, config_key)
     cached = [p for p in planned if p.mode != "none"]
+    num_layers = 1 + max((p.ordinal for p in planned), default=-1)
     for p in planned:
-        rewrite_site(graph, p, key, len(found))
+        rewrite_site(graph, p, key, num_layers)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

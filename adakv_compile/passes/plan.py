@@ -18,7 +18,7 @@ class PlannedSite:
     """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) | none."""
     site: AttentionSite | Skipped
     flow: CacheFlow | None
-    ordinal: int
+    ordinal: int        # attention depth (dataflow.attention_depths): the layer index schedules use
     layer: int
     mode: str
     reason: str = ""
@@ -48,9 +48,11 @@ def layer_of(site, ordinal: int) -> int:
     return ordinal
 
 
-def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False) -> list[PlannedSite]:
+def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False,
+         depths: list[int] | None = None) -> list[PlannedSite]:
     planned = []
-    for ordinal, (site, flow) in enumerate(zip(found, flows)):
+    depths = depths if depths is not None else list(range(len(found)))
+    for ordinal, site, flow in zip(depths, found, flows):
         layer = layer_of(site, ordinal)
         if isinstance(site, Skipped):
             planned.append(PlannedSite(site, None, ordinal, layer, "none", site.reason))
