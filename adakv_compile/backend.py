@@ -125,6 +125,20 @@ def adakv_backend(config: Optional[AdaKVConfig] = None, inner: str = "inductor",
     return AdaKVBackend(config, inner=inner)
 
 
+def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, inner: str = "inductor",
+                  **compile_kwargs) -> AdaKVBackend:
+    """Compile ``model.forward`` in place with an adakv backend and return the backend (for its report).
+
+    This is the form under which HF ``model.generate`` runs the compiled forward; the module returned by
+    ``torch.compile(model, ...)`` keeps calling the uncompiled forward from ``.generate``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_model(model=...) needs a torch.nn.Module, got {type(model).__name__}")
+    backend = adakv_backend(config, inner=inner)
+    model.forward = torch.compile(model.forward, backend=backend, **compile_kwargs)
+    return backend
+
+
 def registered_backend(gm: fx.GraphModule, example_inputs):
     """Entry point for ``torch.compile(backend="adakv")``: the default config (exact mode).
 

@@ -181,3 +181,15 @@ def test_dynamic_true_compresses_like_the_default(inner, attn):
         runs.append(model.generate(ids, max_new_tokens=5, do_sample=False))
         assert {r.mode for r in backend.report} == {"compress", "store"}, backend.report.table()
     assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_compile_model_shortcut():
+    from adakv_compile import compile_model
+
+    model = tiny_llama(seed=9)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(9))
+    backend = compile_model(model, AdaKVConfig(budget=16, window=4), inner="eager")
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert {r.mode for r in backend.report} == {"compress", "store"}
+    with pytest.raises(TypeError, match="nn.Module"):
+        compile_model(lambda x: x)
