@@ -62,7 +62,7 @@ def kv_bytes(cache) -> int:
 def decode(fn, model, ids, steps: int, warm: int):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = fn(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
         times = []
         for i in range(warm + steps):
