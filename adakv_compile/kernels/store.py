@@ -213,7 +213,7 @@ def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
 def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Layout, need: int) -> Layout:
     """Re-lay out both pools with room for ``need`` more tokens per segment; resize storage in place."""
     d = view_k.shape[-1]
-    room = max(lay.reserve, math.ceil(int(lay.lengths.max()) / 4), need)
+    room = max(lay.reserve, math.ceil(int(lay.lengths.max()) / 8), need)
     new_caps = lay.lengths + room
     new_off = lay.hs + torch.cumsum(new_caps.reshape(-1), 0) - new_caps.reshape(-1)
     slots = lay.hs + int(new_caps.sum())
