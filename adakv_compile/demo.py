@@ -130,9 +130,8 @@ def read_cache(cache, row: int = 0, full_keys: Optional[list] = None, keep_keys:
 
     A compacted store reports the lengths in its header; a plain tensor keeps all of its tokens.
     ``keep_keys``: also return each layer's plain keys ``[Hkv, n, D]`` (row ``row``), cloned.
-    ``full_keys``: those keys from a full-cache run of the same prompt; the store does not record
-    *which* positions it kept, so they are recovered by matching each kept key to its nearest full key
-    (``positions``: [layer][head] sorted prompt positions).
+    ``full_keys``: pass anything (e.g. the keys of a full-cache run) to also get ``positions``:
+    [layer][head] sorted prompt positions kept (the store records them).
     """
     from .kernels import store
 
@@ -150,9 +149,8 @@ def read_cache(cache, row: int = 0, full_keys: Optional[list] = None, keep_keys:
             kept.append([int(x) for x in lay.lengths[row].tolist()])
             compacted += 1
             if full_keys is not None:
-                ref = full_keys[layer].float()
-                positions.append([torch.cdist(k.float(), ref[h]).argmin(-1).tolist() if len(k) else []
-                                  for h, k in enumerate(store.unpack(keys)[row])])
+                _, _, pos = store.unpack(keys, values, positions=True)
+                positions.append([p.tolist() for p in pos[row]])
         else:
             kept.append([int(keys.shape[2])] * int(keys.shape[1]))
             if full_keys is not None:

@@ -87,3 +87,31 @@ def test_question_after_compressed_context_equals_reference_extend():
         model(input_ids=ctx, past_key_values=cache, use_cache=True)
         logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, kwargs", [("llama", dict(budget=24, window=4)),
+                                            ("qwen2", dict(budget=32, window=8, layer_schedule="pyramid")),
+                                            ("gpt2", dict(budget=24, window=4, safeguard="kvpress"))])
+def test_kept_positions_equal_the_oracle_selection(family, kwargs):
+    """Indices, not just tokens: per layer, row and KV head, the store holds exactly the positions the
+    oracle selects (padded batch of 3)."""
+    from transformers import DynamicCache
+
+    from adakv_compile.kernels import store
+
+    cfg = AdaKVConfig(**kwargs)
+    ids, am = batch([6 * cfg.budget, 4 * cfg.budget, cfg.budget // 2], seed=5)
+    session = ReferenceSession(build(family), cfg, record=True)
+    session.prefill(ids, attention_mask=am)
+    model = build(family)
+    model.forward = torch.compile(model.forward, backend=adakv_backend(cfg, inner="eager"))
+    cache = DynamicCache(config=model.config)
+    positions = (am.cumsum(-1) - 1).clamp(min=0)  # as generate does (GPT-2's positions are absolute)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, position_ids=positions, past_key_values=cache, use_cache=True)
+    for layer, rec in enumerate(session.prefill_records):
+        _, _, pos = store.unpack(cache.layers[layer].keys, cache.layers[layer].values, positions=True)
+        for b in range(ids.shape[0]):
+            for h in range(rec["keep"].shape[1]):
+                expect = rec["keep"][b, h].nonzero()[:, 0].to(torch.int32)
+                assert torch.equal(pos[b][h].cpu(), expect), (layer, b, h)

@@ -79,3 +79,17 @@ def test_foreign_tensors_are_refused_with_a_clear_error():
     cropped = store.make_view(store.pool_of(kv), 2, 3, 30, 8)
     with pytest.raises(store.StoreError, match="cropped"):
         store.read_layout(cropped)
+
+
+def test_positions_are_kept_with_the_tokens_through_appends_and_growth():
+    k, v, keep, kv, vv = _random_store(reserve=2)
+    B, H, n, D = k.shape
+    for step in range(5):  # includes re-layouts
+        store.append(kv, vv, torch.randn(B, H, 2, D), torch.randn(B, H, 2, D))
+        L = kv.shape[2] + 2
+        kv, vv = store.make_view(store.pool_of(kv), B, H, L, D), store.make_view(store.pool_of(vv), B, H, L, D)
+    _, _, pos = store.unpack(kv, vv, positions=True)
+    for b in range(B):
+        for h in range(H):
+            expect = torch.cat([keep[b, h].nonzero()[:, 0], torch.arange(n, n + 10)]).to(torch.int32)
+            assert torch.equal(pos[b][h], expect)

@@ -38,7 +38,7 @@ def test_append_kernel_matches_plain_path(dtype, t):
     hdr = pool_k[: meta.hs * D].view(torch.int32)
     bh = B * H
     append_triton(pool_k, pool_v, hdr, k_new, v_new, store.H_PER_HEAD, store.H_PER_HEAD + bh,
-                  store.H_MINROOM, store.H_LOGICAL)
+                  store.H_MINROOM, store.H_LOGICAL, store.positions_of(pool_v, meta.slots, D), meta.logical)
     assert torch.equal(store.pool_of(kv).view(torch.int16 if dtype != torch.float32 else torch.int32),
                        store.pool_of(kv2).view(torch.int16 if dtype != torch.float32 else torch.int32))
     assert torch.equal(store.pool_of(vv), store.pool_of(vv2))

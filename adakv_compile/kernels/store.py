@@ -14,7 +14,9 @@ Why this shape (docs/design.md has the full decision):
   the whole pool is re-laid out with more room and the *same storage object* is resized, so every view
   of it stays valid and the model never sees a new shape (amortised: room grows with the cache).
 
-Only the values pool's data slots are used; its header slots stay zero (same slot numbering as keys).
+The values pool has the same slot numbering (its header slots stay zero) plus, after its data slots, one
+int32 per slot: the position (index in the model's padded sequence) of the token in that slot, so one
+can tell which prompt tokens each head kept (``unpack(..., positions=True)``).
 """
 from __future__ import annotations
 
@@ -159,6 +161,20 @@ def device_lengths(pool: torch.Tensor, meta: HostMeta, head_dim: int):
     return off, lens
 
 
+def _pos_region(slots: int, d: int, elem: int) -> tuple[int, int]:
+    """(first element, total elements) of the positions region at the tail of a values pool."""
+    start = slots * d
+    while (start * elem) % 4:
+        start += 1
+    return start, start + math.ceil(slots * 4 / elem)
+
+
+def positions_of(pool_v: torch.Tensor, slots: int, d: int) -> torch.Tensor:
+    """The int32 positions of every slot (a view into the values pool)."""
+    start, end = _pos_region(slots, d, pool_v.element_size())
+    return pool_v[start:end].view(torch.int32)[:slots]
+
+
 def _write_header(pool: torch.Tensor, d: int, hs: int, rows: int, heads: int, slots: int,
                   logical: int, reserve: int, offsets, lengths, caps) -> None:
     hdr = pool[: hs * d].view(torch.int32)
@@ -196,10 +212,12 @@ def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
     offsets = hs + torch.cumsum(caps.reshape(-1), 0) - caps.reshape(-1)
     slots = hs + int(caps.sum())
     pool_k = torch.zeros(slots * d, dtype=k.dtype, device=k.device)
-    pool_v = torch.zeros(slots * d, dtype=v.dtype, device=v.device)
+    pool_v = torch.zeros(_pos_region(slots, d, v.element_size())[1], dtype=v.dtype, device=v.device)
     dest = _segment_slots(offsets, counts)
     pool_k.view(slots, d)[dest] = k[keep]
-    pool_v.view(slots, d)[dest] = v[keep]
+    pool_v[: slots * d].view(slots, d)[dest] = v[keep]
+    positions_of(pool_v, slots, d)[dest] = torch.arange(n, device=k.device, dtype=torch.int32).expand(
+        rows, heads, n)[keep]
     _write_header(pool_k, d, hs, rows, heads, slots, logical, reserve,
                   offsets.view(rows, heads), counts, caps)
     vk, vv = make_view(pool_k, rows, heads, logical, d), make_view(pool_v, rows, heads, logical, d)
@@ -219,17 +237,21 @@ def _regrow(view_k: torch.Tensor, view_v: torch.Tensor, pool_k, pool_v, lay: Lay
     slots = lay.hs + int(new_caps.sum())
     src = _segment_slots(lay.offsets, lay.lengths)
     dst = _segment_slots(new_off, lay.lengths)
+    moved_pos = positions_of(pool_v, lay.slots, d)[src].clone()
     for pool, view in ((pool_k, view_k), (pool_v, view_v)):
-        moved = pool.view(-1, d)[src].clone()
+        moved = pool[: lay.slots * d].view(-1, d)[src].clone()
         hdr = pool[: lay.hs * d].clone()
         st = view.untyped_storage()
-        st.resize_(slots * d * view.element_size())
-        fresh = torch.empty(0, dtype=view.dtype, device=view.device).set_(st, 0, (slots * d,), (1,))
+        numel = slots * d if pool is pool_k else _pos_region(slots, d, view.element_size())[1]
+        st.resize_(numel * view.element_size())
+        fresh = torch.empty(0, dtype=view.dtype, device=view.device).set_(st, 0, (numel,), (1,))
         fresh.zero_()
         fresh[: lay.hs * d] = hdr
-        fresh.view(slots, d)[dst] = moved
+        fresh[: slots * d].view(slots, d)[dst] = moved
         if pool is pool_k:
             new_pool_k = fresh
+        else:
+            positions_of(fresh, slots, d)[dst] = moved_pos
     _write_header(new_pool_k, d, lay.hs, lay.rows, lay.heads, slots, lay.logical, lay.reserve,
                   new_off.view(lay.rows, lay.heads), lay.lengths, new_caps)
     return Layout(lay.rows, lay.heads, lay.hs, slots, lay.logical, lay.reserve,
@@ -254,7 +276,8 @@ def _cached_views(view_k, view_v, meta: "HostMeta", d: int):
         pool_k, pool_v = pool_of(view_k), pool_of(view_v)
         off, lens = device_lengths(pool_k, meta, d)
         hdr = pool_k[: meta.hs * d].view(torch.int32)
-        cached = meta._views = (key, (pool_k, pool_v, off, lens, hdr))
+        pos = positions_of(pool_v, meta.slots, d)
+        cached = meta._views = (key, (pool_k, pool_v, off, lens, hdr, pos))
     return cached[1]
 
 
@@ -283,21 +306,25 @@ def append(view_k: torch.Tensor, view_v: torch.Tensor, k_new: torch.Tensor, v_ne
     if meta.min_room < t:
         pool_k, lay = read_layout(view_k)
         pool_v = pool_of(view_v)
-        if pool_v.numel() != pool_k.numel():
+        if pool_v.numel() != _pos_region(lay.slots, d, view_v.element_size())[1]:
             raise StoreError("keys and values stores of one layer disagree in size")
         lay = _regrow(view_k, view_v, pool_k, pool_v, lay, t)
         meta.slots, meta.min_room = lay.slots, lay.min_room
         meta.nbytes = view_k.untyped_storage().nbytes()
-    pool_k, pool_v, off, lens, hdr = _cached_views(view_k, view_v, meta, d)
+    pool_k, pool_v, off, lens, hdr, pos = _cached_views(view_k, view_v, meta, d)
     if k_new.is_cuda and _triton_ok():
         from .triton_append import append_triton
         bh = meta.rows * meta.heads
-        append_triton(pool_k, pool_v, hdr, k_new, v_new, H_PER_HEAD, H_PER_HEAD + bh, H_MINROOM, H_LOGICAL)
+        append_triton(pool_k, pool_v, hdr, k_new, v_new, H_PER_HEAD, H_PER_HEAD + bh, H_MINROOM, H_LOGICAL,
+                      pos, meta.logical)
     else:
-        slot = (off + lens).to(torch.int64)[:, :, None] + _small("arange", t, k_new.device)  # [B,H,t]
+        arange = _small("arange", t, k_new.device)
+        slot = (off + lens).to(torch.int64)[:, :, None] + arange  # [B,H,t]
         slot = slot.reshape(-1)
         pool_k.view(-1, d).index_copy_(0, slot, k_new.reshape(-1, d).to(pool_k.dtype))
-        pool_v.view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
+        pool_v[: meta.slots * d].view(-1, d).index_copy_(0, slot, v_new.reshape(-1, d).to(pool_v.dtype))
+        pos.index_copy_(0, slot, (meta.logical + arange).to(torch.int32).expand(
+            meta.rows, meta.heads, t).reshape(-1))
         lens += t
         hdr[H_MINROOM: H_LOGICAL + 1] += _small("delta", t, hdr.device)
     meta.logical += t
@@ -313,20 +340,34 @@ def gather_padded(pool: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tens
     idx = torch.arange(max_len, device=pool.device)
     valid = idx < lengths[:, :, None]
     slot = torch.where(valid, offsets.to(torch.int64)[:, :, None] + idx, 0)
-    return pool.view(-1, head_dim)[slot], valid
+    data = pool[: (pool.numel() // head_dim) * head_dim]
+    return data.view(-1, head_dim)[slot], valid
 
 
-def unpack(view_k: torch.Tensor, view_v: torch.Tensor | None = None):
-    """Per (row, head) kept K (and V) as nested lists of [len, D] tensors — for tests and tools."""
+def unpack(view_k: torch.Tensor, view_v: torch.Tensor | None = None, positions: bool = False):
+    """Per (row, head) kept K (and V, and positions) as nested lists of tensors — for tests and tools.
+
+    ``unpack(k)`` → K lists; ``unpack(k, v)`` → (K, V); ``positions=True`` (needs ``view_v``) appends the
+    int32 positions (index in the model's padded sequence) of the kept tokens.
+    """
     pool_k, lay = read_layout(view_k)
     d = view_k.shape[-1]
-    pools = [pool_k] + ([pool_of(view_v)] if view_v is not None else [])
+    if positions and view_v is None:
+        raise ValueError("unpack(positions=True) needs the values view (positions live in its store)")
+    pools = [pool_k[: lay.slots * d]]
+    if view_v is not None:
+        pool_v = pool_of(view_v)
+        pools.append(pool_v[: lay.slots * d])
+        if positions:
+            pools.append(positions_of(pool_v, lay.slots, d)[:, None])
     out = []
     for pool in pools:
-        flat = pool.view(-1, d)
+        flat = pool if pool.dim() == 2 else pool.view(-1, d)
         out.append([[flat[int(lay.offsets[b, h]): int(lay.offsets[b, h] + lay.lengths[b, h])]
                      for h in range(lay.heads)] for b in range(lay.rows)])
-    return out if view_v is not None else out[0]
+    if positions:
+        out[-1] = [[p[:, 0] for p in row] for row in out[-1]]
+    return tuple(out) if view_v is not None else out[0]
 
 
 def store_bytes(view: torch.Tensor) -> int:

@@ -13,10 +13,10 @@ import triton.language as tl
 
 @triton.jit
 def _append_kernel(
-    PK, PV, KN, VN, HDR,
+    PK, PV, KN, VN, HDR, POS,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
-    HKV, T, OFF0, LEN0, MINROOM, LOGICAL,
+    HKV, T, OFF0, LEN0, MINROOM, LOGICAL, FIRST_POS,
     D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -32,19 +32,22 @@ def _append_kernel(
         slot = off + length + i
         tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
         tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
+        tl.store(POS + slot, (FIRST_POS + i).to(tl.int32))
     tl.store(HDR + LEN0 + pid, (length + T).to(tl.int32))
     if pid == 0:
         tl.store(HDR + MINROOM, tl.load(HDR + MINROOM) - T)
         tl.store(HDR + LOGICAL, tl.load(HDR + LOGICAL) + T)
 
 
-def append_triton(pool_k, pool_v, hdr, k_new, v_new, off0: int, len0: int, minroom: int, logical: int):
-    """Launch the append. ``hdr``: the int32 view of the keys pool's header; k_new/v_new [B, Hkv, t, D]."""
+def append_triton(pool_k, pool_v, hdr, k_new, v_new, off0: int, len0: int, minroom: int, logical: int,
+                  pos, first_pos: int):
+    """Launch the append. ``hdr``: the int32 view of the keys pool's header; ``pos``: the int32 slot
+    positions of the values pool; k_new/v_new [B, Hkv, t, D]; new tokens get positions first_pos + i."""
     B, H, t, D = k_new.shape
     block_d = max(16, triton.next_power_of_2(D))
     _append_kernel[(B * H,)](
-        pool_k, pool_v, k_new, v_new, hdr,
+        pool_k, pool_v, k_new, v_new, hdr, pos,
         *k_new.stride(), *v_new.stride(),
-        H, t, off0, len0, minroom, logical,
+        H, t, off0, len0, minroom, logical, first_pos,
         D=D, BLOCK_D=block_d, num_warps=1,
     )
