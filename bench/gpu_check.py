@@ -42,6 +42,7 @@ def gen(model, ids, am, n, backend=None, plain=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu-check.json")
+    ap.add_argument("--no-timing", action="store_true", help="checks only (skip the decode timing)")
     args = ap.parse_args()
     dev = "cuda"
     res = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -97,8 +98,10 @@ def main():
     print("cuda == reference:", res["checks"]["cuda_triton_equals_reference_generator"])
     # 3) timing: decode step, compressed vs full (exact backend), batch 8, 4k prompt, 4 layers bf16
     import os
-    for name, cfg, kern in (("full", AdaKVConfig(), "triton"), ("adakv-512", AdaKVConfig(budget=512), "triton"),
-                            ("adakv-512-plain", AdaKVConfig(budget=512), "plain")):
+    timings = () if args.no_timing else (("full", AdaKVConfig(), "triton"),
+                                         ("adakv-512", AdaKVConfig(budget=512), "triton"),
+                                         ("adakv-512-plain", AdaKVConfig(budget=512), "plain"))
+    for name, cfg, kern in timings:
         os.environ["ADAKV_KERNELS"] = kern
         torch._dynamo.reset()
         model = tiny(dev, torch.bfloat16, layers=4)
