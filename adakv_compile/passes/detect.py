@@ -234,8 +234,6 @@ def _eager_site(pv_matmul: fx.Node) -> AttentionSite | Skipped | None:
     internal.append(kt)
     k, gk, ik = strip_repeat(kt.args[0])
     v, gv, iv = strip_repeat(v_rep)
-    if softcap and mask is None:
-        pass
     pattern = "eager" + ("+softcap" if softcap else "") + ("+repeat_kv" if gk > 1 else "")
     scale_arg = ScaleExpr(scale, sym_terms) if sym_terms else scale
     return AttentionSite(pattern, pv_matmul, q, k, v, mask, inverted, False, scale_arg, softcap,

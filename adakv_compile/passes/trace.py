@@ -102,7 +102,5 @@ def trace_cache(site: AttentionSite, graph: fx.Graph) -> CacheFlow:
     kv, vv = val(k_new), val(v_new)
     if kv is not None and vv is not None and kv.shape[-1] != vv.shape[-1]:
         reason = reason or "keys and values have different head_dim"
-    if site.softcap and site.mask is None and phase != "prefill":
-        pass
     return CacheFlow(phase, k_new, v_new, k_cat, v_cat, k_past, v_past, compressible=not reason,
                      reason=reason)
