@@ -93,3 +93,53 @@ def test_help_runs():
     with pytest.raises(SystemExit) as e:
         Q.parse_args(["--help"])
     assert e.value.code == 0
+
+
+def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
+    """bench.quality prefills once and builds each config's cache with adakv::compress from the captured
+    inputs: same greedy answer and logits as a normal compressed prefill (aware: the whole prompt;
+    agnostic: the captured prompt sliced at the split vs a prefill of the context part only)."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    model, tok = Q.build_tiny()
+    eng = Q.Engine(model, tok, window=32)
+    it = T.generate(tok, tasks=["niah_multikey_noise"], lengths=[1024], n=1, seed=3)[0]
+    p = T.build_prompt(tok, it)
+    ids, split = p["ids"], p["split"]
+    cont = T.encode(tok, " " + it["answer"] + ". " + Q.FIXED_SENTENCE)
+    caps, first = eng.capture_prefill(ids)
+    # the plain cache of the captured K/V matches the model's own forward
+    c_full = eng.new_cache()
+    ref_first = eng.step(eng.full_forward, ids, c_full)
+    torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
+    ref_c = eng.full_cache(caps)
+    for a, b in zip(ref_c.layers, c_full.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+    for method, budget in (("snapkv", 128), ("ada-pyramidkv", 64)):
+        eng.backend.reconfigure(eng.config(method, budget))
+        key = eng.register(method, budget)
+        # aware
+        c1 = eng.new_cache()
+        f1 = eng.step(eng.compiled, ids, c1)
+        c2 = eng.compressed_cache(caps, key)
+        torch.testing.assert_close(f1, first, rtol=0, atol=0)
+        assert Q._kv_stats(c1) == Q._kv_stats(c2)
+        p1, l1 = eng.answer_and_fidelity(eng.compiled, c1, f1, cont, 8)
+        p2, l2 = eng.answer_and_fidelity(eng.compiled, c2, first, cont, 8)
+        assert p1 == p2
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        # agnostic
+        a1 = eng.new_cache()
+        eng.step(eng.compiled, ids[:split], a1)
+        a2 = eng.compressed_cache(caps, key, upto=split)
+        assert Q._kv_stats(a1) == Q._kv_stats(a2)
+        g1 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a1))
+        g2 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a2))
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+        p1, l1 = eng.answer_and_fidelity(eng.compiled, a1, eng.step(eng.compiled, ids[split:], a1), cont, 8)
+        p2, l2 = eng.answer_and_fidelity(eng.compiled, a2, eng.step(eng.compiled, ids[split:], a2), cont, 8)
+        assert p1 == p2
+        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)

@@ -24,6 +24,10 @@ from .attend import exact_attention, store_attention
 from .score import window_scores
 
 _CONFIGS: dict[str, AdaKVConfig] = {}
+# Callables run with the compress op's inputs (q, k, v, attn_mask, scale, softcap, layer, num_layers,
+# config_key) on every eager execution: bench/quality.py uses this to capture one prefill's inputs and
+# then build each method/budget's cache from them. Empty (the default) costs one list check per layer.
+COMPRESS_OBSERVERS: list = []
 
 
 def use_triton() -> bool:
@@ -98,6 +102,8 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
              scale: float, softcap: float, layer: int, num_layers: int, config_key: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
+    for observe in COMPRESS_OBSERVERS:
+        observe(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key)
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
