@@ -29,13 +29,16 @@ KEEP_TABLES = ("exact-match accuracy", "KL(full", "Ada-SnapKV", "Ada-Pyramid")
 def quality_summary(md: str) -> str:
     """From the quality report keep what it ran on and, per mode, the accuracy, KL and Ada-vs-non-Ada
     tables (the full report, with partial credit, top-1 and memory, is linked)."""
-    out, keep = [], True
+    out = []
+    md = md.split("\n## Breakdown", 1)[0]  # per-task breakdown stays in the full report
     for block in re.split(r"\n(?=## |\*\*)", md):
         head = block.lstrip()
+        if head.startswith("## "):
+            head = "#" + head  # nested under the README's own section heading
         if head.startswith("# "):
             block = re.sub(r"^# .*\n+", "", head)
             out.append(block.strip())
-        elif head.startswith("## "):
+        elif head.startswith("### "):
             out.append(head.strip())
         elif head.startswith("**"):
             if any(k in head.split("\n", 1)[0] for k in KEEP_TABLES):
