@@ -635,33 +635,32 @@ def markdown(res: dict) -> str:
     for mode in s["modes"]:
         for task in s["tasks"]:
             full = by_task.get((mode, task, "full", None))
-            if not full:
-                continue
-            L += [f"**{mode} — {task}** (n={full['n']}, full cache: exact {_fmt(full['exact'], 'pct')}%, "
-                  f"partial {full['partial']:.2f})", "",
-                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
-            for m in methods:
-                cells = [(lambda d: "–" if d is None else f"{d['partial']:.2f} / {d['kl']:.3f}")(
-                    by_task.get((mode, task, m, b))) for b in budgets]
-                L.append(f"| {m} | " + " | ".join(cells) + " |")
-            L.append("")
+            if full:
+                L += _breakdown(f"**{mode} — {task}** (n={full['n']}, full cache: exact "
+                                f"{_fmt(full['exact'], 'pct')}%, partial {full['partial']:.2f})",
+                                lambda m, b: by_task.get((mode, task, m, b)), methods, budgets)
         if len(s["lengths"]) > 1:
             for length in s["lengths"]:
                 full = by_len.get((mode, length, "full", None))
-                if not full:
-                    continue
-                L += [f"**{mode} — length {length}** (n={full['n']}, full: exact {_fmt(full['exact'], 'pct')}%)", "",
-                      "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
-                for m in methods:
-                    cells = [(lambda d: "–" if d is None else f"{d['partial']:.2f} / {d['kl']:.3f}")(
-                        by_len.get((mode, length, m, b))) for b in budgets]
-                    L.append(f"| {m} | " + " | ".join(cells) + " |")
-                L.append("")
+                if full:
+                    L += _breakdown(f"**{mode} — length {length}** (n={full['n']}, full: exact "
+                                    f"{_fmt(full['exact'], 'pct')}%)",
+                                    lambda m, b: by_len.get((mode, length, m, b)), methods, budgets)
     return "\n".join(L) + "\n"
 
 
 def _nq(res: dict) -> int:
     return len({r["id"] for r in res["records"]})
+
+
+def _breakdown(title: str, cell, methods, budgets) -> List[str]:
+    """One breakdown table: rows = methods, columns = budgets, cells = partial credit / KL."""
+    lines = [title, "", "| method | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for m in methods:
+        cells = ["–" if (d := cell(m, b)) is None else f"{d['partial']:.2f} / {d['kl']:.3f}" for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _verdict(dk, dt, dp, base_name: str = "SnapKV") -> str:
