@@ -40,10 +40,13 @@ class AdaKVBackend:
         self.config = config
         self.inner = inner
         self.report = Report()
-        self.graphs_compiled = 0
         self.graphs: list[dict] = []  # one summary per compiled graph, also those without attention
         self._warned_none = False
         self._key = f"backend-{next(_backend_ids)}"
+
+    @property
+    def graphs_compiled(self) -> int:
+        return len(self.graphs)
 
     def reconfigure(self, config: AdaKVConfig) -> None:
         """Switch compression settings for graphs already compiled, without recompiling.
@@ -61,7 +64,6 @@ class AdaKVBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         graph_id = next(_graph_ids)
-        self.graphs_compiled += 1
         needs_grad = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
         result = run_passes(gm, self.config, self._key, needs_grad)

@@ -59,6 +59,15 @@ def selection_cases(draw, scorer=None, allocation=None, schedule=None):
     return q, k, valid, config, layer, num_layers
 
 
+def compressed_rows(valid, config, layer, num_layers):
+    """(row, keep_l) for each row the layer compresses (n_b > keep_l)."""
+    for b in range(valid.shape[0]):
+        n_b = int(valid[b].sum())
+        keep_l = layer_keep(config, n_b, layer, num_layers)
+        if n_b > keep_l:
+            yield b, keep_l
+
+
 def check_guarantees(q, k, valid, config, layer, num_layers, keep):
     B, Hkv, n = keep.shape
     w = config.window
@@ -103,11 +112,7 @@ def test_adaptive_heads_take_their_budgets(case):
     check_guarantees(q, k, valid, config, layer, num_layers, keep)
     scores = window_scores(q, k, valid, config, 0.9)
     w, n = config.window, q.shape[2]
-    for b in range(q.shape[0]):
-        n_b = int(valid[b].sum())
-        keep_l = layer_keep(config, n_b, layer, num_layers)
-        if n_b <= keep_l:
-            continue
+    for b, keep_l in compressed_rows(valid, config, layer, num_layers):
         budgets = head_budgets(scores[b, :, : n - w], keep_l - w, config.alpha)
         for h in range(k.shape[1]):
             s = scores[b, h, : n - w].tolist()
@@ -152,11 +157,7 @@ def test_uniform_is_per_head_topk(case):
     scores = window_scores(q, k, valid, config, scale)
     w = config.window
     n = q.shape[2]
-    for b in range(q.shape[0]):
-        n_b = int(valid[b].sum())
-        keep_l = layer_keep(config, n_b, layer, num_layers)
-        if n_b <= keep_l:
-            continue
+    for b, keep_l in compressed_rows(valid, config, layer, num_layers):
         for h in range(k.shape[1]):
             chosen = keep[b, h, : n - w].nonzero().flatten().tolist()
             assert len(chosen) == keep_l - w
@@ -173,13 +174,9 @@ def test_streaming_keeps_sinks_and_recent(case):
     q, k, valid, config, layer, num_layers = case
     keep = select(q, k, valid, config, layer, num_layers, scale=1.0)
     w, n = config.window, q.shape[2]
-    for b in range(q.shape[0]):
-        n_b = int(valid[b].sum())
-        keep_l = layer_keep(config, n_b, layer, num_layers)
-        if n_b <= keep_l:
-            continue
+    for b, keep_l in compressed_rows(valid, config, layer, num_layers):
         Bp = keep_l - w
-        candidates = list(range(n - n_b, n - w))
+        candidates = list(range(n - int(valid[b].sum()), n - w))
         sinks = candidates[: min(config.sink_tokens, Bp)]
         rest = [j for j in candidates if j not in sinks]
         n_recent = Bp - len(sinks)

@@ -13,6 +13,9 @@ outside the rewrite (docs/design.md, "hidden mutation").
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -30,12 +33,14 @@ _CONFIGS: dict[str, AdaKVConfig] = {}
 COMPRESS_OBSERVERS: list = []
 
 
-def use_triton() -> bool:
-    """Triton kernels on CUDA unless ADAKV_KERNELS=plain (or triton is missing)."""
-    import importlib.util
-    import os
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
-    return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and importlib.util.find_spec("triton") is not None
+
+def use_triton() -> bool:
+    """Triton kernels on CUDA unless ADAKV_KERNELS=plain (or triton is missing). Called per decode step."""
+    return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and _have_triton()
 
 
 def register_config(config: AdaKVConfig, key: str | None = None) -> str:

@@ -206,20 +206,16 @@ def _eager_site(pv_matmul: fx.Node) -> AttentionSite | Skipped | None:
     scale = 1.0
     sym_terms = []  # (operator, SymFloat node) factors, from torch.compile(dynamic=True)
     while True:
-        arg = x.args[1] if isinstance(x, fx.Node) and len(x.args) > 1 else None
+        op = (operator.mul if _is_call(x, operator.mul, torch.mul, "mul")
+              else operator.truediv if _is_call(x, operator.truediv, torch.div, "div") else None)
+        arg = x.args[1] if op is not None and len(x.args) > 1 else None
         sym = isinstance(arg, fx.Node) and _is_symbolic_number(arg)
-        if _is_call(x, operator.mul, torch.mul, "mul") and (_const(arg) is not None or sym):
-            if sym:
-                sym_terms.append((operator.mul, arg))
-            else:
-                scale *= _const(arg)
-        elif _is_call(x, operator.truediv, torch.div, "div") and (_const(arg) is not None or sym):
-            if sym:
-                sym_terms.append((operator.truediv, arg))
-            else:
-                scale /= _const(arg)
-        else:
+        if op is None or (_const(arg) is None and not sym):
             break
+        if sym:
+            sym_terms.append((op, arg))
+        else:
+            scale = op(scale, _const(arg))
         internal.append(x)
         x = x.args[0]
     if not _is_call(x, torch.matmul, operator.matmul, "matmul"):
