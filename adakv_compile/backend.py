@@ -30,13 +30,17 @@ INNER = ("inductor", "eager", "aot_eager")
 class AdaKVBackend:
     """Callable Dynamo backend; ``report`` lists what was rewritten in every graph compiled so far."""
 
-    def __init__(self, config: Optional[AdaKVConfig] = None, inner: str = "inductor"):
+    def __init__(self, config: Optional[AdaKVConfig] = None, inner: str = "inductor",
+                 cudagraphs: Optional[bool] = None):
         if config is None:
             config = AdaKVConfig()
         if not isinstance(config, AdaKVConfig):
             raise TypeError(f"adakv_backend(config=...) needs an AdaKVConfig, got {type(config).__name__}")
         if inner not in INNER:
             raise ValueError(f"adakv_backend(inner={inner!r}): must be one of {INNER}")
+        if cudagraphs is not None and not isinstance(cudagraphs, bool):
+            raise TypeError(f"adakv_backend(cudagraphs={cudagraphs!r}): must be True, False or None (auto)")
+        self.cudagraphs = cudagraphs
         self.config = config
         self.inner = inner
         self.report = Report()
@@ -87,10 +91,14 @@ class AdaKVBackend:
                     "rewritten or compressed. Check that the model computes attention with "
                     "scaled_dot_product_attention or matmul-softmax-matmul inside the compiled function "
                     "(`adakv explain` shows what the pass sees).", graph_id)
-        compiled = self._inner(gm, example_inputs)
+        graphed = self._replay_as_cuda_graph(result, example_inputs)
+        self.graphs[-1]["cudagraphs"] = graphed
+        compiled = self._inner(gm, example_inputs, graphed)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
+        if result.static is not None:
+            return self._static_wrapper(compiled, result.static)
         if not dense_idx and not links:
             return compiled
 
@@ -110,25 +118,66 @@ class AdaKVBackend:
 
         return run
 
-    def _inner(self, gm, example_inputs) -> Callable:
+    def _replay_as_cuda_graph(self, result, example_inputs) -> bool:
+        """CUDA graphs for the decode graphs of an AdaKVCache (static shapes and addresses, declared
+        writes): on by default on CUDA with Inductor. The general path's hidden in-place store writes
+        are incompatible with graph replay, so graphs using it are never graphed."""
+        if self.cudagraphs is False or self.inner != "inductor":
+            return False
+        static_only = result.static is not None and result.static.phase == "append" and all(
+            p.mode in ("static-store", "exact", "none") for p in result.planned)
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        return bool(static_only and on_cuda)
+
+    def _static_wrapper(self, compiled: Callable, use) -> Callable:
+        """Keep the AdaKVCache's host-side count of appended tokens (capacity errors before the step)."""
+        index, phase, chunk = use.cache_input, use.phase, use.chunk
+
+        def run(*args):
+            ref = getattr(args[index], "_adakv_cache", None)
+            cache = ref() if ref is not None else None
+            if cache is None:
+                raise StoreError("adakv: a graph compiled for an AdaKVCache got a cache tensor of no live "
+                                 "AdaKVCache")
+            if phase == "prefill":
+                cache.before_prefill(self.config)
+            else:
+                if isinstance(chunk, int):
+                    t = chunk
+                elif chunk[0] == "input":
+                    t = int(args[chunk[1]])
+                else:
+                    t = int(args[chunk[1]].shape[chunk[2]])
+                cache.before_append(t)
+            return compiled(*args)
+
+        return run
+
+    def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":
             return gm.forward
         if self.inner == "aot_eager":
             from torch._dynamo.backends.registry import lookup_backend
             return lookup_backend("aot_eager")(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
+        if cudagraphs:
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
         return compile_fx(gm, example_inputs)
 
 
-def adakv_backend(config: Optional[AdaKVConfig] = None, inner: str = "inductor", **fields) -> AdaKVBackend:
-    """Make a Dynamo backend. ``fields`` are AdaKVConfig fields, e.g. ``adakv_backend(budget=512)``."""
+def adakv_backend(config: Optional[AdaKVConfig] = None, inner: str = "inductor",
+                  cudagraphs: Optional[bool] = None, **fields) -> AdaKVBackend:
+    """Make a Dynamo backend. ``fields`` are AdaKVConfig fields, e.g. ``adakv_backend(budget=512)``.
+
+    ``cudagraphs``: replay AdaKVCache decode graphs as CUDA graphs (None = on for CUDA inputs).
+    """
     if fields:
         config = (config or AdaKVConfig()).replace(**fields)
-    return AdaKVBackend(config, inner=inner)
+    return AdaKVBackend(config, inner=inner, cudagraphs=cudagraphs)
 
 
 def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, inner: str = "inductor",
-                  **compile_kwargs) -> AdaKVBackend:
+                  cudagraphs: Optional[bool] = None, **compile_kwargs) -> AdaKVBackend:
     """Compile ``model.forward`` in place with an adakv backend and return the backend (for its report).
 
     This is the form under which HF ``model.generate`` runs the compiled forward; the module returned by
@@ -136,8 +185,11 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model(model=...) needs a torch.nn.Module, got {type(model).__name__}")
-    backend = adakv_backend(config, inner=inner)
+    backend = adakv_backend(config, inner=inner, cudagraphs=cudagraphs)
     model.forward = torch.compile(model.forward, backend=backend, **compile_kwargs)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:  # HF generate would re-compile forward with Inductor for a compileable cache
+        gen.disable_compile = True
     return backend
 
 

@@ -28,8 +28,8 @@ class Report(list):
     """A list of RewriteRecord with a table view."""
 
     def table(self) -> str:
-        head = f"{'graph':>5} {'layer':>5}  {'pattern':<22} {'phase':<8} {'action':<9} {'mode':<8} reason"
-        rows = [f"{r.graph:>5} {r.layer:>5}  {r.pattern:<22} {r.phase:<8} {r.action:<9} {r.mode:<8} {r.reason}"
+        head = f"{'graph':>5} {'layer':>5}  {'pattern':<22} {'phase':<8} {'action':<9} {'mode':<15} reason"
+        rows = [f"{r.graph:>5} {r.layer:>5}  {r.pattern:<22} {r.phase:<8} {r.action:<9} {r.mode:<15} {r.reason}"
                 for r in self]
         return "\n".join([head, *rows])
 

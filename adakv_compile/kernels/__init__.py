@@ -1,2 +1,3 @@
 """Custom ops and their plain-PyTorch implementations (Triton kernels plug in here)."""
 from . import ops  # noqa: F401  (registers torch.ops.adakv.*)
+from . import static  # noqa: F401  (registers the static-cache ops)

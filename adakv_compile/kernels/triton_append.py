@@ -51,3 +51,49 @@ def append_triton(pool_k, pool_v, hdr, k_new, v_new, off0: int, len0: int, minro
         H, t, off0, len0, minroom, logical, first_pos,
         D=D, BLOCK_D=block_d, num_warps=1,
     )
+
+
+@triton.jit
+def _static_append_kernel(
+    PK, PV, KN, VN, OFF, LEN, POS, SEEN,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    HKV, T,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Static cache (cache.py): segment (b, h) starts at slot OFF[b, h] and holds LEN[b, h] tokens."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    off = tl.load(OFF + pid).to(tl.int64)
+    length = tl.load(LEN + pid).to(tl.int64)
+    first = tl.load(SEEN)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    for i in range(T):
+        k = tl.load(KN + b * skb + h * skh + i * skt + d * skd, mask=dm)
+        v = tl.load(VN + b * svb + h * svh + i * svt + d * svd, mask=dm)
+        slot = off + length + i
+        tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
+        tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
+        tl.store(POS + slot, (first + i).to(tl.int32))
+    tl.store(LEN + pid, (length + T).to(tl.int32))
+
+
+def static_append_triton(pool_k, pool_v, off, lens, pos, seen, k_new, v_new):
+    """Append k_new/v_new [B, Hkv, t, D] at the end of every segment of a static store; bumps ``lens``.
+
+    ``seen`` (0-d int64, tokens seen before this chunk) gives the new tokens' positions; the caller
+    advances it. Launched through ``wrap_triton`` so a ``triton_op`` body that calls it is traceable.
+    """
+    from torch.library import wrap_triton
+
+    B, H, t, D = k_new.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    wrap_triton(_static_append_kernel)[(B * H,)](
+        pool_k, pool_v, k_new, v_new, off, lens, pos, seen,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), k_new.stride(3),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2), v_new.stride(3),
+        H, t,
+        D=D, BLOCK_D=block_d, num_warps=1,
+    )

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 @triton.jit
 def _tanh(x):
@@ -282,7 +283,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         ws_l = torch.empty_like(ws_m)
     else:
         ws_acc = ws_m = ws_l = out  # unused
-    _store_attn_fwd[(n_bh, n_mblk, num_splits)](
+    # wrap_triton: inside a triton_op body traced by Inductor the launch becomes part of its graph
+    wrap_triton(_store_attn_fwd)[(n_bh, n_mblk, num_splits)](
         q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -294,7 +296,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
-        _store_attn_merge[(n_bh, n_mblk)](
+        wrap_triton(_store_attn_merge)[(n_bh, n_mblk)](
             ws_acc, ws_m, ws_l, out,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,

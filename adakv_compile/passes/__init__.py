@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from ..config import AdaKVConfig
 from ..kernels.ops import register_config
 from .dataflow import attention_depths
-from .detect import AttentionSite, Skipped, find_attention
+from .detect import AttentionSite, Skipped, find_attention, val
 from .plan import PlannedSite, plan
 from .rewrite import rewrite_site
 from .trace import CacheFlow, trace_cache
@@ -26,10 +27,24 @@ class PassResult:
     dense_cache_inputs: list[str] = field(default_factory=list)  # placeholders read as full caches
     # (graph output index, placeholder index): the output is a view of that cache input's store
     store_links: list[tuple[int, int]] = field(default_factory=list)
+    static: "StaticUse | None" = None  # how the graph uses an AdaKVCache, when it does
 
     @property
     def rewritten(self) -> int:
         return sum(p.action == "rewritten" for p in self.planned)
+
+
+@dataclass
+class StaticUse:
+    """What the backend's wrapper needs to keep an AdaKVCache's host-side count right, per call.
+
+    ``cache_input``: a placeholder index whose tensor belongs to the cache (``tensor._adakv_cache``);
+    ``phase``: prefill | append; ``chunk``: tokens appended per call, an int, or ``("input", i)`` for a
+    SymInt graph input, or ``("size", i, dim)`` for a dimension of a tensor input (dynamic shapes).
+    """
+    cache_input: int
+    phase: str
+    chunk: object = 0
 
 
 def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None = None,
@@ -52,7 +67,34 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
              if p.mode == "exact" and p.flow is not None and p.flow.k_past is not None]
     dense += [p.flow.v_past.name for p in cached
               if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
-    return PassResult(planned, dense, _store_links(graph))
+    return PassResult(planned, dense, _store_links(graph), _static_use(graph, planned))
+
+
+def _static_use(graph: fx.Graph, planned: list[PlannedSite]) -> StaticUse | None:
+    sites = [p for p in planned if p.mode in ("static-compress", "static-store")]
+    if not sites:
+        return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first = sites[0].flow
+    pool = first.static_arg("pool_k")
+    if pool not in placeholders:
+        return None
+    if sites[0].mode == "static-compress":
+        return StaticUse(placeholders.index(pool), "prefill")
+    t = val(first.k_new).shape[2]
+    if isinstance(t, int):
+        return StaticUse(placeholders.index(pool), "append", int(t))
+    for i, ph in enumerate(placeholders):  # dynamic chunk length: find the graph input that carries it
+        ex = ph.meta.get("example_value", ph.meta.get("val"))
+        if isinstance(ex, torch.SymInt) and ex.node.expr == t.node.expr:
+            return StaticUse(placeholders.index(pool), "append", ("input", i))
+    for i, ph in enumerate(placeholders):
+        ex = ph.meta.get("example_value", ph.meta.get("val"))
+        if isinstance(ex, torch.Tensor):
+            for d, size in enumerate(ex.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == t.node.expr:
+                    return StaticUse(placeholders.index(pool), "append", ("size", i, d))
+    raise RuntimeError("adakv: cannot find the appended chunk length among the graph inputs")
 
 
 def _store_links(graph: fx.Graph) -> list[tuple[int, int]]:

@@ -15,7 +15,8 @@ _LAYER_RE = re.compile(r"layers?[_.](?:modules_)?(\d+)|h_(\d+)|layer_(\d+)|block
 
 @dataclass
 class PlannedSite:
-    """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) | none."""
+    """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) |
+    static-compress | static-store (the same on an AdaKVCache) | none."""
     site: AttentionSite | Skipped
     flow: CacheFlow | None
     ordinal: int        # attention depth (dataflow.attention_depths): the layer index schedules use
@@ -57,7 +58,9 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
         if isinstance(site, Skipped):
             planned.append(PlannedSite(site, None, ordinal, layer, "none", site.reason))
             continue
-        if not config.compresses or flow.phase == "no-cache":
+        if flow.static is not None:
+            planned.append(_plan_static(site, flow, ordinal, layer, config, needs_grad))
+        elif not config.compresses or flow.phase == "no-cache":
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
         elif needs_grad:
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
@@ -70,3 +73,19 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
             mode = "compress" if flow.phase == "prefill" else "store"
             planned.append(PlannedSite(site, flow, ordinal, layer, mode))
     return planned
+
+
+def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVConfig,
+                 needs_grad: bool) -> PlannedSite:
+    """An AdaKVCache layer: compressed or left alone (its marker then raises when run: never dense)."""
+    why = ""
+    if not config.compresses:
+        why = "an AdaKVCache needs a compressing config (budget or compression_ratio)"
+    elif needs_grad:
+        why = "an AdaKVCache is for inference: call under torch.no_grad() or torch.inference_mode()"
+    elif not flow.compressible:
+        why = flow.reason
+    if why:
+        return PlannedSite(site, flow, ordinal, layer, "none", why)
+    mode = "static-compress" if flow.phase == "prefill" else "static-store"
+    return PlannedSite(site, flow, ordinal, layer, mode)

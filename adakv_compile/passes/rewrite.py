@@ -5,6 +5,10 @@ compress → exact ``adakv.attention`` on the prompt, and ``adakv.compress`` who
            replace the K/V the graph returns (so the model's cache holds the compacted store).
 store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph returns
            ``as_strided`` views of the past inputs one chunk longer (no data is copied).
+static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.static_compress`` writing the
+           kept K/V into the AdaKVCache layer's tensors (declared mutations).
+static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
+The ``adakv.cache_slot`` marker of a static layer is left without users and removed as dead code.
 """
 from __future__ import annotations
 
@@ -70,6 +74,23 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
                                         num_layers, config_key))
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
+        elif p.mode == "static-compress":
+            new = graph.call_function(torch.ops.adakv.attention.default,
+                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
+            graph.call_function(torch.ops.adakv.static_compress.default,
+                                (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
+                                 config_key, f.static_arg("room"))
+                                + tuple(f.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos",
+                                                                  "seen")))
+        elif p.mode == "static-store":
+            pool_k, pool_v, off, lens, pos, seen = (
+                f.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos", "seen"))
+            graph.call_function(torch.ops.adakv.static_append.default,
+                                (f.k_new, f.v_new, pool_k, pool_v, off, lens, pos, seen))
+            rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
+            max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
+            new = graph.call_function(torch.ops.adakv.static_attend.default,
+                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len))
         elif p.mode == "store":
             new = graph.call_function(torch.ops.adakv.attend_append.default,
                                       (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap))

@@ -5,10 +5,14 @@ hand-written model that keeps a tuple):
 - prefill: ``cat([<empty tensor>, k_new], dim=-2)`` returned by the graph, or ``k_new`` itself returned;
 - decode / extend: ``cat([<graph input>, k_new], dim=-2)`` returned by the graph (q length 1 / > 1);
 - no cache: K/V are not returned (encoders, or a model called without a cache).
+- static (``AdaKVCache``): K/V are the outputs of the ``adakv::cache_slot`` marker that the cache's
+  ``update`` traces to; its arguments name the layer's static tensors, its ``compressed`` flag the phase.
 A cache that is sliced after the cat (sliding-window layers), written anywhere else, or read by other
 ops is reported with the reason, and its attention is rewritten in exact mode only.
 """
 from __future__ import annotations
+
+import operator
 
 from dataclasses import dataclass
 from typing import Optional
@@ -32,6 +36,14 @@ class CacheFlow:
     v_past: Optional[fx.Node] = None
     compressible: bool = False
     reason: str = ""
+    static: Optional[fx.Node] = None  # the adakv::cache_slot marker (AdaKVCache), else None
+
+    def static_arg(self, name: str):
+        """An argument of the cache_slot marker by name (pool_k, pool_v, off, lens, pos, seen, room)."""
+        return self.static.args[_SLOT_ARGS.index(name)]
+
+
+_SLOT_ARGS = ("k_new", "v_new", "pool_k", "pool_v", "off", "lens", "pos", "seen", "room", "compressed")
 
 
 def output_node(graph: fx.Graph) -> fx.Node:
@@ -85,9 +97,41 @@ def _one(node: fx.Node, out: fx.Node, site_nodes: set):
     return "no-cache", node, None, None, ""
 
 
+def _slot_of(node):
+    """(marker, output index) when ``node`` is ``getitem(adakv::cache_slot(...), i)``."""
+    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].target in (torch.ops.adakv.cache_slot, torch.ops.adakv.cache_slot.default)):
+        return node.args[0], node.args[1]
+    return None, None
+
+
+def _static_flow(site: AttentionSite, marker: fx.Node, site_nodes: set) -> CacheFlow:
+    k_new, v_new = marker.args[0], marker.args[1]
+    compressed = marker.args[_SLOT_ARGS.index("compressed")]
+    phase = "prefill" if not compressed else "decode"
+    qv = val(site.q)
+    if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
+        phase = "extend"
+    others = [u for g in marker.users for u in g.users if u not in site_nodes]
+    others += [g for g in marker.users if g.target is not operator.getitem]
+    reason = ""
+    if others:
+        reason = ("the static cache's K/V are also read by other ops (" +
+                  ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in others})) + ")")
+    return CacheFlow(phase, k_new, v_new, compressible=not reason, reason=reason, static=marker)
+
+
 def trace_cache(site: AttentionSite, graph: fx.Graph) -> CacheFlow:
     out = output_node(graph)
     site_nodes = set(site.internal) | {site.anchor}
+    mk, ik = _slot_of(site.k)
+    mv, iv = _slot_of(site.v)
+    if mk is not None or mv is not None:
+        if mk is not mv or (ik, iv) != (0, 1):
+            return CacheFlow("no-cache", site.k, site.v,
+                             reason="keys and values come from different AdaKVCache slots")
+        return _static_flow(site, mk, site_nodes)
     pk, k_new, k_cat, k_past, rk = _one(site.k, out, site_nodes)
     pv, v_new, v_cat, v_past, rv = _one(site.v, out, site_nodes)
     if pk != pv:

@@ -1,0 +1,136 @@
+"""The static compacted cache: fixed shapes, fixed addresses, every write declared (the fast path).
+
+``AdaKVCache`` (``adakv_compile/cache.py``) preallocates, per layer:
+
+    pool_k, pool_v  [B*S + 1, D]  token slots; row b owns slots [b*S, (b+1)*S); the last slot is a trash
+                                  slot that absorbs the writes of dropped tokens (no boolean indexing)
+    off, lens       [B, Hkv] int32  first slot (global) and used length of each (row, KV head) segment
+    pos             [B*S + 1] int32  position (index in the padded sequence) of the token in each slot
+    seen            [] int64  tokens seen so far (prompt incl. padding + appended): HF's sequence length
+
+At prefill each segment gets the head's kept tokens followed by ``room`` free slots (the tokens the
+cache was sized to append), so decode appends in place and nothing ever moves or grows. S is chosen
+by the cache so that every allocation fits (``cache.slots_per_row``).
+
+The ops (registered here; the graph pass inserts them, users never call them):
+- ``adakv::cache_slot``       what ``AdaKVLayer.update`` traces to: a marker carrying the new K/V and the
+                              layer's tensors to the pass. It has no meaning of its own; run un-rewritten
+                              (eager, or compiled by another backend) it raises.
+- ``adakv::static_compress``  prefill: score, allocate, write the kept K/V into the pools (mutates them).
+- ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
+- ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
+``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
+inlined into the generated code and the decode step replays as one CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from .allocate import keep_mask
+from .attend import store_attention
+from .ops import config_for, use_triton, valid_from_mask
+from .score import window_scores
+from .store import StoreError
+
+_EAGER_MESSAGE = (
+    "an AdaKVCache is filled and read only by a model compiled with the adakv backend (this attention "
+    "layer ran without the adakv rewrite: the model is running uncompiled, was compiled with another "
+    "backend — e.g. HF generate's own auto-compile: pass generation_config.disable_compile=True or use "
+    "adakv_compile.compile_model — or the attention was not recognised; see backend.report)")
+
+
+@torch.library.custom_op("adakv::cache_slot", mutates_args=())
+def cache_slot(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+               off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor, room: int,
+               compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marker: (k_new, v_new) as the attention's K/V, and the layer's static tensors for the pass.
+
+    ``room``: free slots each segment gets after its kept tokens; ``compressed``: False at prefill."""
+    raise StoreError(_EAGER_MESSAGE)
+
+
+@cache_slot.register_fake
+def _(k_new, v_new, pool_k, pool_v, off, lens, pos, seen, room, compressed):
+    return torch.empty_like(k_new), torch.empty_like(v_new)
+
+
+def _check_room(ok: torch.Tensor, what: str) -> None:
+    """A capacity check that never syncs on the GPU (device assert) and raises plainly on the CPU."""
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise StoreError(what)
+    else:
+        torch._assert_async(ok.all(), what)
+
+
+@torch.library.custom_op("adakv::static_compress",
+                         mutates_args=("pool_k", "pool_v", "off", "lens", "pos", "seen"))
+def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                    scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
+                    pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
+                    pos: torch.Tensor, seen: torch.Tensor) -> None:
+    config = config_for(config_key)
+    B, H, n, D = k.shape
+    valid = valid_from_mask(attn_mask, B, n, k.device)
+    scores = window_scores(q, k, valid, config, scale, softcap or None)
+    keep = keep_mask(scores, valid, config, layer, num_layers)          # [B, H, n]
+    fill_static(k, v, keep, room, pool_k, pool_v, off, lens, pos)
+    seen.fill_(n)
+
+
+def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int, pool_k: torch.Tensor,
+                pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor) -> None:
+    """Write the kept tokens of k/v [B, H, n, D] (``keep`` [B, H, n]) into the static pools, in position
+    order per segment, each segment followed by ``room`` free slots. No host synchronisation."""
+    B, H, n, D = k.shape
+    slots = (pool_k.shape[0] - 1) // B
+    trash = B * slots
+    counts = keep.sum(-1)                                                  # [B, H]
+    seg = counts + room
+    start = torch.cumsum(seg, -1) - seg + torch.arange(B, device=k.device)[:, None] * slots
+    _check_room(seg.sum(-1) <= slots,
+                f"adakv: a row keeps more tokens than its {slots} static slots (cache sized too small)")
+    rank = torch.cumsum(keep, -1) - 1
+    dest = torch.where(keep, start[..., None] + rank, trash).reshape(-1)   # dropped tokens → trash slot
+    pool_k.index_copy_(0, dest, k.reshape(-1, D).to(pool_k.dtype))
+    pool_v.index_copy_(0, dest, v.reshape(-1, D).to(pool_v.dtype))
+    positions = torch.arange(n, device=k.device, dtype=torch.int32).expand(B, H, n).reshape(-1)
+    pos.index_copy_(0, dest, positions)
+    off.copy_(start)
+    lens.copy_(counts)
+
+
+@triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos", "seen"))
+def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                  off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> None:
+    B, H, t, D = k_new.shape
+    if k_new.device.type == "cuda" and use_triton():
+        from .triton_append import static_append_triton
+        static_append_triton(pool_k, pool_v, off, lens, pos, seen, k_new, v_new)
+    else:
+        slot = ((off + lens).to(torch.int64)[:, :, None]
+                + torch.arange(t, device=k_new.device)).reshape(-1)        # [B*H*t]
+        pool_k.index_copy_(0, slot, k_new.reshape(-1, D).to(pool_k.dtype))
+        pool_v.index_copy_(0, slot, v_new.reshape(-1, D).to(pool_v.dtype))
+        new_pos = (seen + torch.arange(t, device=k_new.device)).to(torch.int32)
+        pos.index_copy_(0, slot, new_pos.expand(B, H, t).reshape(-1))
+        lens.add_(t)
+    seen.add_(t)
+
+
+@triton_op("adakv::static_attend", mutates_args=())
+def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
+                  lens: torch.Tensor, scale: float, softcap: float, max_len: int) -> torch.Tensor:
+    """Attention of q [B, Hq, t, D] over each head's segment (which already holds the chunk's t tokens).
+
+    ``max_len`` bounds every segment's length (static: the cache's per-head capacity); it steers the
+    split-K choice and the plain path's padding, never the result.
+    """
+    t = q.shape[2]
+    if q.device.type == "cuda" and use_triton():
+        from .triton_attend import store_attention_triton
+        return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_hint=max_len)
+    return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap)
