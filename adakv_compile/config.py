@@ -16,7 +16,7 @@ _GQA = ("mean", "max")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming")
-_SAFEGUARDS = ("official", "kvpress")
+_SAFEGUARDS = ("official", "exact-total", "kvpress")
 
 
 def _fail(field_name: str, value, why: str):
@@ -32,9 +32,13 @@ class AdaKVConfig:
     window: the last ``window`` prompt tokens score the rest and are always kept.
     pooling, kernel_size: 1-D pooling of the scores (SnapKV).
     alpha: safeguard; every head keeps at least ``floor(alpha * (budget - window))`` chosen tokens.
-    safeguard: how alpha is applied: "official" (FFY0/AdaKV: blend the global top-k counts with the
-        floor) or "kvpress" (NVIDIA kvpress AdaKVPress: each head's top floor tokens are forced, the rest
-        of the layer's budget goes to the best remaining scores of all heads).
+    safeguard: how alpha is applied (docs/algorithm.md, Allocation):
+        "official" (FFY0/AdaKV ``update_kv_gqa``: head h keeps ``round(c[h] * (1 - alpha) + floor(alpha * B'))``
+        tokens, c[h] = its share of the layer's global top-k, rounded half to even; the layer total may
+        differ from ``H * B'`` by a few tokens);
+        "exact-total" (the same blend apportioned by largest remainder, so the total is exactly ``H * B'``);
+        "kvpress" (NVIDIA kvpress AdaKVPress: each head's top floor tokens are forced, the rest of the
+        layer's budget goes to the best remaining scores of all heads).
     gqa_reduce: how query-head scores are reduced per KV group.
     allocation: "adaptive" (Ada-KV, one top-k over the layer's heads) or "uniform" (SnapKV).
     layer_schedule: "flat" (same budget every layer) or "pyramid" (PyramidKV, beta = ``pyramid_beta``).

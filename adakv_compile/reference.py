@@ -7,7 +7,7 @@ package; the only import from ``adakv_compile`` is the config.
 Public API
 ----------
 - :func:`window_scores` -- per-KV-head pooled candidate scores (steps 1-6 of the spec).
-- :func:`head_budgets` -- adaptive apportionment of ``H * B'`` selectable slots over the heads of one row.
+- :func:`head_budgets` -- adaptive head budgets of one row (the three safeguards: official, exact-total, kvpress).
 - :func:`select` -- the keep mask of one layer (window included).
 - :class:`ReferenceSession` -- runs a HuggingFace causal LM eagerly with a per-(row, KV head) ragged cache.
 
@@ -15,6 +15,8 @@ Conventions (decisions where docs/algorithm.md leaves room; see also the module'
 - ``floor(alpha * B')`` is computed exactly with ``alpha`` read as the fraction
   ``Fraction(alpha).limit_denominator(1 << 20)`` (the same convention as ``AdaKVConfig.ratio_fraction``),
   so ``alpha=0.29, B'=100`` gives 29, not the 28 that float ``math.floor(0.29 * 100)`` gives.
+- The official head budget ``round(c * (1 - alpha) + f)`` is computed on the same exact fraction and rounded
+  half to even (``torch.round``'s rule) with Python's ``round`` of a ``Fraction``: no float fuzz at .5.
 - The streaming scorer always allocates uniformly (the spec: "Allocation is uniform for streaming"),
   whatever ``config.allocation`` says. Its sinks are the first ``sink_tokens`` valid positions of the row
   that are candidates (positions inside the window are kept anyway).
@@ -62,7 +64,11 @@ def _check_left_padded(valid: torch.Tensor) -> None:
 
 def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torch.Tensor,
                        config: AdaKVConfig, scale: float, softcap: Optional[float]) -> torch.Tensor:
-    """SnapKV scores of one row, steps 1-6. ``q_row [Hq, n, D]``, ``k_row [Hkv, n, D]`` -> ``[Hkv, n]``."""
+    """SnapKV scores of one row, steps 1-6. ``q_row [Hq, n, D]``, ``k_row [Hkv, n, D]`` -> ``[Hkv, n]``.
+
+    The order is the official ``calcul_attn_sore``: window mean per query head, then the GQA reduction
+    over each KV group, then the pooling of the reduced scores.
+    """
     Hq, n, D = q_row.shape
     Hkv = k_row.shape[0]
     G = Hq // Hkv
@@ -70,43 +76,43 @@ def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torc
     m = n - w  # candidate columns [0, m)
 
     out = torch.full((Hkv, n), NEG_INF, dtype=torch.float32)
-    per_q_head = torch.empty(Hq, m, dtype=torch.float32)
-    for h in range(Hq):
-        # 1. the last w query positions; 2. logits in fp32 against every key of the head's KV group.
-        q_win = q_row[h, n - w:, :].float().cpu()                 # [w, D]
-        keys = k_row[h // G].float().cpu()                        # [n, D]
-        logits = (q_win @ keys.T) * scale                         # [w, n]
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        # key j is visible to window query i iff j is valid and j <= n - w + i (causal).
-        query_pos = torch.arange(n - w, n)[:, None]               # [w, 1]
-        key_pos = torch.arange(n)[None, :]                        # [1, n]
-        visible = valid_row.cpu()[None, :] & (key_pos <= query_pos)
-        logits = logits.masked_fill(~visible, NEG_INF)
-        # 3. softmax over keys, mean over the w window queries.
-        p = torch.softmax(logits, dim=-1)                         # [w, n]
-        s = p.mean(dim=0)                                         # [n]
-        # 4. candidates only (invalid columns are exactly 0 here).
-        per_q_head[h] = s[:m]
+    reduced = torch.empty(Hkv, m, dtype=torch.float32)
+    query_pos = torch.arange(n - w, n)[:, None]                   # [w, 1]
+    key_pos = torch.arange(n)[None, :]                            # [1, n]
+    visible = valid_row.cpu()[None, :] & (key_pos <= query_pos)   # key j visible to window query i
+    for hk in range(Hkv):
+        keys = k_row[hk].float().cpu()                            # [n, D]
+        group = torch.empty(G, m, dtype=torch.float32)
+        for g in range(G):
+            h = hk * G + g
+            # 1. the last w query positions; 2. logits in fp32 against every key of the KV head.
+            q_win = q_row[h, n - w:, :].float().cpu()             # [w, D]
+            logits = (q_win @ keys.T) * scale                     # [w, n]
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            logits = logits.masked_fill(~visible, NEG_INF)
+            # 3. softmax over keys, mean over the w window queries.
+            p = torch.softmax(logits, dim=-1)                     # [w, n]
+            s = p.mean(dim=0)                                     # [n]
+            # 4. candidates only (invalid columns are exactly 0 here).
+            group[g] = s[:m]
+        # 5. GQA reduce over the G query heads of the KV head.
+        if config.gqa_reduce == "mean":
+            reduced[hk] = group.mean(dim=0)
+        else:
+            reduced[hk] = group.max(dim=0).values
 
-    # 5. pooling along j over the candidate columns, stride 1, padding kernel_size // 2.
+    # 6. pooling of the reduced scores along j, stride 1, padding kernel_size // 2.
     ks = config.kernel_size
     if config.pooling == "max":
-        pooled = F.max_pool1d(per_q_head[:, None, :], kernel_size=ks, stride=1, padding=ks // 2)[:, 0, :]
+        pooled = F.max_pool1d(reduced[:, None, :], kernel_size=ks, stride=1, padding=ks // 2)[:, 0, :]
     else:
-        pooled = F.avg_pool1d(per_q_head[:, None, :], kernel_size=ks, stride=1, padding=ks // 2,
+        pooled = F.avg_pool1d(reduced[:, None, :], kernel_size=ks, stride=1, padding=ks // 2,
                               count_include_pad=True)[:, 0, :]
     for j in range(m):
         if not bool(valid_row[j]):
             pooled[:, j] = NEG_INF
-
-    # 6. GQA reduce over the G query heads of each KV head.
-    for hk in range(Hkv):
-        group = pooled[hk * G:(hk + 1) * G]                       # [G, m]
-        if config.gqa_reduce == "mean":
-            out[hk, :m] = group.mean(dim=0)
-        else:
-            out[hk, :m] = group.max(dim=0).values
+    out[:, :m] = pooled
     return out
 
 
@@ -158,13 +164,25 @@ def alpha_floor(alpha: float, selectable: int) -> int:
     return (a.numerator * selectable) // a.denominator
 
 
-def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official") -> List[int]:
-    """Adaptive apportionment of ``T = H * Bp`` selectable slots over the H heads of one row.
+def _round_half_even(x: Fraction) -> int:
+    """``torch.round`` on an exact number: to the nearest integer, halves to the even one."""
+    return round(x)  # Fraction.__round__ without ndigits rounds half to even
 
-    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). Returns ``a[h] = f + share[h]`` with
-    ``f = floor(alpha * Bp)`` and ``share`` the largest-remainder apportionment of ``T - H*f`` proportional
-    to ``c[h]``, the number of the global top-T entries (higher score first, ties to lower flat index
-    ``h * m + j``) that belong to head h. ``sum(a) == T``.
+
+def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official") -> List[int]:
+    """Adaptive head budgets of one row: how many candidates each of the H heads keeps.
+
+    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). ``f = floor(alpha * Bp)``; ``c[h]`` is
+    the number of the global top ``T = H * Bp`` entries (higher score first, ties to the lower flat index
+    ``h * m + j``) that belong to head h.
+
+    - ``"official"`` (FFY0/AdaKV ``update_kv_gqa``): ``a[h] = round(c[h] * (1 - alpha) + f)``, rounded half
+      to even like ``torch.round`` but computed exactly (alpha as a fraction, so no float fuzz at .5), then
+      clamped to the head's number of candidates. ``sum(a)`` may differ from T by a few tokens.
+    - ``"exact-total"``: ``a[h] = f + share[h]``, ``share`` the largest-remainder apportionment of
+      ``T - H*f`` proportional to ``c``. ``sum(a) == T``.
+    - ``"kvpress"``: each head's own top f are forced in; the other ``T - H*f`` slots go to the best remaining
+      entries of all heads. ``sum(a) == T``.
     """
     H, m = scores_row.shape
     T = H * Bp
@@ -191,7 +209,12 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str
     for h, _j in ranked[:T]:
         c[h] += 1
 
-    # Largest remainder apportionment of the T - H*f free slots, proportional to c.
+    if safeguard == "official":
+        a_frac = Fraction(alpha).limit_denominator(1 << 20)
+        candidates = [sum(1 for v in values[h] if v != NEG_INF) for h in range(H)]
+        return [min(_round_half_even(c[h] * (1 - a_frac) + f), candidates[h]) for h in range(H)]
+
+    # "exact-total": largest remainder apportionment of the T - H*f free slots, proportional to c.
     free = T - H * f
     quota = [Fraction(c[h] * free, T) for h in range(H)]
     share = [math.floor(qh) for qh in quota]

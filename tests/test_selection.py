@@ -1,11 +1,13 @@
 """The kernels' selection (score → allocate, vectorised) equals the eager oracle, index for index."""
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adakv_compile import AdaKVConfig, reference
-from adakv_compile.kernels.allocate import keep_mask
+from adakv_compile.kernels.allocate import head_budgets, keep_mask
 from adakv_compile.kernels.score import window_scores
 
 
@@ -31,6 +33,9 @@ SETTINGS = [
     dict(budget=16, window=4, skip_layers=(1,)),
     dict(budget=14, window=2, alpha=0.0, kernel_size=1),
     dict(budget=16, window=4, alpha=0.5, safeguard="kvpress"),
+    dict(budget=16, window=4, alpha=0.5, safeguard="exact-total"),
+    dict(budget=24, window=4, alpha=0.2, safeguard="exact-total", layer_schedule="pyramid"),
+    dict(compression_ratio=0.6, window=4, alpha=0.7, gqa_reduce="max", pooling="avg"),
     dict(budget=20, window=4, alpha=0.2, safeguard="kvpress", layer_schedule="pyramid"),
 ]
 
@@ -54,9 +59,9 @@ def test_selection_equals_reference(kwargs, heads):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(20, 90), Hkv=st.integers(1, 3), G=st.integers(1, 2),
-       budget=st.integers(6, 40), window=st.integers(1, 5), alpha=st.sampled_from([0.0, 0.2, 0.29, 0.5, 1.0]),
+       budget=st.integers(6, 40), window=st.integers(1, 5), alpha=st.sampled_from([0.0, 0.2, 0.29, 0.5, 0.7, 1.0]),
        pooling=st.sampled_from(["max", "avg"]), alloc=st.sampled_from(["adaptive", "uniform"]),
-       safeguard=st.sampled_from(["official", "kvpress"]))
+       safeguard=st.sampled_from(["official", "exact-total", "kvpress"]))
 def test_selection_equals_reference_property(seed, n, Hkv, G, budget, window, alpha, pooling, alloc,
                                              safeguard):
     if budget <= window:
@@ -68,12 +73,48 @@ def test_selection_equals_reference_property(seed, n, Hkv, G, budget, window, al
     assert torch.equal(keep, reference.select(q, k, valid, cfg, 0, 1, 0.5))
     # the guarantees, checked on the kernels' output directly
     assert not (keep & ~valid[:, None, :]).any()
+    bp = budget - window
+    floor = int(Fraction(alpha).limit_denominator(1 << 20) * bp)
     for b in range(2):
         n_b = int(valid[b].sum())
         if n_b > budget:
-            assert int(keep[b].sum()) == Hkv * budget
+            total = int(keep[b].sum())
+            if alloc == "uniform" or safeguard != "official":
+                assert total == Hkv * budget
+            else:  # official rounding: sum of round(c*(1-alpha) + f) over heads, sum(c) = H*B'
+                assert Hkv * budget - 1.5 * Hkv <= total <= Hkv * budget + 0.5 * Hkv
             assert keep[b, :, n - window:].all()
-            floor = int(alpha * (budget - window) + 1e-9)
             assert (keep[b].sum(-1) >= floor + window).all()
         else:
             assert torch.equal(keep[b], valid[b].expand(Hkv, n))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(H=st.integers(1, 5), m=st.integers(1, 12), bp_frac=st.floats(0, 1),
+       alpha=st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.29, 0.5, 0.7, 1.0]), levels=st.sampled_from([2, 3, 1000]),
+       pad=st.integers(0, 3), safeguard=st.sampled_from(["official", "exact-total", "kvpress"]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_head_budgets_equal_reference(H, m, bp_frac, alpha, levels, pad, safeguard, seed):
+    """The batched budgets (exact integer rounding) == the oracle's (Fractions), ties and padding included."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(1, levels + 1, (H, m), generator=gen).float() / levels
+    pad = min(pad, m - 1)
+    scores[:, :pad] = float("-inf")
+    bp = int(bp_frac * (m - pad - 1))
+    ours = head_budgets(scores, bp, alpha, safeguard).tolist()
+    assert ours == reference.head_budgets(scores, bp, alpha, safeguard)
+
+
+def test_official_rounding_is_exact_half_to_even():
+    """alpha = 0.7, B' = 42 (f = 29), c = 325: 325 * 0.3 + 29 = 126.5 exactly -> 126 (half to even);
+    the official float32 ``torch.round(c * (1 - alpha) + f)`` gives 127."""
+    assert float(torch.round(torch.tensor([325]) * (1 - 0.7) + 29)) == 127.0   # the float fuzz we avoid
+    H, m, bp = 8, 330, 42
+    scores = torch.zeros(H, m)
+    scores[0, :325] = 1.0
+    scores[1:, :2] = 0.9                     # T = 336: head 0's 325, then 11 of these (lower heads first)
+    expected_c = [325, 2, 2, 2, 2, 2, 1, 0]
+    expected = [round(Fraction(c) * Fraction(3, 10) + 29) for c in expected_c]
+    assert expected[0] == 126
+    assert head_budgets(scores, bp, 0.7, "official").tolist() == expected
+    assert reference.head_budgets(scores, bp, 0.7, "official") == expected

@@ -9,42 +9,45 @@ from ..config import AdaKVConfig
 
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
                   scale: float, softcap: float | None = None) -> torch.Tensor:
-    """SnapKV scores [B, Hkv, n] (fp32): window attention, mean over window queries, pooled, GQA-reduced.
+    """SnapKV scores [B, Hkv, n] (fp32), in the official order: window attention, mean over the window
+    queries, GQA reduction over each KV group, then pooling of the reduced scores.
 
-    Columns that are not candidates (window positions, padding) are -inf.
+    Columns that are not candidates (window positions, padding) are -inf. The queries of a KV group are
+    stacked (``[B, Hkv, G*w, D]``) against the group's keys: K is never repeated to the query heads.
+    No host synchronisation.
     """
-    B, Hq, n, _ = q.shape
+    B, Hq, n, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     w = config.window
-    out = torch.full((B, Hkv, n), float("-inf"), device=q.device)
     m = n - w
     if m <= 0:
-        return out
+        return torch.full((B, Hkv, n), float("-inf"), device=q.device)
     if config.scorer == "streaming":
         return streaming_scores(valid, config, Hkv, n)
-    qw = q[:, :, m:].float()
-    kk = k.float().repeat_interleave(G, dim=1)
-    logits = torch.matmul(qw, kk.transpose(-1, -2)) * scale  # [B, Hq, w, n]
+    qw = q[:, :, m:].float().reshape(B, Hkv, G * w, D)
+    logits = torch.matmul(qw, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*w, n]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.view(B, Hkv, G, w, n)
     qpos = torch.arange(m, n, device=q.device)[:, None]
     kpos = torch.arange(n, device=q.device)[None, :]
-    allowed = (kpos <= qpos)[None, None] & valid[:, None, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    s = p.mean(dim=2)[..., :m]  # [B, Hq, m]
-    flat = s.reshape(B * Hq, 1, m)
+    allowed = (kpos <= qpos)[None, None, None] & valid[:, None, None, None, :]
+    # the lowest finite value, not -inf: a window query with no visible key (a padding query of a row too
+    # short to be compressed) then gives finite weights instead of NaN; elsewhere exp() of it is exactly 0.
+    logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    p = torch.softmax(logits, dim=-1)
+    s = p.mean(dim=3)[..., :m]  # [B, Hkv, G, m]
+    red = s.mean(dim=2) if config.gqa_reduce == "mean" else s.amax(dim=2)  # [B, Hkv, m]
+    flat = red.reshape(B * Hkv, 1, m)
     pad = config.kernel_size // 2
     if config.pooling == "max":
         pooled = F.max_pool1d(flat, config.kernel_size, stride=1, padding=pad)
     else:
         pooled = F.avg_pool1d(flat, config.kernel_size, stride=1, padding=pad, count_include_pad=True)
-    pooled = pooled.reshape(B, Hkv, G, m)
-    red = pooled.mean(dim=2) if config.gqa_reduce == "mean" else pooled.amax(dim=2)
-    red = red.masked_fill(~valid[:, None, :m], float("-inf"))
-    out[..., :m] = red
-    return out
+    pooled = pooled.view(B, Hkv, m).masked_fill(~valid[:, None, :m], float("-inf"))
+    window = pooled.new_full((B, Hkv, w), float("-inf"))
+    return torch.cat([pooled, window], dim=-1)
 
 
 def streaming_scores(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: int) -> torch.Tensor:
@@ -55,6 +58,5 @@ def streaming_scores(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: in
     start = n - valid.sum(-1, keepdim=True)  # first valid position per row (left padding)
     sink = valid & (pos[None] - start < config.sink_tokens)
     s = torch.where(sink, 2.0, pos[None].float() / n)
-    s = s.masked_fill(~valid, float("-inf"))
-    s[:, m:] = float("-inf")
+    s = s.masked_fill(~valid | (pos[None] >= m), float("-inf"))
     return s[:, None, :].expand(B, heads, n).clone()
