@@ -199,3 +199,13 @@ class AdaKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by all layers' tensors (what the cache costs, independent of what is used)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model`` (and its ``generate``) takes a cache: ``cache`` on transformers that
+    renamed it (5.24+: ``past_key_values`` warns there), ``past_key_values`` before."""
+    import inspect
+
+    fn = getattr(model, "forward", model)
+    fn = getattr(fn, "_torchdynamo_orig_callable", fn)
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"

@@ -1,19 +1,27 @@
-"""End-to-end decode on the GPU: Llama-3.1-8B shapes cut to N layers (random bf16 weights).
+"""End-to-end decode on the GPU: Llama-3.1-8B shapes (random bf16 weights), one process, one card.
 
-Measures, in one process and on one card, time per output token and KV bytes for:
-  hf-eager      uncompiled HF model, DynamicCache (the baseline users have)
-  compile-full  plain torch.compile (Inductor), DynamicCache            (--with-plain-compile)
-  adakv-B       adakv backend (Inductor + Triton store kernels), budget B
-  adakv-B-plain the same compiled graphs with the plain-PyTorch store path (ADAKV_KERNELS=plain)
-and the weight-read floor (weight bytes / measured copy bandwidth), the ceiling of any decoder.
+Per shape (batch x context), time per output token (median over --steps decode steps after warm-up,
+each step synchronised), KV bytes, peak memory, recompiles and CUDA-graph recordings, and compile time
+(first prefill + first decode call) for:
+  floor          weight bytes / device-to-device copy bandwidth measured in this run (no decoder is faster)
+  static_ro      HF StaticCache (full cache) + torch.compile(mode="reduce-overhead"): the strongest baseline
+  compile_dyn    plain torch.compile (Inductor) + DynamicCache                       (--with-dynamic)
+  adakv          adakv fast path: AdaKVCache + adakv backend (Triton ops inlined, CUDA-graph decode)
+  adakv_general  adakv general path: DynamicCache + adakv backend                    (--with-general)
 
-    python bench/e2e.py --batch 8 --context 8192 --budget 1024 --out bench/results/e2e-h100.json
+    python bench/e2e.py --shapes 1x8192,1x32768,8x32768,32x8192 --layers 8 --out bench/results/e2e-<card>.json
+    python bench/e2e.py --shapes 1x32768 --layers 32 --append --out bench/results/e2e-<card>.json
+
+Writes JSON (rows with ``batch``, ``context``, ``budget``, ``layers``, ``floor_ms``, ``static_ro_ms``,
+``adakv_ms``, ... and ``device``), a Markdown table and a PNG next to it. ``--check`` first verifies the
+fast path on a small fp32 model: greedy tokens equal the eager reference generator, and Inductor's output
+code contains the Triton kernels.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -21,107 +29,297 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adakv_compile import AdaKVConfig, adakv_backend  # noqa: E402
+from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
+from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels import store  # noqa: E402
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
-    t = []
+    times = []
     for _ in range(10):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         y.copy_(x)
         e.record()
         torch.cuda.synchronize()
-        t.append(s.elapsed_time(e) / 1e3)
-    return 2 * x.numel() / statistics.median(t)
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * x.numel() / statistics.median(times)
 
 
-def build(layers: int) -> LlamaForCausalLM:
+def build(layers: int, dtype=torch.bfloat16, small: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                      rope_theta=500000.0)
+    if small:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=131072, rope_theta=500000.0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model
 
 
-def kv_bytes(cache) -> int:
-    return sum(store.store_bytes(l.keys) + store.store_bytes(l.values) for l in cache.layers)
+class Recordings:
+    """Counts CUDA-graph recordings (cudagraph trees) while active."""
+
+    def __init__(self):
+        self.n = 0
+        self._orig = None
+
+    def __enter__(self):
+        from torch._inductor import cudagraph_trees as ct
+        self._cls = ct.CUDAGraphNode
+        self._orig = ct.CUDAGraphNode.__init__
+        rec = self
+
+        def init(node, *a, **k):
+            rec.n += 1
+            return rec._orig(node, *a, **k)
+
+        ct.CUDAGraphNode.__init__ = init
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__init__ = self._orig
 
 
-def decode(fn, model, ids, steps: int, warm: int):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        out = fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def decode_loop(fwd, kw, cache, first_tok, steps: int, warm: int):
+    """Median ms per decode step (synchronised), and the tokens."""
+    tok = first_tok
+    times = []
+    for i in range(warm + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fwd(input_ids=tok, use_cache=True, **{kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
-        times = []
-        for i in range(warm + steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(input_ids=tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            if i >= warm:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, kv_bytes(cache)
+        torch.cuda.synchronize()
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_method(name, model, orig_forward, ids, budget, steps, warm):
+    """One method on one shape: returns a dict of measurements."""
+    kw = cache_kwarg(model)
+    B, n = ids.shape
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    graphs0 = unique_graphs()
+    backend = None
+    if name == "static_ro":
+        cache = StaticCache(config=model.config, max_cache_len=n + warm + steps + 4)
+        fwd = torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True)
+        prefill = orig_forward  # HF's recipe: eager prefill, compiled decode
+    elif name == "compile_dyn":
+        cache = DynamicCache(config=model.config)
+        fwd = prefill = torch.compile(orig_forward)
+    elif name == "adakv":
+        backend = adakv_backend(AdaKVConfig(budget=budget))
+        cache = AdaKVCache(model, backend, batch_size=B, max_new_tokens=warm + steps + 4)
+        fwd = prefill = torch.compile(orig_forward, backend=backend)
+    elif name == "adakv_general":
+        backend = adakv_backend(AdaKVConfig(budget=budget))
+        cache = DynamicCache(config=model.config)
+        fwd = prefill = torch.compile(orig_forward, backend=backend)
+    else:
+        raise ValueError(name)
+    with torch.no_grad(), Recordings() as rec:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = prefill(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        tok = out.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        out = fwd(input_ids=tok, use_cache=True, **{kw: cache})
+        tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        first_decode_s = time.perf_counter() - t1
+        # a second prefill-free warm step, then count from here
+        graphs_warm, rec_warm = unique_graphs(), rec.n
+        ms = decode_loop(fwd, kw, cache, tok, steps, warm)
+        graphs_end, rec_end = unique_graphs(), rec.n
+    if name == "static_ro":
+        kvb = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    elif name == "adakv":
+        kvb = cache.nbytes()
+    else:
+        kvb = sum(store.store_bytes(layer.keys) + store.store_bytes(layer.values) for layer in cache.layers)
+    row = dict(ms=ms, kv_bytes=kvb, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               first_call_s=prefill_s + first_decode_s, prefill_s=prefill_s,
+               graphs_compiled=graphs_end - graphs0,
+               recompiles_during_decode=graphs_end - graphs_warm, recordings_during_decode=rec_end - rec_warm,
+               recordings=rec.n)
+    if backend is not None:
+        row["cudagraphs"] = [g.get("cudagraphs") for g in backend.graphs]
+        row["rewritten"] = [g["rewritten"] for g in backend.graphs]
+    del cache, fwd, out
+    torch._dynamo.reset()
+    return row
+
+
+def check_fast_path(out_dir: Path) -> dict:
+    """Small fp32 model on the GPU: fast-path greedy tokens == eager reference; kernels in Inductor code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from adakv_compile import compile_model
+    from adakv_compile.reference import ReferenceSession
+
+    res = {}
+    model = build(2, torch.float32, small=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = AdaKVConfig(budget=64, window=8)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(1, 512, (3, 400), device="cuda", generator=g)
+    am = torch.ones_like(ids)
+    am[1, :150] = 0
+    am[2, :300] = 0
+    ids = ids * am
+    ref_model = build(2, torch.float32, small=True)
+    ref_model.load_state_dict(state)
+    ref = ReferenceSession(ref_model, cfg).generate(ids, attention_mask=am, max_new_tokens=16)[:, -16:]
+    backend = compile_model(model, cfg)
+    cache = AdaKVCache(model, backend, batch_size=3, max_new_tokens=16)
+    kw = cache_kwarg(model)
+    got, codes = run_and_get_code(
+        lambda: model.generate(ids, attention_mask=am, max_new_tokens=16, do_sample=False, **{kw: cache}))
+    got = got[:, -16:]
+    res["tokens_equal_reference"] = bool(torch.equal(got.cpu(), ref.cpu()))
+    res["token_agreement"] = float((got.cpu() == ref.cpu()).float().mean())
+    code = "\n".join(codes)
+    res["kernels_in_inductor_code"] = {k: (k in code) for k in
+                                       ("_static_append_kernel", "_store_attn_fwd")}
+    res["cudagraphs"] = [gr.get("cudagraphs") for gr in backend.graphs]
+    res["report"] = backend.report.table()
+    (out_dir / "e2e-check-inductor-code.txt").write_text(code[:2_000_000])
+    print("check:", json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
+    print(res["report"], flush=True)
+    return res
+
+
+def write_outputs(res: dict, out: Path) -> None:
+    out.write_text(json.dumps(res, indent=1))
+    card = res["device"]
+    lines = [f"# End-to-end decode, {card}", "",
+             f"torch {res['torch']}, transformers {res['transformers']}; copy {res['copy_GBps']:.0f} GB/s; "
+             f"budget {res['budget']}; ms per output token (median of {res['steps']} steps)", "",
+             "| layers | batch × context | floor | StaticCache + reduce-overhead | adakv fast | adakv / static | "
+             "adakv / floor | general path | compile+DynamicCache | KV GB static / adakv | peak GB static / adakv "
+             "| first call s static / adakv | recompiles, recordings in decode (adakv) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        m = r["methods"]
+        def ms(k):
+            return f"{m[k]['ms']:.2f}" if k in m and "ms" in m[k] else "—"
+        st, ad = m.get("static_ro", {}), m.get("adakv", {})
+        sp = f"{st['ms'] / ad['ms']:.2f}×" if "ms" in st and "ms" in ad else "—"
+        fl = f"{ad['ms'] / r['floor_ms']:.2f}×" if "ms" in ad else "—"
+        kv = (f"{st.get('kv_bytes', 0) / 1e9:.2f} / {ad.get('kv_bytes', 0) / 1e9:.3f}")
+        pk = f"{st.get('peak_gb', 0):.1f} / {ad.get('peak_gb', 0):.1f}"
+        fc = f"{st.get('first_call_s', 0):.0f} / {ad.get('first_call_s', 0):.0f}"
+        rr = f"{ad.get('recompiles_during_decode', '—')}, {ad.get('recordings_during_decode', '—')}"
+        lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
+                     f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
+                     f"{fc} | {rr} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, batch_filter in zip(axes, (lambda b: b == 1, lambda b: b > 1)):
+            rows = [r for r in res["rows"] if batch_filter(r["batch"]) and r["layers"] == res["rows"][0]["layers"]]
+            if not rows:
+                continue
+            labels = [f"{r['batch']}×{r['context'] // 1024}k" for r in rows]
+            xs = range(len(rows))
+            for key, style in (("static_ro", "o-"), ("adakv", "s-"), ("adakv_general", "^--"),
+                               ("compile_dyn", "x:")):
+                ys = [r["methods"].get(key, {}).get("ms") for r in rows]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=key)
+            ax.plot(xs, [r["floor_ms"] for r in rows], "k--", label="weight-read floor")
+            ax.set_xticks(list(xs), labels)
+            ax.set_ylabel("ms / output token")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Decode, Llama-3.1-8B shapes × {res['rows'][0]['layers']} layers, {card}")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110, metadata={"Description": f"device: {card}"})
+    except Exception as e:  # the plot is a convenience; the JSON is the record
+        print("plot failed:", e)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--shapes", default="1x8192,1x32768,8x32768,32x8192")
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--with-plain-compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--methods", default="static_ro,adakv")
+    ap.add_argument("--check", action="store_true", help="first verify the fast path (small fp32 model)")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     ap.add_argument("--out", default="e2e.json")
     a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "transformers": transformers.__version__, "args": vars(a), "runs": {}}
+           "transformers": transformers.__version__, "budget": a.budget, "steps": a.steps, "rows": []}
+    if a.append and out.exists():
+        res = json.loads(out.read_text())
+        if res["device"] != torch.cuda.get_device_name(0):
+            sys.exit(f"{out} holds results from {res['device']}: not appending numbers from another card")
+    if a.check:
+        res["check"] = check_fast_path(out.parent)
+        torch._dynamo.reset()
     bw = copy_bandwidth()
+    res["copy_GBps"] = bw / 1e9
     model = build(a.layers)
+    orig_forward = model.forward
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    res["copy_bandwidth_GBps"] = bw / 1e9
-    res["weight_bytes"] = wbytes
-    res["weight_floor_ms"] = wbytes / bw * 1e3
-    print(f"copy {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; floor {res['weight_floor_ms']:.2f} ms/token",
+    floor = wbytes / bw * 1e3
+    print(f"{res['device']}: copy {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; floor {floor:.2f} ms/token",
           flush=True)
-    ids = torch.randint(0, 128256, (a.batch, a.context), device="cuda")
-    runs = [("hf-eager", None, None)]
-    if a.with_plain_compile:
-        runs.append(("compile-full", "plain", None))
-    runs += [(f"adakv-{a.budget}", "adakv", "triton"), (f"adakv-{a.budget}-plain", "adakv-same", "plain")]
-    backend = None
-    fn = model
-    for name, how, kern in runs:
-        t0 = time.perf_counter()
-        if how == "plain":
-            torch._dynamo.reset()
-            fn = torch.compile(model.forward)
-        elif how == "adakv":
-            torch._dynamo.reset()
-            backend = adakv_backend(AdaKVConfig(budget=a.budget), inner="inductor")
-            fn = torch.compile(model.forward, backend=backend)
-        if kern:
-            os.environ["ADAKV_KERNELS"] = kern
-        ms, kvb = decode(fn, model, ids, a.steps, warm=4)
-        res["runs"][name] = {"ms_per_token": ms, "kv_bytes": kvb, "wall_s": time.perf_counter() - t0}
-        print(f"{name:<22} {ms:8.2f} ms/token  KV {kvb / 1e9:6.3f} GB  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
-    if backend is not None:
-        res["graphs_compiled"] = backend.graphs_compiled
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    for shape in a.shapes.split(","):
+        B, n = (int(x) for x in shape.split("x"))
+        ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+        row = dict(device=res["device"], layers=a.layers, batch=B, context=n, budget=a.budget,
+                   weight_bytes=wbytes, floor_ms=floor, methods={})
+        for name in a.methods.split(","):
+            try:
+                m = run_method(name, model, orig_forward, ids, a.budget, a.steps, a.warm)
+            except Exception as e:  # record and go on: one method failing must not lose the others
+                import traceback
+                traceback.print_exc()
+                m = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+            row["methods"][name] = m
+            if "ms" in m:
+                row[f"{name}_ms"] = m["ms"]
+            print(f"{a.layers:>2}L {B:>3}x{n:<6} {name:<14} " + (
+                f"{m['ms']:8.2f} ms/token  KV {m['kv_bytes'] / 1e9:6.3f} GB  peak {m['peak_gb']:5.1f} GB  "
+                f"first call {m['first_call_s']:5.1f} s  decode recompiles {m['recompiles_during_decode']} "
+                f"recordings {m['recordings_during_decode']}" if "ms" in m else m["error"]), flush=True)
+        res["rows"].append(row)
+        write_outputs(res, out)
+    write_outputs(res, out)
 
 
 if __name__ == "__main__":
