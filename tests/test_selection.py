@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adakv_compile import AdaKVConfig, reference
-from adakv_compile.kernels.allocate import head_budgets, keep_mask
+from adakv_compile.config import layer_keep
+from adakv_compile.kernels.allocate import head_budgets, keep_mask, row_keep
 from adakv_compile.kernels.score import window_scores
 
 
@@ -118,3 +119,34 @@ def test_official_rounding_is_exact_half_to_even():
     assert expected[0] == 126
     assert head_budgets(scores, bp, 0.7, "official").tolist() == expected
     assert reference.head_budgets(scores, bp, 0.7, "official") == expected
+
+
+@pytest.mark.parametrize("kwargs", [dict(budget=24, window=4), dict(budget=40, window=8, layer_schedule="pyramid"),
+                                    dict(budget=24, window=4, layer_schedule="pyramid", pyramid_beta=3),
+                                    dict(compression_ratio=0.7, window=4),
+                                    dict(compression_ratio=0.29, window=2, layer_schedule="pyramid"),
+                                    dict(budget=16, window=4, skip_layers=(2,))])
+def test_row_keep_equals_layer_keep(kwargs):
+    """The tensor per-row budgets == config.layer_keep (the Python spec), every length and layer."""
+    cfg = AdaKVConfig(**kwargs)
+    n_real = torch.arange(0, 300)
+    for num_layers in (1, 2, 5):
+        for layer in range(num_layers):
+            got = row_keep(cfg, n_real, layer, num_layers).tolist()
+            assert got == [layer_keep(cfg, int(x), layer, num_layers) for x in n_real], (layer, num_layers)
+
+
+@pytest.mark.parametrize("kwargs", [dict(budget=16, window=4), dict(budget=16, window=4, layer_schedule="pyramid"),
+                                    dict(compression_ratio=0.5, window=4), dict(budget=16, window=4, safeguard="kvpress"),
+                                    dict(budget=16, window=4, safeguard="exact-total"),
+                                    dict(budget=16, window=4, allocation="uniform"),
+                                    dict(budget=16, window=4, scorer="streaming")])
+def test_no_host_sync(kwargs):
+    """Scoring and selection run on the meta device: no .item(), nonzero, boolean-mask indexing or other
+    data-dependent host synchronisation (those fail on meta tensors)."""
+    cfg = AdaKVConfig(**kwargs)
+    q = torch.empty(3, 8, 64, 16, device="meta")
+    k = torch.empty(3, 2, 64, 16, device="meta")
+    valid = torch.empty(3, 64, dtype=torch.bool, device="meta")
+    keep = keep_mask(window_scores(q, k, valid, cfg, 0.25), valid, cfg, 1, 4)
+    assert keep.shape == (3, 2, 64) and keep.dtype == torch.bool and keep.device.type == "meta"
