@@ -5,10 +5,13 @@
     print(format_summary(result))
 
 The prompt is a seeded pass-key-in-a-haystack chat (a 5-digit key hidden at a random depth in repeated
-filler text, then "What is the pass key?"). The model answers greedily twice:
+filler text, then "What is the pass key?"). The model answers greedily:
 
 - full cache: the model as it is (no compile), with a plain ``DynamicCache``;
-- compressed: ``model.forward`` compiled with ``adakv_backend(config, inner=...)``.
+- compressed: ``model.forward`` compiled with ``adakv_backend(config, inner=...)``;
+- a budget sweep (``sweep``, default 64/128/256/512 tokens per KV head) on the same prompt and the same
+  compiled graphs: ``backend.reconfigure`` switches the budget, nothing is recompiled (the graph count
+  is printed), so one sees where compression holds and where it breaks.
 
 Right after the prefill (the first ``generate`` step) a logits processor reads the cache: bytes held
 (``store.store_bytes`` of every layer's keys and values) and tokens kept per (layer, KV head)
@@ -29,7 +32,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -43,6 +46,7 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
          "Find it and memorize it. I will quiz you about it.\n\n")
 QUESTION = "\n\nWhat is the pass key?"
 
+DEFAULT_SWEEP = (64, 128, 256, 512)
 PNG_NAME = "allocation.png"
 JSON_NAME = "demo.json"
 
@@ -269,6 +273,8 @@ class DemoResult:
     percent_of_full: float
     rewrite: dict                    # counts from backend.report
     needle: dict = field(default_factory=dict)  # which heads kept the pass key's tokens
+    sweep: list = field(default_factory=list)   # one row per budget (+ "full"): answer, score, KV %, tokens %
+    sweep_graphs: dict = field(default_factory=dict)  # graphs compiled before / after the sweep
     png: Optional[str] = None
     json: Optional[str] = None
     timings: dict = field(default_factory=dict)
@@ -308,14 +314,26 @@ def _swap_forward(model, new_forward):
     return restore
 
 
+def _sweep_row(label: str, budget: Optional[int], run: dict, key: str, bytes_full: int, full_tokens: int) -> dict:
+    kept = sum(sum(row) for row in run["cache"]["kept"])
+    return {"label": label, "budget": budget, "answer": run["answer"], "score": passkey_score(run["answer"], key),
+            "bytes": run["cache"]["bytes"],
+            "percent_of_full": round(100.0 * run["cache"]["bytes"] / bytes_full, 2) if bytes_full else None,
+            "tokens_kept": kept,
+            "percent_tokens": round(100.0 * kept / full_tokens, 2) if full_tokens else None,
+            "total_s": round(run["total_s"], 2)}
+
+
 def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500,
              out_dir: str | Path = "bench/results/demo", inner: str = "eager", seed: int = 0,
              max_new_tokens: int = 24, model=None, tokenizer=None, model_name: Optional[str] = None,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, sweep: Optional[Sequence[int]] = DEFAULT_SWEEP) -> DemoResult:
     """Answer one pass-key prompt with the full and the compressed cache; write the PNG and JSON.
 
     ``model``/``tokenizer`` default to SmolLM2-135M-Instruct (:func:`adakv_compile.models.load_smollm2`).
     The model's ``forward`` is compiled for the compressed run and restored afterwards.
+    ``sweep``: budgets (tokens per KV head, > window) answered again on the same prompt with the same
+    compiled graphs (``backend.reconfigure``, no recompile); ``None`` or empty: no sweep.
     """
     from tqdm.auto import tqdm
 
@@ -325,7 +343,8 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
     if not config.compresses:
         raise ValueError("the demo compares against the full cache: give a budget or a compression_ratio")
     timings: dict[str, float] = {}
-    steps = tqdm(total=4, desc="adakv demo", unit="step", disable=not progress)
+    budgets = sorted({int(b) for b in (sweep or ()) if b > config.window} - {config.budget})
+    steps = tqdm(total=5, desc="adakv demo", unit="step", disable=not progress)
     try:
         t0 = time.perf_counter()
         if model is None or tokenizer is None:
@@ -352,6 +371,17 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
         try:
             comp = answer(model, tokenizer, prompt.ids, max_new_tokens, "compressed", progress,
                           full_keys=full_keys)
+            steps.update(1)
+            steps.set_postfix_str(f"budget sweep {budgets}")
+            graphs_before = backend.graphs_compiled
+            swept = {}
+            try:
+                for b in budgets:
+                    backend.reconfigure(config.replace(budget=b, compression_ratio=None))
+                    swept[b] = answer(model, tokenizer, prompt.ids, max_new_tokens, f"budget {b}", progress)
+            finally:
+                backend.reconfigure(config)
+            sweep_graphs = {"before_sweep": graphs_before, "after_sweep": backend.graphs_compiled}
         finally:
             restore()
         steps.update(1)
@@ -371,6 +401,14 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
         }
         bytes_full = full["cache"]["bytes"]
         bytes_comp = comp["cache"]["bytes"]
+        full_tokens = sum(sum(row) for row in full["cache"]["kept"])
+        main_label = (str(config.budget) if config.budget is not None
+                      else f"ratio {config.compression_ratio}")
+        sweep_rows = [_sweep_row(str(b), b, run, prompt.passkey, bytes_full, full_tokens)
+                      for b, run in swept.items()]
+        sweep_rows.append(_sweep_row(main_label, config.budget, comp, prompt.passkey, bytes_full, full_tokens))
+        sweep_rows.sort(key=lambda r: r["tokens_kept"])
+        sweep_rows.append(_sweep_row("full", None, full, prompt.passkey, bytes_full, full_tokens))
         timings.update(full_prefill_s=full["prefill_s"], full_total_s=full["total_s"],
                        compressed_prefill_incl_compile_s=comp["prefill_s"],
                        compressed_total_s=comp["total_s"])
@@ -380,7 +418,7 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
             full=full, compressed=comp, kept=comp["cache"]["kept"], bytes_full=bytes_full,
             bytes_compressed=bytes_comp,
             percent_of_full=round(100.0 * bytes_comp / bytes_full, 2) if bytes_full else float("nan"),
-            rewrite=rewrite, needle=needle,
+            rewrite=rewrite, needle=needle, sweep=sweep_rows, sweep_graphs=sweep_graphs,
             timings={k: round(v, 2) for k, v in timings.items() if v is not None})
 
         steps.set_postfix_str("writing PNG + JSON")
@@ -471,6 +509,29 @@ def _needle_lines(r: DemoResult) -> list[str]:
     ]
 
 
+def _short(text: str, width: int = 34) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def _sweep_lines(r: DemoResult) -> list[str]:
+    if len(r.sweep) <= 2:  # the main run and the full cache only: nothing swept
+        return []
+    g = r.sweep_graphs
+    lines = [f"budget sweep, same prompt, same compiled graphs (backend.reconfigure): "
+             f"{g.get('before_sweep')} graphs compiled before the sweep, {g.get('after_sweep')} after",
+             f"  {'budget':>8} | {'KV memory':>9} | {'tokens':>7} | answer",
+             "  " + "-" * 72]
+    for row in r.sweep:
+        s = row["score"]
+        verdict = "right" if s["exact"] else f"wrong (partial {s['partial']:.2f})"
+        lines.append(f"  {row['label']:>8} | {row['percent_of_full']:>8.1f}% | {row['percent_tokens']:>6.1f}% | "
+                     f"{_short(row['answer'])}  {verdict}")
+    lines.append("  (KV memory: bytes held after the prefill, store header and decode reserve included; "
+                 "tokens: prompt tokens kept over all layers and KV heads)")
+    return lines + [""]
+
+
 def format_summary(r: DemoResult) -> str:
     def verdict(run):
         s = run["score"]
@@ -497,6 +558,7 @@ def format_summary(r: DemoResult) -> str:
         f"{len(r.kept[0]) if r.kept else 0} KV heads; the rest of the bytes is decode reserve + store header",
         "",
         *_needle_lines(r),
+        *_sweep_lines(r),
         "tokens kept per layer / KV head:",
         kept_table(r.kept),
         "",
