@@ -83,6 +83,9 @@ def _store_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Inductor passes Python floats as fp64 scalars: compute in fp32 whatever the caller's typing
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     qk_scale = scale * 1.4426950408889634
 
     kv_base = off * D

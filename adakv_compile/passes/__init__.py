@@ -58,6 +58,7 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     key = register_config(config, config_key)
     cached = [p for p in planned if p.mode != "none"]
     num_layers = 1 + max((p.ordinal for p in planned), default=-1)
+    static = _static_use(graph, planned)  # before the rewrite: dead markers lose their arguments
     for p in planned:
         rewrite_site(graph, p, key, num_layers)
     graph.eliminate_dead_code()
@@ -67,7 +68,7 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
              if p.mode == "exact" and p.flow is not None and p.flow.k_past is not None]
     dense += [p.flow.v_past.name for p in cached
               if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
-    return PassResult(planned, dense, _store_links(graph), _static_use(graph, planned))
+    return PassResult(planned, dense, _store_links(graph), static)
 
 
 def _static_use(graph: fx.Graph, planned: list[PlannedSite]) -> StaticUse | None:
