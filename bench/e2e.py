@@ -173,6 +173,32 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     return row
 
 
+def profile_fast_path(model, orig_forward, ids, budget: int, out_dir: Path, steps: int = 20) -> str:
+    """Where a fast-path decode step spends GPU time (kernels by total CUDA time over ``steps`` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = cache_kwarg(model)
+    backend = adakv_backend(AdaKVConfig(budget=budget))
+    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=steps + 16)
+    fwd = torch.compile(orig_forward, backend=backend)
+    with torch.no_grad():
+        out = fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(6):
+            tok = fwd(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                tok = fwd(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    (out_dir / "profile-fast-path.txt").write_text(f"# {torch.cuda.get_device_name(0)}, {ids.shape[0]}x"
+                                                   f"{ids.shape[1]}, {steps} decode steps\n" + table)
+    del cache, fwd
+    torch._dynamo.reset()
+    return table
+
+
 def check_fast_path(out_dir: Path) -> dict:
     """Small fp32 model on the GPU: fast-path greedy tokens == eager reference; kernels in Inductor code."""
     from torch._inductor.utils import run_and_get_code
@@ -275,6 +301,7 @@ def main():
     ap.add_argument("--methods", default="static_ro,adakv")
     ap.add_argument("--check", action="store_true", help="first verify the fast path (small fp32 model)")
     ap.add_argument("--append", action="store_true", help="add rows to an existing --out file")
+    ap.add_argument("--profile", action="store_true", help="profile the fast path on the first shape")
     ap.add_argument("--out", default="e2e.json")
     a = ap.parse_args()
     out = Path(a.out)
@@ -296,6 +323,10 @@ def main():
     floor = wbytes / bw * 1e3
     print(f"{res['device']}: copy {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; floor {floor:.2f} ms/token",
           flush=True)
+    if a.profile:
+        B, n = (int(x) for x in a.shapes.split(",")[0].split("x"))
+        ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+        print(profile_fast_path(model, orig_forward, ids, a.budget, out.parent), flush=True)
     for shape in a.shapes.split(","):
         B, n = (int(x) for x in shape.split("x"))
         ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")

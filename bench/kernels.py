@@ -171,6 +171,24 @@ def run(args) -> dict:
                 row["plain_ms"] = bench(plain)
                 row["sdpa_full_ms"] = bench(sdpa)
                 row["triton_graph_ms"] = bench(tri, graph=True)
+                # fixed-size pieces (the static cache's mode; bound = the longest head here)
+                fixed = lambda: store_attention_triton(q, pk, pv, off, lens, t, scale,  # noqa: E731
+                                                       max_len_bound=max_len)
+                row["rel_err_fixed"] = rel_err(fixed(), ref)
+                row["fixed_ms"] = bench(fixed)
+                row["fixed_graph_ms"] = bench(fixed, graph=True)
+                fsweep = {}
+                for piece in (64, 128, 256, 512, 1024):
+                    for bn in (64, 128):
+                        ms = bench(lambda piece=piece, bn=bn: store_attention_triton(
+                            q, pk, pv, off, lens, t, scale, max_len_bound=max_len, split_tokens=piece,
+                            block_n=bn))
+                        if ms is not None:
+                            fsweep[f"piece{piece}_bn{bn}"] = ms
+                row["fixed_sweep_ms"] = fsweep
+                if fsweep:
+                    bestf = min(fsweep, key=fsweep.get)
+                    row["fixed_best_cfg"], row["fixed_best_ms"] = bestf, fsweep[bestf]
                 row["sdpa_full_graph_ms"] = bench(sdpa, graph=True)
                 sweep = {}
                 for bn in (32, 64, 128):
@@ -183,13 +201,17 @@ def run(args) -> dict:
                 if sweep:
                     best = min(sweep, key=sweep.get)
                     row["best_cfg"], row["best_ms"] = best, sweep[best]
-                for key in ("triton_ms", "triton_hint_ms", "best_ms", "triton_graph_ms"):
+                for key in ("triton_ms", "triton_hint_ms", "best_ms", "triton_graph_ms", "fixed_ms",
+                            "fixed_graph_ms", "fixed_best_ms"):
                     if row.get(key):
                         row[key.replace("_ms", "_gbps")] = live_bytes / (row[key] * 1e-3) / 1e9
                 if row.get("sdpa_full_ms"):
                     row["sdpa_full_gbps"] = full_bytes / (row["sdpa_full_ms"] * 1e-3) / 1e9
                 if ceiling and row.get("triton_gbps"):
                     row["triton_frac_of_copy"] = row["triton_gbps"] / ceiling
+                for key in ("fixed", "fixed_graph", "fixed_best", "triton_graph"):
+                    if ceiling and row.get(f"{key}_gbps"):
+                        row[f"{key}_frac_of_copy"] = row[f"{key}_gbps"] / ceiling
             res["cases"].append(row)
             _print_row(row, smoke, first=len(res["cases"]) == 1)
             del c, q, pk, pv, off, lens, ref
@@ -220,7 +242,11 @@ def _print_row(r, smoke, first):
                  f" {_fmt(100 * r['triton_frac_of_copy'] if r.get('triton_frac_of_copy') else None, '5.0f')}"
                  f" {_fmt(us('triton_hint_ms'), '8.1f')} {_fmt(us('best_ms'), '8.1f')} {r.get('best_cfg', '-'):>10}"
                  f" {_fmt(us('triton_graph_ms'), '8.1f')}"
-                 f" {_fmt(us('plain_ms'), '9.1f')} {_fmt(us('sdpa_full_ms'), '8.1f')} {_fmt(ratio, '8.2f')}")
+                 f" {_fmt(us('plain_ms'), '9.1f')} {_fmt(us('sdpa_full_ms'), '8.1f')} {_fmt(ratio, '8.2f')}"
+                 f" | fixed {_fmt(us('fixed_ms'), '7.1f')} graph {_fmt(us('fixed_graph_ms'), '6.1f')}"
+                 f" ({_fmt(100 * r['fixed_graph_frac_of_copy'] if r.get('fixed_graph_frac_of_copy') else None, '3.0f')}%)"
+                 f" best {_fmt(us('fixed_best_ms'), '6.1f')} {r.get('fixed_best_cfg', '-')}"
+                 f" ({_fmt(100 * r['fixed_best_frac_of_copy'] if r.get('fixed_best_frac_of_copy') else None, '3.0f')}%)")
     print(line, flush=True)
 
 

@@ -125,6 +125,11 @@ def test_matches_plain_path(dtype, G, t, softcap):
     # split-K (flash-decoding) path: 3 pieces per segment, some empty for the short heads
     out_s = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, softcap, num_splits=3)
     _check(out_s, ref, dtype)
+    # fixed-size pieces (the static cache's mode): 64 and 128 tokens a piece, many pieces empty
+    for piece in (64, 128):
+        out_f = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, softcap,
+                                       max_len_bound=c.max_len + 70, split_tokens=piece)
+        _check(out_f, ref, dtype)
 
 
 @needs_device

@@ -48,6 +48,7 @@ def _store_attn_fwd(
     NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    CHUNK: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -73,7 +74,10 @@ def _store_attn_fwd(
 
     # this program's piece of the segment (BLOCK_N-aligned; the whole segment when not split)
     if SPLIT:
-        per = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        if CHUNK > 0:  # fixed-size pieces: every program the same work, whatever the head's length
+            per = CHUNK
+        else:
+            per = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = pid_s * per
         hi = tl.minimum(lo + per, length)
     else:
@@ -119,9 +123,14 @@ def _store_attn_fwd(
 
     if SPLIT:
         ws_row = (pid_bh * NUM_SPLITS + pid_s).to(tl.int64) * ROWS + rows
-        tl.store(WS_M + ws_row, m_i, mask=row_ok)
-        tl.store(WS_L + ws_row, l_i, mask=row_ok)
-        tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        # with fixed pieces the merge reads only the pieces that hold tokens: empty ones write nothing
+        if CHUNK > 0:
+            ws_ok = row_ok & ((tl.zeros([BLOCK_M], tl.int32) + (hi - lo)) > 0)
+        else:
+            ws_ok = row_ok
+        tl.store(WS_M + ws_row, m_i, mask=ws_ok)
+        tl.store(WS_L + ws_row, l_i, mask=ws_ok)
+        tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=ws_ok[:, None] & d_ok[None, :])
     else:
         l_use = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_use[:, None]
@@ -132,10 +141,10 @@ def _store_attn_fwd(
 
 @triton.jit
 def _store_attn_merge(
-    WS_ACC, WS_M, WS_L, OUT,
+    WS_ACC, WS_M, WS_L, OUT, LEN,
     sob, soh, sot, sod,
     HKV, G, T, ROWS, NUM_SPLITS,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -151,7 +160,10 @@ def _store_attn_merge(
     m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, NUM_SPLITS):
+    n_pieces = NUM_SPLITS
+    if CHUNK > 0:  # only the pieces that hold tokens of this head
+        n_pieces = tl.minimum(NUM_SPLITS, tl.cdiv(tl.load(LEN + pid_bh).to(tl.int32), CHUNK))
+    for s in range(0, n_pieces):
         ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
         m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"))
         l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0)
@@ -224,11 +236,20 @@ def choose_splits(n_programs: int, mean_len: float, max_len: float, device: torc
     return int(max(1, min(want, cap, max_splits)))
 
 
+def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces_per_sm: int = 4) -> int:
+    """Tokens per piece for fixed-size split-K: about ``pieces_per_sm`` pieces per SM over the whole job
+    (a power of two, at least one K/V block and 64 tokens, at most 2048)."""
+    want = total_tokens / max(1, pieces_per_sm * _sm_count(device))
+    chunk = triton.next_power_of_2(max(1, math.ceil(want)))
+    return int(min(2048, max(chunk, block_n, 64)))
+
+
 def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                            offsets: torch.Tensor, lengths: torch.Tensor, t: int, scale: float,
                            softcap: float = 0.0, max_len_hint: int | None = None,
                            num_splits: int | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           max_len_bound: int | None = None, split_tokens: int | None = None) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -237,6 +258,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     segment is taken as ``SKEW`` x the mean capacity (pool slots / (B*Hkv)). No device-to-host read
     either way: the kernel's loop bounds come from the device-side lengths.
     ``num_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the heuristics (benchmarks).
+    ``max_len_bound`` (a host int no segment can exceed, e.g. a static cache's slots per row) switches to
+    fixed-size pieces of ``split_tokens`` tokens (default: ``choose_chunk``): every program then does the
+    same work however skewed the head lengths are, and empty pieces cost only their launch.
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -270,6 +294,14 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     num_stages = num_stages or ns
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
+    chunk = 0
+    if max_len_bound is not None and num_splits is None:
+        mean_len = (pool_k.numel() // D) / max(1, n_bh)
+        chunk = split_tokens or choose_chunk(n_bh * n_mblk * mean_len, q.device, block_n)
+        chunk = triton.cdiv(chunk, block_n) * block_n
+        num_splits = max(1, triton.cdiv(int(max_len_bound), chunk))
+        if num_splits == 1:
+            chunk = 0
     if num_splits is None:
         # mean segment capacity (kept + free room) from the pool size: no device read
         mean_len = (pool_k.numel() // D) / max(1, n_bh)
@@ -295,14 +327,14 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         float(scale), softcap if softcap else 1.0,
         num_splits,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device),
+        SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device), CHUNK=chunk,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         wrap_triton(_store_attn_merge)[(n_bh, n_mblk)](
-            ws_acc, ws_m, ws_l, out,
+            ws_acc, ws_m, ws_l, out, lengths,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,
-            D=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+            D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
         )
     return out
