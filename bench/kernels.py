@@ -110,7 +110,7 @@ def run(args) -> dict:
     if smoke:
         Hkv, batches, kepts = 2, [1, 2], [24, 80]
     else:
-        batches, kepts = [1, 8, 32], [512, 2048]
+        batches, kepts = [1, 8, 32], [1024, 2048]
     scale = D ** -0.5
     res: dict = dict(
         env=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
