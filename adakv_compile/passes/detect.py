@@ -416,6 +416,19 @@ def _per_head(mask: fx.Node) -> str:
     return ""
 
 
+def _bool_not(m):
+    """(x, True) when ``m`` is ``~x`` / ``x.logical_not()`` / ``x == 0`` of a boolean ``x``, else (m, False)."""
+    if _is_call(m, operator.invert, torch.logical_not, torch.bitwise_not, "logical_not", "bitwise_not",
+                "__invert__") and len(m.args) == 1:
+        x = m.args[0]
+    elif _is_call(m, operator.eq, torch.eq, "eq") and len(m.args) == 2 and m.args[1] in (0, False):
+        x = m.args[0]
+    else:
+        return m, False
+    xv = val(x)
+    return (x, True) if xv is not None and xv.dtype == torch.bool else (m, False)
+
+
 def _scalar(x):
     """('const', float) or ('sym', node) for a scale operand, else None."""
     c = _const(x)
@@ -542,7 +555,8 @@ def _classify(u: fx.Node, alias: set, after_softmax: bool) -> _Op:
         m, fill = _arg(u, 1, "mask"), _const(_arg(u, 2, "value"))
         if fill is None or fill > MASK_FILL_MAX:
             raise _Reject(f"masked_fill with a value that is not a mask (≤ {MASK_FILL_MAX:g})", u)
-        return _Op("mask", u, mask=m, inverted=True, fill=fill)
+        m, negated = _bool_not(m)
+        return _Op("mask", u, mask=m, inverted=not negated, fill=fill)
     if _is_call(u, *_WHERE):
         if u.op == "call_method":
             cond, x, y = u.args[1], u.args[0], _arg(u, 2, "other")
@@ -554,7 +568,8 @@ def _classify(u: fx.Node, alias: set, after_softmax: bool) -> _Op:
         fill = _const(y if i == 0 else x)
         if fill is None or fill > MASK_FILL_MAX:
             raise _Reject(f"where with a value that is not a mask (≤ {MASK_FILL_MAX:g})", u)
-        return _Op("mask", u, mask=cond, inverted=(i == 1), fill=fill)
+        cond, negated = _bool_not(cond)
+        return _Op("mask", u, mask=cond, inverted=(i == 1) != negated, fill=fill)
     raise _Reject(f"the {what} pass through {_name(u)}, which is not a scale, cast, mask or soft-cap", u)
 
 
@@ -604,7 +619,8 @@ def _eager_site(sm: fx.Node, order: dict, graph: fx.Graph):
                 continue  # this product feeds another softmax
             return _fit(qk, ops, order)
         except _Reject as r:
-            on_path = r.node is None or r.node is sm or r.node in ancestors or _reaches(sm, r.node)
+            on_path = r.node is None or r.node in ancestors or _reaches(sm, r.node) or any(
+                a in ancestors for a in r.node.all_input_nodes)
             if first_reason is None and on_path:
                 first_reason = r.reason
     return Skipped(pv, "eager", first_reason or "softmax input is not q·kᵀ")
@@ -791,9 +807,6 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         why = _per_head(mask)
         if why:
             raise _Reject(why, mask_op.node)
-        if inverted and _is_call(mask, operator.invert, torch.logical_not, torch.bitwise_not,
-                                 "logical_not", "bitwise_not"):
-            mask, inverted = mask.args[0], False
     _check_no_mutation(qk, pv, set(internal) | {pv}, order)
     k, gk, ik = strip_repeat(k4)
     v, gv, iv = strip_repeat(v4)
