@@ -537,7 +537,8 @@ def markdown(res: dict) -> str:
          f"up to {s['questions']} question(s) per multi-key / variable-tracking context; "
          f"{res['groups_done']}/{res['groups_total']} contexts done, "
          f"{len({r['id'] for r in res['records']})} questions",
-         f"- window {s['window']}, kernel 7 max-pool, alpha 0.2 (AdaKVConfig defaults); compiled once "
+         f"- window {s['window']}, kernel 7 max-pool, mean GQA reduce then pooling, alpha 0.2, safeguard "
+         f"\"official\" (FFY0/AdaKV head budgets) (AdaKVConfig defaults); compiled once "
          f"(inner=eager): {res['graphs_compiled']} graphs compiled, "
          f"{res['attention_skipped']} attention(s) left untouched",
          "- one compiled prefill per prompt; every method x budget's cache is built by `adakv::compress` from "
