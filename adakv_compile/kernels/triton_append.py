@@ -86,11 +86,11 @@ def static_append_triton(pool_k, pool_v, off, lens, pos, seen, k_new, v_new):
     ``seen`` (0-d int64, tokens seen before this chunk) gives the new tokens' positions; the caller
     advances it. Launched through ``wrap_triton`` so a ``triton_op`` body that calls it is traceable.
     """
-    from torch.library import wrap_triton
+    from .triton_attend import launcher
 
     B, H, t, D = k_new.shape
     block_d = max(16, triton.next_power_of_2(D))
-    wrap_triton(_static_append_kernel)[(B * H,)](
+    launcher(_static_append_kernel, k_new)[(B * H,)](
         pool_k, pool_v, k_new, v_new, off, lens, pos, seen,
         k_new.stride(0), k_new.stride(1), k_new.stride(2), k_new.stride(3),
         v_new.stride(0), v_new.stride(1), v_new.stride(2), v_new.stride(3),
