@@ -117,6 +117,8 @@ def gen_case(rng: random.Random, idx: int) -> Case:
         c.mask = "causal"
     if c.breaker == "scale_after_mask":
         c.mask_kind = "additive"
+    if c.breaker == "alibi":
+        c.mask_2d = False
     _emit(c, rng)
     c.dynamic = rng.random() < 0.2
     # (not with extra readers of K/V: see test_compressed_cache_with_extra_kv_readers)
@@ -207,7 +209,10 @@ def _emit_sdpa(c: Case, rng: random.Random) -> None:
     if causal_flag:
         c.mask = "none"
         c.notes.append("is_causal")
-        kw["is_causal"] = "True"
+        # causal while the queries are the prompt (as HF: no mask at decode); is_causal=True at decode
+        # would be SDPA's top-left causal mask: see test_is_causal_at_decode_with_a_compressed_cache
+        kw["is_causal"] = rng.choice(["q.shape[2] == k.shape[2]", "past is None" if c.cache in ("tuple", "dict")
+                                      else "q.shape[-2] > 1"])
     elif c.mask != "none":
         kw["attn_mask"] = "mask"
     scale = rng.choice([None, None, "0.3", f"1 / math.sqrt({c.d})", "q.shape[-1] ** -0.5"])
@@ -688,3 +693,83 @@ def test_fuzz_attention_detection(_quiet_trace_log):
     assert not wrong, f"{len(wrong)} wrong cases, first ones:\n{msg}"
     assert counts[("recognisable", "rewritten")] >= 0.95 * recog, \
         "\n\n".join(f"case {c.idx}: {d}\n{c.source()}" for c, d in missed[:5])
+
+
+# ------------------------------------------------------------------------------------------------
+# what the fuzzer found outside detection: compressed decode paths that differ from the model
+# (xfail until fixed in the files named; detection describes these attentions correctly)
+# ------------------------------------------------------------------------------------------------
+
+class _Cached(nn.Module):
+    """Tuple-cache attention; ``form`` picks the mask / flag the decode step gets."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, q, k, v, mask, past):
+        k, v = k * 0.5, v * 2.0
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        if self.form == "is_causal_always":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.form == "extra_reader":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+            o = o + k.mean()
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o, (k, v)
+
+
+def _sliding(T: int, S: int, window: int = 4) -> torch.Tensor:
+    qpos = torch.arange(T)[:, None] + S - T
+    kpos = torch.arange(S)[None, :]
+    return (kpos <= qpos) & (kpos > qpos - window)
+
+
+def _prefill_then_decode(form: str):
+    """Outputs of the eager module and of the compressed-compiled one (budget above the prompt)."""
+    gen = torch.Generator().manual_seed(0)
+    T0, steps = 10, 3
+    xs = [[torch.randn(1, 2, t, 8, generator=gen) for _ in range(3)] for t in [T0] + [1] * steps]
+    backend = adakv_backend(AdaKVConfig(budget=32, window=2), inner="eager")
+    outs = []
+    for fn in (_Cached(form), torch.compile(_Cached(form), backend=backend)):
+        past, got = None, []
+        for i, (q, k, v) in enumerate(xs):
+            S = T0 + max(0, i)
+            T = T0 if i == 0 else 1
+            with torch.no_grad():
+                o, past = fn(q, k, v, _sliding(T, S if i else T0), past)
+            got.append(o)
+        outs.append(got)
+    return outs, backend
+
+
+@pytest.mark.xfail(strict=True, reason="kernels attend_append ignores the model's mask at decode: a "
+                   "sliding-window mask (or any mask that is not causal/padding) is dropped; "
+                   "plan/rewrite should pass the decode mask (gathered at the kept positions) or keep "
+                   "the cache in full")
+def test_sliding_window_mask_with_a_compressed_cache():
+    (ref, got), backend = _prefill_then_decode("sliding")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+@pytest.mark.xfail(strict=True, reason="is_causal=True at decode is SDPA's top-left causal mask (the "
+                   "one query sees key 0 only); attend_append attends to every kept key. plan should "
+                   "keep exact mode (or raise) for is_causal=True when q is shorter than k")
+def test_is_causal_at_decode_with_a_compressed_cache():
+    (ref, got), backend = _prefill_then_decode("is_causal_always")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+@pytest.mark.xfail(strict=True, reason="trace.py judges other readers of K/V only on the decode cat: the "
+                   "prefill graph compresses while the decode graph keeps the cache in full (StoreError "
+                   "at the first decode step); prefill should refuse too")
+def test_compressed_cache_with_extra_kv_readers():
+    (ref, got), backend = _prefill_then_decode("extra_reader")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, **TOL)
