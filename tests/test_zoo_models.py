@@ -13,7 +13,8 @@ import torch
 
 from adakv_compile import AdaKVConfig, adakv_backend
 from adakv_compile.kernels import store
-from tests.zoo import ATTN_IMPLS, DECODERS, FAMILIES, TinyGPT, build, tinygpt_generate
+from tests.zoo import (ATTN_IMPLS, DECODERS, EAGER_STYLES, FAMILIES, TinyEagerGPT, TinyGPT, build,
+                       tinygpt_generate)
 
 CASES = [(f, a) for f in FAMILIES for a in ATTN_IMPLS[f]]
 RESULTS: dict = {}
@@ -101,6 +102,30 @@ def test_handwritten_tuple_cache_model():
     assert {r.mode for r in comp.report} == {"compress", "store"}, comp.report.table()
     RESULTS.setdefault("handwritten (tuple cache)", {})["sdpa"] = {"patterns": ["sdpa"]}
     RESULTS["handwritten (tuple cache)"]["compress"] = {"compressed": 2, "layers": 2, "why_not": []}
+
+
+@pytest.mark.parametrize("style", list(EAGER_STYLES))
+def test_handwritten_eager_spellings(style):
+    """Hand-written eager attention (in-place scale, bmm layout, nn.Softmax, float32 softmax, MQA
+    broadcast): exact mode equals the model, compression compacts every layer."""
+    model = TinyEagerGPT(style).eval()
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(4))
+    ref = tinygpt_generate(model, ids, 6)
+    exact = adakv_backend(AdaKVConfig(), inner="eager")
+    compiled = torch.compile(model, backend=exact)
+    assert tinygpt_generate(compiled, ids, 6).tolist() == ref.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids)[0], model(ids)[0], **TOL)
+    assert exact.report and all(r.action == "rewritten" for r in exact.report), exact.report.table()
+    torch._dynamo.reset()
+    comp = adakv_backend(AdaKVConfig(budget=12, window=4), inner="eager")
+    out = tinygpt_generate(torch.compile(model, backend=comp), ids, 6)
+    assert out.shape == (2, 46)
+    assert {r.mode for r in comp.report} == {"compress", "store"}, comp.report.table()
+    compressed = sum(r.mode == "compress" for r in comp.report)
+    name = f"handwritten eager: {EAGER_STYLES[style]}"
+    RESULTS.setdefault(name, {})["eager"] = {"patterns": sorted({r.pattern for r in exact.report})}
+    RESULTS[name]["compress"] = {"compressed": compressed, "layers": len(model.blocks), "why_not": []}
 
 
 @pytest.mark.parametrize("family, attn", [("llama", "sdpa"), ("gpt2", "eager")])

@@ -3,6 +3,7 @@
     from tests.zoo import build, FAMILIES, ATTN_IMPLS, TinyGPT, tinygpt_generate
     model = build("llama", attn="sdpa")             # eval(), float32, seeded
     model = build("mistral", sliding_window=8)      # any config field can be overridden
+    model = TinyEagerGPT("bmm")                     # hand-written eager attention, see EAGER_STYLES
 
 All HF families share: hidden 64, 2 layers, head_dim 16, max positions 512, vocab 256,
 pad_token_id 0, bos 1, eos 2 (pass ``min_new_tokens`` / ``eos_token_id=None`` to ``generate`` if a
@@ -274,3 +275,102 @@ def tinygpt_generate(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tenso
         logits, past = model(nxt, past, pos)
         pos += 1
     return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TinyEagerGPT: TinyGPT with eager attention in the spellings hand-written models use
+# ----------------------------------------------------------------------------------------------
+
+EAGER_STYLES = {
+    "in_place": "scores /= sqrt(d), masked_fill_ statement, nn.Softmax and nn.Dropout modules, "
+                "repeat_interleave",
+    "bmm": "[batch·heads] layout: baddbmm(mask, q, kᵀ, alpha=scale), bmm, view back",
+    "fp32_softmax": "torch.where mask, softmax in float32 cast back, HF repeat_kv",
+    "mqa": "one KV head broadcast by the matmul (MQA), q pre-scaled, additive mask, x.softmax(-1)",
+}
+
+
+def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    """HF's repeat_kv: [B, Hkv, S, D] -> [B, Hkv * n, S, D], each KV head n times in a row."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+class _EagerBlock(_Block):
+    def __init__(self, hidden, n_heads, n_kv, head_dim, inter, style):
+        super().__init__(hidden, n_heads, n_kv, head_dim, inter)
+        self.style = style
+        self.scale = head_dim ** -0.5
+        self.softmax = nn.Softmax(dim=-1)
+        self.attn_drop = nn.Dropout(0.1)  # inactive in eval()
+
+    def forward(self, x, pos, past):
+        B, S, _ = x.shape
+        h = self.ln1(x)
+        q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = _rope(q, pos), _rope(k, pos)
+        if past is not None:
+            past_k, past_v = past
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        o = self._attend(q, k, v)
+        o = o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        x = x + self.o_proj(o)
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return x, (k, v)
+
+    def _attend(self, q, k, v):
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        G = H // self.n_kv
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if self.style == "in_place":
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            scores = q @ k.transpose(-2, -1)
+            scores /= math.sqrt(D)
+            scores.masked_fill_(~allowed, float("-inf"))
+            return self.attn_drop(self.softmax(scores)) @ v
+        if self.style == "bmm":
+            k3 = repeat_kv(k, G).reshape(B * H, S, D)
+            v3 = repeat_kv(v, G).reshape(B * H, S, D)
+            bias = torch.zeros(1, T, S, dtype=q.dtype, device=q.device).masked_fill(
+                ~allowed, torch.finfo(q.dtype).min)
+            scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k3.transpose(1, 2), beta=1.0,
+                                   alpha=1 / math.sqrt(D))
+            return torch.bmm(torch.softmax(scores, dim=-1), v3).view(B, H, T, D)
+        if self.style == "fp32_softmax":
+            k, v = repeat_kv(k, G), repeat_kv(v, G)
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+            scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
+            p = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            return torch.matmul(p, v)
+        if self.style == "mqa":
+            bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(
+                ~allowed, torch.finfo(q.dtype).min)
+            scores = (q * self.scale) @ k.mT + bias
+            return self.attn_drop(scores.softmax(-1)) @ v
+        raise ValueError(f"unknown style {self.style!r}; known: {list(EAGER_STYLES)}")
+
+
+class TinyEagerGPT(TinyGPT):
+    """TinyGPT (same interface, tuple cache) whose attention is eager code in one of ``EAGER_STYLES``.
+
+    GQA 4 q / 2 kv heads, except ``style="mqa"``: 1 kv head, broadcast by the matmul (no repeat).
+    """
+
+    def __init__(self, style: str, vocab=VOCAB, hidden=HIDDEN, layers=LAYERS, n_heads=HEADS, n_kv=None,
+                 head_dim=HEAD_DIM, inter=INTER, seed=0):
+        if style not in EAGER_STYLES:
+            raise ValueError(f"unknown style {style!r}; known: {list(EAGER_STYLES)}")
+        nn.Module.__init__(self)
+        n_kv = (1 if style == "mqa" else KV_HEADS) if n_kv is None else n_kv
+        torch.manual_seed(seed)
+        self.style = style
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(_EagerBlock(hidden, n_heads, n_kv, head_dim, inter, style)
+                                    for _ in range(layers))
+        self.ln_f = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.eval()
