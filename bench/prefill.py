@@ -1,0 +1,292 @@
+"""Prefill cost and capacity on the GPU: Llama-3.1-8B shapes (random bf16 weights), one process, one card.
+
+Part 1, prefill (per shape batch x context): wall time of one prefill (median of --reps after a warm-up
+call, so compile time is excluded) and peak memory, for
+  eager          the uncompiled HF model, SDPA, full cache (DynamicCache)
+  compiled       plain torch.compile (Inductor), DynamicCache
+  adakv          adakv backend + AdaKVCache (scores, allocates and compacts every layer)
+and the share of the adakv prefill spent in scoring + allocation + compaction: the same work
+(``kernels/static.py``: window_scores, keep_mask, fill_static) timed alone on random inputs of the
+layer's shapes, times the number of layers.
+
+Part 2, capacity at --capacity-context tokens per request: the largest batch whose cache fits on the card,
+full cache (HF StaticCache) vs AdaKVCache at budgets --capacity-budgets, and the decode throughput at that
+batch (tokens/s, pipelined decode steps; StaticCache + reduce-overhead vs the adakv fast path). The
+caches are filled with random data as a prefill would leave them (so no batch-sized prefill is needed:
+requests can be prefilled one at a time and joined, see the README).
+
+    python bench/prefill.py --layers 8 --out bench/results/prefill-<card>.json
+Writes prefill-<card>.json (rows: batch, context, adakv_prefill_ms, eager_prefill_ms, peak_gb, ...) and
+capacity-<card>.json (per budget: max_batch, tokens_per_s; and the full cache's), Markdown and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
+from adakv_compile.cache import cache_kwarg  # noqa: E402
+from adakv_compile.kernels.allocate import keep_mask  # noqa: E402
+from adakv_compile.kernels.score import window_scores  # noqa: E402
+from adakv_compile.kernels.static import fill_static  # noqa: E402
+
+from e2e import build, copy_bandwidth  # noqa: E402
+
+
+def timed(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> dict:
+    kw = cache_kwarg(model)
+    ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+    row = dict(batch=B, context=n, budget=budget)
+
+    def run(fwd, make_cache):
+        def go():
+            with torch.no_grad():
+                fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: make_cache()})
+        go()  # warm-up / compile
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(go, reps)
+        return ms, torch.cuda.max_memory_allocated() / 1e9
+
+    for name, fwd, make in (
+            ("eager", orig_forward, lambda: DynamicCache(config=model.config)),
+            ("compiled", torch.compile(orig_forward), lambda: DynamicCache(config=model.config))):
+        try:
+            row[f"{name}_prefill_ms"], row[f"{name}_peak_gb"] = run(fwd, make)
+        except torch.OutOfMemoryError:
+            row[f"{name}_prefill_ms"] = row[f"{name}_peak_gb"] = None
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    backend = adakv_backend(AdaKVConfig(budget=budget))
+    cache = AdaKVCache(model, backend, batch_size=B, max_new_tokens=64)
+
+    def fresh():
+        cache.reset()
+        return cache
+    try:
+        row["adakv_prefill_ms"], row["adakv_peak_gb"] = run(torch.compile(orig_forward, backend=backend), fresh)
+    except torch.OutOfMemoryError:
+        row["adakv_prefill_ms"] = row["adakv_peak_gb"] = None
+    torch._dynamo.reset()
+    del cache
+    torch.cuda.empty_cache()
+    row["peak_gb"] = row["adakv_peak_gb"]
+    row["compress_ms"] = compress_ms(model, B, n, budget, reps)
+    if row["adakv_prefill_ms"]:
+        row["compress_share"] = row["compress_ms"] / row["adakv_prefill_ms"]
+    return row
+
+
+def compress_ms(model, B: int, n: int, budget: int, reps: int) -> float:
+    """Scoring + allocation + compaction of all layers, timed alone on random inputs of the layer shapes."""
+    c = model.config
+    D = c.hidden_size // c.num_attention_heads
+    Hq, Hkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
+    cfg = AdaKVConfig(budget=budget)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    valid = torch.ones(B, n, dtype=torch.bool, device="cuda")
+    cache = AdaKVCache(model, cfg, batch_size=B, max_new_tokens=64)
+    lay = cache.layers[0]
+
+    def one():
+        s = window_scores(q, k, valid, cfg, D ** -0.5, None)
+        keep = keep_mask(s, valid, cfg, 0, L)
+        fill_static(k, v, keep, lay.room, lay.pool_k, lay.pool_v, lay.off, lay.lens, lay.pos)
+    one()
+    ms = timed(one, reps) * L
+    del q, k, v, cache
+    return ms
+
+
+def fill_random(tensors):
+    for t in tensors:
+        if t.is_floating_point():
+            t.normal_()
+
+
+def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb: float) -> dict:
+    """Largest batch of n-token requests whose cache fits, and decode tokens/s at that batch."""
+    kw = cache_kwarg(model)
+    c = model.config
+    D = c.hidden_size // c.num_attention_heads
+    Hkv, L = c.num_key_value_heads, c.num_hidden_layers
+    room = steps + 16
+    if budget is None:
+        per_row = L * 2 * Hkv * (n + room) * D * 2
+    else:
+        S = Hkv * budget + (Hkv + 1) // 2 + Hkv * room
+        per_row = L * (2 * S * D * 2 + S * 4)
+    # decode activations per row: logits (bf16 + fp32 argmax input) and the MLP's intermediate, generously
+    act_per_row = c.vocab_size * 6 + c.intermediate_size * 8 + c.hidden_size * 32
+    free = torch.cuda.mem_get_info()[0] - free_margin_gb * 1e9
+    batch = int(free // (per_row + act_per_row))
+    row = dict(context=n, budget=budget, per_row_bytes=per_row, estimate=batch)
+    for _ in range(4):
+        fitted = False
+        try:
+            row.update(_decode_at(model, orig_forward, kw, n, budget, batch, room, steps))
+            row["max_batch"] = fitted = batch
+        except torch.OutOfMemoryError:
+            pass
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()  # after the except block: the failed attempt's frames are gone
+        if fitted:
+            break
+        batch = int(batch * 0.9)
+    return row
+
+
+def _decode_at(model, orig_forward, kw, n, budget, batch, room, steps) -> dict:
+    c = model.config
+    D = c.hidden_size // c.num_attention_heads
+    Hkv = c.num_key_value_heads
+    if budget is None:
+        cache = StaticCache(config=model.config, max_cache_len=n + room)
+        cache.early_initialization(batch, Hkv, D, torch.bfloat16, torch.device("cuda"))
+        for layer in cache.layers:
+            fill_random((layer.keys, layer.values))
+            layer.cumulative_length.fill_(n)
+        fwd = torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True)
+    else:
+        backend = adakv_backend(AdaKVConfig(budget=budget))
+        cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room)
+        for layer in cache.layers:  # as a prefill leaves it: `budget` tokens per head, then the room
+            fill_random((layer.pool_k, layer.pool_v))
+            seg = budget + layer.room
+            layer.off.copy_(torch.arange(batch, device="cuda")[:, None] * layer.slots_per_row
+                            + torch.arange(Hkv, device="cuda") * seg)
+            layer.lens.fill_(budget)
+            layer.seen.fill_(n)
+            layer.compressed = True
+        fwd = torch.compile(orig_forward, backend=backend)
+    cache_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                   if budget is None else cache.nbytes())
+    tok = torch.randint(1, c.vocab_size, (batch, 1), device="cuda")
+    with torch.no_grad():
+        for _ in range(4):
+            tok = fwd(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        for i in range(steps):
+            ev[i].record()
+            tok = fwd(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+        ev[steps].record()
+        torch.cuda.synchronize()
+    ms = statistics.median(ev[i].elapsed_time(ev[i + 1]) for i in range(steps))
+    out = dict(ms_per_step=ms, tokens_per_s=batch / ms * 1e3, cache_gb=cache_bytes / 1e9,
+               peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    del cache, fwd
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shapes", default="1x8192,1x32768,8x32768,1x131072")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--capacity-context", type=int, default=32768)
+    ap.add_argument("--capacity-budgets", default="full,256,1024,2048")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--out", default="prefill.json")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cap_out = out.with_name(out.name.replace("prefill", "capacity"))
+    device = torch.cuda.get_device_name(0)
+    meta = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+            "layers": a.layers, "copy_GBps": copy_bandwidth() / 1e9}
+    model = build(a.layers)
+    orig_forward = model.forward
+    if not a.skip_prefill:
+        res = dict(meta, budget=a.budget, rows=[])
+        for shape in a.shapes.split(","):
+            B, n = (int(x) for x in shape.split("x"))
+            row = prefill_row(model, orig_forward, B, n, a.budget, a.reps)
+            row["device"] = device
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(res, indent=1))
+        lines = [f"# Prefill, {device}, Llama-3.1-8B shapes × {a.layers} layers, budget {a.budget}", "",
+                 "| batch × context | eager ms | compiled ms | adakv ms | adakv / eager | scoring+alloc+compaction "
+                 "ms (share) | peak GB eager / compiled / adakv |", "|---|---|---|---|---|---|---|"]
+        f = lambda x, s=".0f": format(x, s) if isinstance(x, (int, float)) else "OOM"  # noqa: E731
+        for r in res["rows"]:
+            ratio = (f"{r['adakv_prefill_ms'] / r['eager_prefill_ms']:.2f}×"
+                     if r.get("adakv_prefill_ms") and r.get("eager_prefill_ms") else "—")
+            lines.append(f"| {r['batch']} × {r['context']} | {f(r['eager_prefill_ms'])} | {f(r['compiled_prefill_ms'])} "
+                         f"| {f(r['adakv_prefill_ms'])} | {ratio} | {f(r['compress_ms'], '.1f')} "
+                         f"({f(100 * r.get('compress_share', 0), '.1f')} %) | {f(r['eager_peak_gb'], '.1f')} / "
+                         f"{f(r['compiled_peak_gb'], '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+    if not a.skip_capacity:
+        cap = dict(meta, context=a.capacity_context, rows=[])
+        for b in a.capacity_budgets.split(","):
+            budget = None if b == "full" else int(b)
+            row = capacity_row(model, orig_forward, a.capacity_context, budget, a.steps, free_margin_gb=4.0)
+            row["device"] = device
+            row["method"] = "StaticCache full + reduce-overhead" if budget is None else f"adakv-{budget}"
+            cap["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            cap_out.write_text(json.dumps(cap, indent=1))
+        full = next((r for r in cap["rows"] if r["budget"] is None and r.get("max_batch")), None)
+        lines = [f"# Capacity at {a.capacity_context} tokens per request, {device}, Llama-3.1-8B shapes × "
+                 f"{a.layers} layers", "", "| cache | max batch | × full | decode ms/step | tokens/s | × full |",
+                 "|---|---|---|---|---|---|"]
+        for r in cap["rows"]:
+            if not r.get("max_batch"):
+                lines.append(f"| {r['method']} | did not fit | | | | |")
+                continue
+            xb = f"{r['max_batch'] / full['max_batch']:.1f}×" if full else "—"
+            xt = f"{r['tokens_per_s'] / full['tokens_per_s']:.1f}×" if full else "—"
+            lines.append(f"| {r['method']} | {r['max_batch']} | {xb} | {r['ms_per_step']:.1f} | "
+                         f"{r['tokens_per_s']:.0f} | {xt} |")
+        cap_out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            rows = [r for r in cap["rows"] if r.get("max_batch")]
+            fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+            ax[0].bar([r["method"].split(" ")[0] for r in rows], [r["max_batch"] for r in rows])
+            ax[0].set_ylabel(f"max batch of {a.capacity_context // 1024}k requests")
+            ax[1].bar([r["method"].split(" ")[0] for r in rows], [r["tokens_per_s"] for r in rows])
+            ax[1].set_ylabel("decode tokens/s at that batch")
+            fig.suptitle(device)
+            fig.tight_layout()
+            fig.savefig(cap_out.with_suffix(".png"), dpi=110, metadata={"Description": f"device: {device}"})
+        except Exception as e:
+            print("plot failed:", e)
+
+
+if __name__ == "__main__":
+    main()
