@@ -1,0 +1,321 @@
+"""Triton SnapKV window scores (same result as ``score.window_scores``, docs/algorithm.md, Scores).
+
+``window_scores`` builds the fp32 logits ``[B, Hkv, G*w, n]`` of the window queries against every key
+(plus a fp32 copy of K, the mask and the softmax output, all of that size). This module never
+materialises them: the scores are computed block by block from Q and K as they are stored.
+
+Kernel design
+-------------
+Notation: ``m = n - w`` candidate columns; the ``R = G * w`` window queries of a KV group are its rows
+(row ``g * w + i`` = query head ``h * G + g``, window query ``i`` at key position ``m + i``).
+
+* Rows are tiled ``[HB heads, WB window queries]`` (powers of two; ``HB * WB`` rows, at least 16 for
+  ``tl.dot``), so one ``tl.dot`` scores a tile of the group's rows against a block of keys; K is read as
+  ``[B, Hkv, n, D]`` and never repeated to the query heads. Rows past ``G`` / ``w`` are masked.
+* Pass A (``_score_stats``), grid ``(B * Hkv, row tiles, splits)``: the softmax statistics of every row
+  over all keys: running max and sum of ``exp`` (online softmax over ``BLOCK_N``-key blocks, natural
+  ``exp`` as the reference). Keys are cut into ``splits`` ``BLOCK_N``-aligned pieces when there are few
+  (row, head) programs; ``_score_merge`` then merges the pieces' (max, sum) per row. Masks: padding keys,
+  causal inside the window (query ``m + i`` sees keys ``j <= m + i``), soft-capping before masking.
+* Pass B (``_score_reduce``), grid ``(B * Hkv, cdiv(m, BLOCK_N))``: one block of candidate keys (causal is
+  always satisfied there), loaded once; for every row tile the logits are recomputed,
+  ``p = exp(x - max) / sum`` (0 on padding keys), summed over the window queries of each head and
+  divided by ``w`` (the window mean), then reduced over the ``G`` heads: mean or max. Writes the reduced
+  scores ``[B, Hkv, m]`` (fp32).
+* Pooling (``max_pool1d`` / ``avg_pool1d``, as in ``window_scores``) and the -inf of padding / window
+  columns are plain PyTorch on ``[B, Hkv, m]``/``[B, Hkv, n]`` fp32 tensors (cheap, fusable by Inductor).
+
+Memory: the reduced, pooled and output scores (about ``3 * B * Hkv * n`` fp32) and the statistics
+(``2 * B * Hq * w * (splits + 1)`` fp32), against ``window_scores``'s several ``B * Hq * w * n`` fp32 tensors
+(logits, mask, probabilities) plus the fp32 copy of K (``B * Hkv * n * D``) for half inputs.
+
+Numerics: fp32 inputs use IEEE dot products; bf16/fp16 inputs use the native dot with fp32 accumulation
+(bf16 products are exact in fp32, as in the reference's cast-then-matmul). The result equals
+``window_scores`` up to fp32 rounding (summation order of the dot, the online softmax and the means).
+No host synchronisation: everything is launched from host-known sizes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..config import AdaKVConfig
+from .score import streaming_scores
+from .triton_attend import _interpreting, _sm_count, is_interpreted, launcher
+
+
+@triton.jit
+def _tanh_acc(x):
+    """tanh with a small relative error everywhere (interpreter-friendly, no libdevice): an odd Taylor
+    polynomial for |x| < 1/8, ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` elsewhere."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _logits(q, kt, scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    if DOT_F32:  # interpreter: bf16 tl.dot is unsupported there (triton-lang/triton#11584)
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+    s = s * scale
+    if SOFTCAP:
+        s = _tanh_acc(s / softcap) * softcap
+    return s
+
+
+@triton.jit
+def _score_stats(
+    Q, K, VALID, WS_M, WS_L,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svn,
+    HKV, G, W, N, M_CAND, Q_OFF, R, N_WC, NUM_SPLITS, PER_SPLIT,
+    scale, softcap,
+    D: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = (pid_bh % HKV).to(tl.int64)
+    hs = pid_t // N_WC
+    wc = pid_t % N_WC
+
+    r = tl.arange(0, HB * WB)
+    g = hs * HB + r // WB
+    i = wc * WB + r % WB
+    row_ok = (g < G) & (i < W)
+    qpos = M_CAND + i  # the window query's key position
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_ptrs = (Q + b * sqb + (h * G + g.to(tl.int64))[:, None] * sqh + (Q_OFF + i.to(tl.int64))[:, None] * sqn
+              + d[None, :] * sqd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    softcap = tl.cast(softcap, tl.float32)
+    lo = pid_s * PER_SPLIT
+    hi = tl.minimum(lo + PER_SPLIT, N)
+    m_i = tl.full([HB * WB], float("-inf"), tl.float32)
+    l_i = tl.zeros([HB * WB], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < hi
+        kt = tl.load(K + b * skb + h * skh + j[None, :].to(tl.int64) * skn + d[:, None] * skd,
+                     mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=j_ok, other=0) != 0
+        s = _logits(q, kt, scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
+        vis = (j[None, :] <= qpos[:, None]) & vld[None, :] & row_ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
+        m_i = m_new
+
+    ws = (pid_bh * NUM_SPLITS + pid_s).to(tl.int64) * R + g * W + i
+    tl.store(WS_M + ws, m_i, mask=row_ok)
+    tl.store(WS_L + ws, l_i, mask=row_ok)
+
+
+@triton.jit
+def _score_merge(WS_M, WS_L, ST_M, ST_L, R, NUM_SPLITS, BLOCK_R: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < R
+    m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_R], tl.float32)
+    for s in range(0, NUM_SPLITS):
+        ws = (pid_bh * NUM_SPLITS + s).to(tl.int64) * R + rows
+        m_s = tl.load(WS_M + ws, mask=ok, other=float("-inf"))
+        l_s = tl.load(WS_L + ws, mask=ok, other=0.0)
+        m_new = tl.maximum(m_t, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_t = l_t * tl.exp(m_t - m_use) + l_s * tl.exp(m_s - m_use)
+        m_t = m_new
+    out = pid_bh.to(tl.int64) * R + rows
+    tl.store(ST_M + out, m_t, mask=ok)
+    tl.store(ST_L + out, l_t, mask=ok)
+
+
+@triton.jit
+def _score_reduce(
+    Q, K, VALID, ST_M, ST_L, RED,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svn,
+    HKV, G, W, M_CAND, Q_OFF, R, N_HS, N_WC,
+    scale, softcap,
+    D: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, GQA_MAX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = (pid_bh % HKV).to(tl.int64)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < M_CAND  # candidate columns only: every window query sees them (causal holds)
+    kt = tl.load(K + b * skb + h * skh + j[None, :].to(tl.int64) * skn + d[:, None] * skd,
+                 mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+    vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=j_ok, other=0) != 0
+
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    r = tl.arange(0, HB * WB)
+    red = tl.zeros([BLOCK_N], tl.float32)
+    for hs in range(0, N_HS):
+        hsum = tl.zeros([HB, BLOCK_N], tl.float32)
+        for wc in range(0, N_WC):
+            g = hs * HB + r // WB
+            i = wc * WB + r % WB
+            row_ok = (g < G) & (i < W)
+            q_ptrs = (Q + b * sqb + (h * G + g.to(tl.int64))[:, None] * sqh
+                      + (Q_OFF + i.to(tl.int64))[:, None] * sqn + d[None, :] * sqd)
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            st = pid_bh.to(tl.int64) * R + g * W + i
+            # rows with no visible key (max -inf, sum 0) exist only in rows without valid candidates
+            m_r = tl.load(ST_M + st, mask=row_ok, other=0.0)
+            m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+            l_r = tl.load(ST_L + st, mask=row_ok, other=1.0)
+            l_r = tl.where(l_r == 0.0, 1.0, l_r)
+            s = _logits(q, kt, scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
+            p = tl.exp(s - m_r[:, None]) / l_r[:, None]
+            p = tl.where(row_ok[:, None] & vld[None, :], p, 0.0)
+            hsum += tl.sum(tl.reshape(p, [HB, WB, BLOCK_N]), 1)
+        hmean = hsum / W  # window mean per head; heads past G are 0 (scores are >= 0: neutral for max)
+        if GQA_MAX:
+            red = tl.maximum(red, tl.max(hmean, 0))
+        else:
+            red += tl.sum(hmean, 0)
+    if not GQA_MAX:
+        red = red / G
+    tl.store(RED + pid_bh.to(tl.int64) * M_CAND + j, red, mask=j_ok)
+
+
+def tiles(G: int, w: int, max_rows: int = 128) -> tuple[int, int]:
+    """(HB, WB): heads and window queries per row tile (powers of two, HB * WB in [16, max_rows])."""
+    wb = min(triton.next_power_of_2(w), max_rows)
+    hb = max(1, min(triton.next_power_of_2(G), max_rows // wb))
+    if hb * wb < 16:
+        wb = 16 // hb
+    return hb, wb
+
+
+def default_config(head_dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of both passes."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    return block_n, (8 if device.type == "cuda" else 4), 2
+
+
+def choose_splits(programs: int, n: int, block_n: int, device: torch.device, min_keys: int = 512) -> int:
+    """Key pieces of pass A: about two programs per SM, pieces of at least ``min_keys`` keys."""
+    sms = _sm_count(device)
+    if sms <= 1:
+        return 1
+    want = math.ceil(2 * sms / max(1, programs))
+    return int(max(1, min(want, n // max(min_keys, block_n))))
+
+
+def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
+                         scale: float, softcap: float | None = None, *, block_n: int | None = None,
+                         num_warps: int | None = None, num_stages: int | None = None,
+                         num_splits: int | None = None) -> torch.Tensor:
+    """SnapKV scores [B, Hkv, n] (fp32), as ``score.window_scores``, without the [B, Hq, w, n] logits.
+
+    ``q`` [B, Hq, tq, D] with ``tq >= window``: its last ``window`` rows are the window queries (the full
+    prompt's q, as ``window_scores`` takes, or just ``q[:, :, -window:]``); ``k`` [B, Hkv, n, D] (any
+    strides); ``valid`` [B, n] bool. ``block_n`` / ``num_warps`` / ``num_stages`` / ``num_splits`` override
+    the heuristics (benchmarks). No host synchronisation.
+    """
+    B, Hq, tq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    w = config.window
+    m = n - w
+    if m <= 0:
+        return torch.full((B, Hkv, n), float("-inf"), device=q.device)
+    if config.scorer == "streaming":
+        return streaming_scores(valid, config, Hkv, n)
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if tq < w:
+        raise ValueError(f"q has {tq} rows, fewer than the window ({w})")
+    if D > 256:
+        raise ValueError(f"head_dim {D} > 256 is not supported by the Triton scorer")
+    if q.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError(
+            "window_scores_triton got CPU tensors but its kernels were compiled for the GPU: set "
+            "TRITON_INTERPRET=1 before triton is first imported to run them on CPU")
+    G = Hq // Hkv
+    R = G * w
+    n_bh = B * Hkv
+    dev = q.device
+    valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+
+    hb, wb = tiles(G, w)
+    n_hs, n_wc = triton.cdiv(G, hb), triton.cdiv(w, wb)
+    block_d = max(16, triton.next_power_of_2(D))
+    bn, nw, ns = default_config(D, dev)
+    block_n = block_n or bn
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    interp = _interpreting(dev)
+    dot_prec = "ieee" if k.dtype == torch.float32 else "tf32"  # (ignored for half inputs)
+    cap = float(softcap) if softcap else 1.0
+    common = dict(D=D, HB=hb, WB=wb, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=bool(softcap),
+                  DOT_PREC=dot_prec, DOT_F32=interp)
+    strides = (*q.stride(), *k.stride(), *valid_u8.stride())
+
+    # pass A: per-row softmax statistics over all keys
+    if num_splits is None:
+        num_splits = choose_splits(n_bh * n_hs * n_wc, n, block_n, dev)
+    per = triton.cdiv(triton.cdiv(n, max(1, int(num_splits))), block_n) * block_n
+    num_splits = triton.cdiv(n, per)
+    ws_m = torch.empty((n_bh * num_splits * R,), dtype=torch.float32, device=dev)
+    ws_l = torch.empty_like(ws_m)
+    launcher(_score_stats, q)[(n_bh, n_hs * n_wc, num_splits)](
+        q, k, valid_u8, ws_m, ws_l, *strides,
+        Hkv, G, w, n, m, tq - w, R, n_wc, num_splits, per,
+        float(scale), cap, **common, num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        st_m = torch.empty((n_bh * R,), dtype=torch.float32, device=dev)
+        st_l = torch.empty_like(st_m)
+        block_r = min(1024, max(16, triton.next_power_of_2(R)))
+        launcher(_score_merge, q)[(n_bh, triton.cdiv(R, block_r))](
+            ws_m, ws_l, st_m, st_l, R, num_splits, BLOCK_R=block_r, num_warps=4)
+    else:
+        st_m, st_l = ws_m, ws_l
+
+    # pass B: normalised probabilities of the candidate columns, window mean, GQA reduction
+    red = torch.empty((B, Hkv, m), dtype=torch.float32, device=dev)
+    launcher(_score_reduce, q)[(n_bh, triton.cdiv(m, block_n))](
+        q, k, valid_u8, st_m, st_l, red, *strides,
+        Hkv, G, w, m, tq - w, R, n_hs, n_wc,
+        float(scale), cap, GQA_MAX=config.gqa_reduce == "max", **common,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+    # pooling of the reduced scores, then -inf on padding and window columns (as window_scores)
+    flat = red.view(n_bh, 1, m)
+    pad = config.kernel_size // 2
+    if config.pooling == "max":
+        pooled = F.max_pool1d(flat, config.kernel_size, stride=1, padding=pad)
+    else:
+        pooled = F.avg_pool1d(flat, config.kernel_size, stride=1, padding=pad, count_include_pad=True)
+    pooled = pooled.view(B, Hkv, m).masked_fill(~valid[:, None, :m].bool(), float("-inf"))
+    window = pooled.new_full((B, Hkv, w), float("-inf"))
+    return torch.cat([pooled, window], dim=-1)
