@@ -211,8 +211,9 @@ def _emit_sdpa(c: Case, rng: random.Random) -> None:
         c.notes.append("is_causal")
         # causal while the queries are the prompt (as HF: no mask at decode); is_causal=True at decode
         # would be SDPA's top-left causal mask: see test_is_causal_at_decode_with_a_compressed_cache
-        kw["is_causal"] = rng.choice(["q.shape[2] == k.shape[2]", "past is None" if c.cache in ("tuple", "dict")
-                                      else "q.shape[-2] > 1"])
+        # (not `q.shape[2] == k.shape[2]`: a SymBool under dynamic shapes, SDPA then runs outside the
+        # graph: see test_graph_break_before_attention_with_a_compressed_cache)
+        kw["is_causal"] = "past is None" if c.cache in ("tuple", "dict") else "q.shape[-2] > 1"
     elif c.mask != "none":
         kw["attn_mask"] = "mask"
     scale = rng.choice([None, None, "0.3", f"1 / math.sqrt({c.d})", "q.shape[-1] ** -0.5"])
@@ -714,6 +715,8 @@ class _Cached(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         if self.form == "is_causal_always":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.form == "symbool_causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2])
         elif self.form == "extra_reader":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
             o = o + k.mean()
@@ -771,5 +774,20 @@ def test_is_causal_at_decode_with_a_compressed_cache():
                    "at the first decode step); prefill should refuse too")
 def test_compressed_cache_with_extra_kv_readers():
     (ref, got), backend = _prefill_then_decode("extra_reader")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+@pytest.mark.xfail(strict=True, reason="a graph break between the cache cat and the attention (here "
+                   "is_causal is a SymBool once shapes are dynamic, so SDPA runs outside the graph) lets "
+                   "eager SDPA read the compacted store: silently wrong. backend.py should raise when a "
+                   "store view enters a graph that has no adakv op for it (or the attention should be "
+                   "found across the break)")
+def test_graph_break_before_attention_with_a_compressed_cache():
+    from adakv_compile.kernels.store import StoreError
+    try:
+        (ref, got), backend = _prefill_then_decode("symbool_causal")
+    except StoreError:
+        return  # loud is fine
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, **TOL)
