@@ -233,13 +233,14 @@ def choose_splits(programs: int, n: int, block_n: int, device: torch.device, min
 def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
                          scale: float, softcap: float | None = None, *, block_n: int | None = None,
                          num_warps: int | None = None, num_stages: int | None = None,
-                         num_splits: int | None = None) -> torch.Tensor:
+                         num_splits: int | None = None, row_tile: int = 128) -> torch.Tensor:
     """SnapKV scores [B, Hkv, n] (fp32), as ``score.window_scores``, without the [B, Hq, w, n] logits.
 
     ``q`` [B, Hq, tq, D] with ``tq >= window``: its last ``window`` rows are the window queries (the full
     prompt's q, as ``window_scores`` takes, or just ``q[:, :, -window:]``); ``k`` [B, Hkv, n, D] (any
-    strides); ``valid`` [B, n] bool. ``block_n`` / ``num_warps`` / ``num_stages`` / ``num_splits`` override
-    the heuristics (benchmarks). No host synchronisation.
+    strides); ``valid`` [B, n] bool. ``block_n`` / ``num_warps`` / ``num_stages`` / ``num_splits`` /
+    ``row_tile`` (most query rows per ``tl.dot`` tile) override the heuristics (tests, benchmarks).
+    No host synchronisation.
     """
     B, Hq, tq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
@@ -265,7 +266,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     dev = q.device
     valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
 
-    hb, wb = tiles(G, w)
+    hb, wb = tiles(G, w, row_tile)
     n_hs, n_wc = triton.cdiv(G, hb), triton.cdiv(w, wb)
     block_d = max(16, triton.next_power_of_2(D))
     bn, nw, ns = default_config(D, dev)
