@@ -267,7 +267,6 @@ _MATMUL = (torch.matmul, operator.matmul, "matmul")
 _BMM = (torch.bmm, "bmm")
 _BADDBMM = (torch.baddbmm, "baddbmm")
 _EINSUM = (torch.einsum, torch.functional.einsum)
-_PRODUCTS = _MATMUL + _BMM + _BADDBMM + _EINSUM
 _SOFTMAX = (F.softmax, torch.softmax, "softmax", torch.special.softmax)
 _MUL = (operator.mul, torch.mul, torch.multiply, "mul", "multiply")
 _IMUL = (operator.imul, "mul_", "multiply_")
@@ -284,7 +283,6 @@ _CAST = ("to", "type", "type_as", "float", "half", "bfloat16", "double")
 _IDENTITY = ("contiguous", "clone", torch.clone)
 _DROPOUT = (F.dropout, torch.dropout, "dropout")
 _LAYOUT = ("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten)
-_TRANSPOSE = ("transpose", torch.transpose, "permute", torch.permute)
 _SHAPE_READERS = ("size", "dim", "numel", torch.ops.aten.sym_size.int)
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                   operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
@@ -603,14 +601,14 @@ def _walk(qk: fx.Node, order: dict) -> list:
             return ops
 
 
-def _eager_site(sm: fx.Node, order: dict, graph: fx.Graph):
+def _eager_site(sm: fx.Node, order: dict):
     """The attention around softmax node ``sm``: AttentionSite, Skipped, or None (not attention)."""
     pv = _find_pv(sm)
     if pv is None:
         return None  # the softmax output never meets a matrix product: nothing to rewrite
     ancestors, qks = _find_qk(sm)
     if not qks:
-        return Skipped(pv, "eager", f"softmax input is not q·kᵀ (no matrix product feeds it)")
+        return Skipped(pv, "eager", "softmax input is not q·kᵀ (no matrix product feeds it)")
     first_reason = None
     for qk in qks:
         try:
@@ -680,7 +678,7 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
     """Match the ops read from ``q·kᵀ`` to softmax(softcap(q·kᵀ·scale) + mask) · V; raises _Reject."""
     left, right, right_t, extra = _product(qk)
     pv = ops[-1].node
-    p_left, v_op, v_t, _ = _product(pv)
+    _, v_op, v_t, _ = _product(pv)
     q4, q_sw, q_nodes = _peel(left)
     k4, k_sw, k_nodes = _peel(right)
     v4, v_sw, v_nodes = _peel(v_op)
@@ -890,7 +888,7 @@ def find_attention(graph: fx.Graph) -> list:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             found.append(_sdpa_site(node))
         elif _is_call(node, *_SOFTMAX):
-            site = _eager_site(node, order, graph)
+            site = _eager_site(node, order)
             if site is not None:
                 found.append(site)
     return found
