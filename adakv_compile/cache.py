@@ -200,6 +200,165 @@ class AdaKVCache(Cache):
         """Bytes held by all layers' tensors (what the cache costs, independent of what is used)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
+    # -- many long requests: prefill apart, decode together, drop finished rows ------------------------------
+    # New caches, never in-place edits: every tensor of a cache keeps its address for its whole life (what
+    # Dynamo's static-address marks and CUDA graph replay rely on). A new cache is a new batch size and new
+    # addresses: the compiled decode step is specialised (or recorded as a CUDA graph) again for it.
+
+    @classmethod
+    def _blank(cls, config: AdaKVConfig, batch_size: int, shapes: list, max_new_tokens: int,
+               appended: int) -> "AdaKVCache":
+        """An AdaKVCache with fresh zeroed layers; ``shapes``: per layer (heads, head_dim, kept_per_head,
+        room, dtype, device), the arguments of AdaKVLayer."""
+        obj = cls.__new__(cls)
+        obj.config = config
+        obj.max_new_tokens = max_new_tokens
+        obj.appended = appended
+        layers = [AdaKVLayer(obj, batch_size, h, d, kept, room, dtype, device)
+                  for h, d, kept, room, dtype, device in shapes]
+        super(AdaKVCache, obj).__init__(layers=layers)
+        return obj
+
+    @classmethod
+    def join(cls, caches, max_new_tokens: Optional[int] = None) -> "AdaKVCache":
+        """One batched cache whose rows are the rows of ``caches`` (prefilled, compressed), in order.
+
+        Each cache may come from a prompt of its own length (or a left-padded group of prompts), and may have
+        had tokens appended already. The result is a left-padded batch of logical length ``L`` = the largest
+        ``get_seq_length()`` of the inputs: the rows of a cache that has seen ``n`` tokens are treated as
+        left-padded by ``L - n`` (their stored positions shift by that much; the K/V, with the RoPE positions
+        the prompts were run at, are copied as they are). Decode the result with position ids that continue
+        each row's own count of real tokens — ``decode_batch`` does, and so does ``model.generate`` given the
+        joined attention mask (``left_pad_masks``).
+
+        Every segment gets ``max_new_tokens`` free slots (default: the most any input has left); the new cache
+        counts appended tokens from zero. The inputs are not modified (drop them to free their memory).
+        """
+        caches = list(caches) if not isinstance(caches, AdaKVCache) else [caches]
+        if not caches:
+            raise ValueError("AdaKVCache.join(caches=[]): give at least one cache")
+        for i, c in enumerate(caches):
+            if not isinstance(c, AdaKVCache):
+                raise TypeError(f"AdaKVCache.join: caches[{i}] is a {type(c).__name__}, not an AdaKVCache")
+        first = caches[0]
+        L0 = first.layers
+        for i, c in enumerate(caches):
+            if c.config.key() != first.config.key():
+                raise ValueError(f"AdaKVCache.join: caches[{i}] was built for another AdaKVConfig than caches[0] "
+                                 f"({c.config} vs {first.config}); join only caches of one backend")
+            if len(c.layers) != len(L0):
+                raise ValueError(f"AdaKVCache.join: caches[{i}] has {len(c.layers)} layers, caches[0] has "
+                                 f"{len(L0)} (caches of different models)")
+            for j, (a, b) in enumerate(zip(c.layers, L0)):
+                for what, x, y in (("KV heads", a.num_heads, b.num_heads), ("head_dim", a.head_dim, b.head_dim),
+                                   ("dtype", a.pool_k.dtype, b.pool_k.dtype),
+                                   ("device", a.pool_k.device, b.pool_k.device)):
+                    if x != y:
+                        raise ValueError(f"AdaKVCache.join: caches[{i}] layer {j} has {what} {x}, caches[0] has "
+                                         f"{y}")
+            if not all(layer.compressed for layer in c.layers):
+                raise StoreError(f"AdaKVCache.join: caches[{i}] holds no prefilled prompt (run the compiled "
+                                 "model on its prompt first)")
+            seen = {int(layer.seen) for layer in c.layers}
+            if len(seen) != 1:
+                raise StoreError(f"AdaKVCache.join: caches[{i}]'s layers disagree on the tokens seen ({seen})")
+        if max_new_tokens is None:
+            max_new_tokens = max(max(c.max_new_tokens - c.appended, 1) for c in caches)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"AdaKVCache.join(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
+        seen = [int(c.layers[0].seen) for c in caches]
+        L = max(seen)
+        B = sum(c.layers[0].batch_size for c in caches)
+        room = max_new_tokens
+        shapes = []
+        for j, lay in enumerate(L0):
+            H = lay.num_heads
+            slack = (H + 1) // 2
+            # kept part of a row (slack included): as large as any input's (so a reset + prefill fits as
+            # well), and at least what any row holds now (its appended tokens become kept ones)
+            need = max(max(c.layers[j].slots_per_row - H * c.layers[j].room for c in caches),
+                       max(int(c.layers[j].lens.sum(-1).max()) for c in caches))
+            kept = max(0, -(-(need - slack) // H))
+            shapes.append((H, lay.head_dim, kept, room, lay.pool_k.dtype, lay.pool_k.device))
+        out = cls._blank(first.config, B, shapes, max_new_tokens, 0)
+        for j, new in enumerate(out.layers):
+            dev = new.pool_k.device
+            lens = torch.cat([c.layers[j].lens for c in caches]).to(torch.int64)          # [B, H]
+            seg = lens + room
+            off = (torch.cumsum(seg, -1) - seg
+                   + torch.arange(B, device=dev)[:, None] * new.slots_per_row)             # [B, H]
+            r0 = 0
+            for c, n in zip(caches, seen):
+                old = c.layers[j]
+                b = old.batch_size
+                ln = old.lens.to(torch.int64)
+                width = int(ln.max()) if ln.numel() else 0
+                if width:
+                    k = torch.arange(width, device=dev)
+                    valid = k < ln[..., None]
+                    src = (old.off.to(torch.int64)[..., None] + k)[valid]
+                    dst = (off[r0:r0 + b, :, None] + k)[valid]
+                    new.pool_k.index_copy_(0, dst, old.pool_k.index_select(0, src))
+                    new.pool_v.index_copy_(0, dst, old.pool_v.index_select(0, src))
+                    new.pos.index_copy_(0, dst, old.pos.index_select(0, src) + (L - n))
+                r0 += b
+            new.off.copy_(off)
+            new.lens.copy_(lens)
+            new.seen.fill_(L)
+            new.compressed = True
+        return out
+
+    def select_rows(self, rows) -> "AdaKVCache":
+        """A new cache holding only ``rows`` (indices, in the order given; or a boolean mask over rows).
+
+        Same sizes per row, same logical length and appended count: the kept rows decode on exactly as
+        before (select the same rows of the attention mask / position ids). ``self`` is not modified."""
+        B = self.layers[0].batch_size
+        idx = torch.as_tensor(rows, dtype=torch.bool if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
+                              else torch.int64).reshape(-1).cpu()
+        if idx.dtype == torch.bool:
+            if idx.numel() != B:
+                raise ValueError(f"AdaKVCache.select_rows: a boolean mask of {idx.numel()} entries for {B} rows")
+            idx = idx.nonzero().reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("AdaKVCache.select_rows: no rows selected (a cache has at least one row)")
+        if bool(((idx < 0) | (idx >= B)).any()):
+            raise IndexError(f"AdaKVCache.select_rows: rows {idx.tolist()} out of range for a cache of {B} rows")
+        shapes = []
+        for lay in self.layers:
+            H = lay.num_heads
+            kept = (lay.slots_per_row - (H + 1) // 2 - H * lay.room) // H
+            shapes.append((H, lay.head_dim, kept, lay.room, lay.pool_k.dtype, lay.pool_k.device))
+        out = self._blank(self.config, int(idx.numel()), shapes, self.max_new_tokens, self.appended)
+        for old, new in zip(self.layers, out.layers):
+            S = old.slots_per_row
+            assert new.slots_per_row == S
+            i = idx.to(old.pool_k.device)
+            src = (i[:, None] * S + torch.arange(S, device=i.device)).reshape(-1)
+            n = src.numel()
+            new.pool_k[:n].copy_(old.pool_k.index_select(0, src))
+            new.pool_v[:n].copy_(old.pool_v.index_select(0, src))
+            new.pos[:n].copy_(old.pos.index_select(0, src))
+            shift = (torch.arange(i.numel(), device=i.device) - i) * S
+            new.off.copy_(old.off.index_select(0, i) + shift[:, None].to(old.off.dtype))
+            new.lens.copy_(old.lens.index_select(0, i))
+            new.seen.copy_(old.seen)
+            new.compressed = old.compressed
+        return out
+
+    def drop_rows(self, rows) -> "AdaKVCache":
+        """A new cache without ``rows`` (e.g. finished requests); the others keep their order."""
+        B = self.layers[0].batch_size
+        drop = {int(r) for r in torch.as_tensor(rows, dtype=torch.int64).reshape(-1).tolist()}
+        bad = sorted(r for r in drop if not -B <= r < B)
+        if bad:
+            raise IndexError(f"AdaKVCache.drop_rows: rows {bad} out of range for a cache of {B} rows")
+        drop = {r % B for r in drop}
+        keep = [r for r in range(B) if r not in drop]
+        if not keep:
+            raise ValueError(f"AdaKVCache.drop_rows: dropping all {B} rows leaves an empty cache")
+        return self.select_rows(keep)
+
 
 def cache_kwarg(model) -> str:
     """The name under which ``model`` (and its ``generate``) takes a cache: ``cache`` on transformers that
@@ -209,3 +368,51 @@ def cache_kwarg(model) -> str:
     fn = getattr(model, "forward", model)
     fn = getattr(fn, "_torchdynamo_orig_callable", fn)
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def left_pad_masks(masks) -> torch.Tensor:
+    """The attention mask of ``AdaKVCache.join(caches)``: each cache's 2-D mask (``[rows, n]``, ones for a
+    prompt without padding; appended tokens included) left-padded with zeros to the longest, rows stacked."""
+    masks = [torch.as_tensor(m) for m in masks]
+    if not masks or any(m.dim() != 2 for m in masks):
+        raise ValueError("left_pad_masks: give one 2-D [rows, length] attention mask per cache")
+    L = max(m.shape[1] for m in masks)
+    return torch.cat([torch.nn.functional.pad(m.long(), (L - m.shape[1], 0)) for m in masks])
+
+
+def decode_batch(model, cache: AdaKVCache, first_tokens: torch.Tensor, attention_mask: torch.Tensor,
+                 steps: int) -> torch.Tensor:
+    """Greedy decoding of ``steps`` tokens per row on a prefilled (e.g. joined) cache, with a bare loop.
+
+    first_tokens: ``[B]`` or ``[B, 1]``, the token each row feeds next (after a prefill: the argmax of the
+        row's last prefill logits — each request's own). attention_mask: ``[B, cache.get_seq_length()]``, the
+        mask of what the cache has seen (``left_pad_masks`` for a joined cache); it gives each row its next
+        position id (its count of real tokens). Runs ``steps`` forward passes (the cache needs room for
+        ``steps`` appended tokens) and returns the ``[B, steps]`` tokens that follow ``first_tokens``. To go on
+        afterwards: ``first_tokens = out[:, -1]``, ``attention_mask = cat([attention_mask, ones(B, steps)], 1)``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"decode_batch(steps={steps!r}): must be an integer >= 1")
+    B = cache.layers[0].batch_size
+    tok = torch.as_tensor(first_tokens).reshape(-1, 1)
+    seen = int(cache.layers[0].seen)
+    if tok.shape[0] != B:
+        raise ValueError(f"decode_batch: {tok.shape[0]} first tokens for a cache of {B} rows")
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, seen):
+        raise ValueError(f"decode_batch: attention_mask of shape {tuple(attention_mask.shape)}, expected "
+                         f"({B}, {seen}) (rows x tokens the cache has seen)")
+    device = cache.layers[0].pool_k.device
+    tok = tok.to(device)
+    # The compressed attention never reads the mask after the prefill; only the position ids matter (each
+    # row continues its own count, as HF generate's cumsum of the mask gives). No mask is passed, so every
+    # step has the same input shapes (one compiled graph / CUDA graph for the whole loop).
+    position = attention_mask.to(device).long().sum(-1, keepdim=True)
+    kw = cache_kwarg(model)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=tok, position_ids=position, use_cache=True, **{kw: cache}).logits
+            tok = logits[:, -1:].argmax(-1)
+            out.append(tok)
+            position = position + 1
+    return torch.cat(out, 1)
