@@ -9,7 +9,7 @@ filler text, then "What is the pass key?"). The model answers greedily:
 
 - full cache: the model as it is (no compile), with a plain ``DynamicCache``;
 - compressed: ``model.forward`` compiled with ``adakv_backend(config, inner=...)``;
-- a budget sweep (``sweep``, default 64/128/256/512 tokens per KV head) on the same prompt and the same
+- a budget sweep (``sweep``, default 64/128/256/512/1024 tokens per KV head) on the same prompt and the same
   compiled graphs: ``backend.reconfigure`` switches the budget, nothing is recompiled (the graph count
   is printed), so one sees where compression holds and where it breaks.
 
@@ -46,7 +46,7 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
          "Find it and memorize it. I will quiz you about it.\n\n")
 QUESTION = "\n\nWhat is the pass key?"
 
-DEFAULT_SWEEP = (64, 128, 256, 512)
+DEFAULT_SWEEP = (64, 128, 256, 512, 1024)
 PNG_NAME = "allocation.png"
 JSON_NAME = "demo.json"
 
