@@ -243,9 +243,10 @@ def choose_splits(n_programs: int, mean_len: float, max_len: float, device: torc
     return int(max(1, min(want, cap, max_splits)))
 
 
-def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces_per_sm: int = 4) -> int:
+def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces_per_sm: int = 2) -> int:
     """Tokens per piece for fixed-size split-K: about ``pieces_per_sm`` pieces per SM over the whole job
-    (a power of two, at least one K/V block and 64 tokens, at most 2048)."""
+    (a power of two, at least one K/V block and 64 tokens, at most 2048). Two per SM matched the best
+    graph-timed piece size of a sweep on an H200 (bench/results/kernels-h200.json) at batch 8 and 32."""
     want = total_tokens / max(1, pieces_per_sm * _sm_count(device))
     chunk = triton.next_power_of_2(max(1, math.ceil(want)))
     return int(min(2048, max(chunk, block_n, 64)))
@@ -296,13 +297,16 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     rows = G * t
     block_d = max(16, triton.next_power_of_2(D))
     block_m, bn, nw, ns = default_config(D, rows)
+    fixed = max_len_bound is not None and num_splits is None
+    if fixed:  # fixed pieces: BLOCK_N 64 with 3 stages was the best of the H200 sweep for every shape
+        bn, ns = 64, 3
     block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
     chunk = 0
-    if max_len_bound is not None and num_splits is None:
+    if fixed:
         mean_len = (pool_k.numel() // D) / max(1, n_bh)
         chunk = split_tokens or choose_chunk(n_bh * n_mblk * mean_len, q.device, block_n)
         chunk = triton.cdiv(chunk, block_n) * block_n
