@@ -127,6 +127,20 @@ def fill_random(tensors):
             t.normal_()
 
 
+def release() -> None:
+    """Free what a failed or finished attempt held: Dynamo's and the CUDA-graph trees' references too."""
+    import gc
+
+    torch._dynamo.reset()
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        reset_cudagraph_trees()
+    except Exception:  # noqa: BLE001 - older/newer torch: nothing to reset
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb: float) -> dict:
     """Largest batch of n-token requests whose cache fits, and decode tokens/s at that batch."""
     kw = cache_kwarg(model)
@@ -141,6 +155,7 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
         per_row = L * (2 * S * D * 2 + S * 4)
     # decode activations per row: logits (bf16 + fp32 argmax input) and the MLP's intermediate, generously
     act_per_row = c.vocab_size * 6 + c.intermediate_size * 8 + c.hidden_size * 32
+    release()
     free = torch.cuda.mem_get_info()[0] - free_margin_gb * 1e9
     batch = int(free // (per_row + act_per_row))
     row = dict(context=n, budget=budget, per_row_bytes=per_row, estimate=batch)
@@ -149,10 +164,9 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
         try:
             row.update(_decode_at(model, orig_forward, kw, n, budget, batch, room, steps))
             row["max_batch"] = fitted = batch
-        except torch.OutOfMemoryError:
-            pass
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()  # after the except block: the failed attempt's frames are gone
+        except torch.OutOfMemoryError as e:
+            row.setdefault("oom", []).append(f"{batch}: {str(e)[:160]}")
+        release()
         if fitted:
             break
         batch = int(batch * 0.9)
@@ -199,8 +213,7 @@ def _decode_at(model, orig_forward, kw, n, budget, batch, room, steps) -> dict:
     out = dict(ms_per_step=ms, tokens_per_s=batch / ms * 1e3, cache_gb=cache_bytes / 1e9,
                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     del cache, fwd
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    release()
     return out
 
 
