@@ -309,21 +309,23 @@ class AdaKVCache(Cache):
         return out
 
     def select_rows(self, rows) -> "AdaKVCache":
-        """A new cache holding only ``rows`` (indices, in the order given; or a boolean mask over rows).
+        """A new cache holding only ``rows`` (indices in the order given, negatives from the end; or a boolean
+        mask over the rows).
 
         Same sizes per row, same logical length and appended count: the kept rows decode on exactly as
         before (select the same rows of the attention mask / position ids). ``self`` is not modified."""
         B = self.layers[0].batch_size
-        idx = torch.as_tensor(rows, dtype=torch.bool if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
-                              else torch.int64).reshape(-1).cpu()
+        idx = torch.as_tensor(rows).reshape(-1).cpu()
         if idx.dtype == torch.bool:
             if idx.numel() != B:
                 raise ValueError(f"AdaKVCache.select_rows: a boolean mask of {idx.numel()} entries for {B} rows")
             idx = idx.nonzero().reshape(-1)
+        idx = idx.to(torch.int64)
         if idx.numel() == 0:
             raise ValueError("AdaKVCache.select_rows: no rows selected (a cache has at least one row)")
-        if bool(((idx < 0) | (idx >= B)).any()):
+        if bool(((idx < -B) | (idx >= B)).any()):
             raise IndexError(f"AdaKVCache.select_rows: rows {idx.tolist()} out of range for a cache of {B} rows")
+        idx = idx % B
         shapes = []
         for lay in self.layers:
             H = lay.num_heads
