@@ -114,11 +114,6 @@ def test_generate_continues_a_joined_cache():
     assert torch.equal(generate_on(model, two, first[[0, 2]], mask[[0, 2]], STEPS), torch.cat(alone)[[0, 2]])
 
 
-@pytest.mark.xfail(strict=True, raises=StoreError, reason=(
-    "passes/trace.py::_static_flow counts shape-only reads of the cache_slot K/V (``k.size()``, emitted by "
-    "Dynamo for repeat_kv once the batch dim is dynamic) as other readers and leaves layer 0 un-rewritten; "
-    "the marker then raises. _one() already filters SHAPE_ONLY readers; _static_flow should too (and the "
-    "rewrite redirect those reads to k_new)"))
 def test_generate_after_bare_loop_decodes_of_two_batch_sizes():
     cfg = AdaKVConfig(budget=20, window=4)
     model = build(seed=5)

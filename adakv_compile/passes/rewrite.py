@@ -104,6 +104,12 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         else:
             return
     s.anchor.replace_all_uses_with(new)
+    if p.mode in ("static-compress", "static-store"):  # shape reads of the marker's K/V: same shapes
+        for g in list(f.static.users):
+            fresh = f.k_new if g.args[1] == 0 else f.v_new
+            for user in list(g.users):
+                if user.target in SHAPE_ONLY:
+                    user.replace_input_with(g, fresh)
     if p.mode in ("compress", "store"):
         _redirect(f.k_cat, kview, out)
         _redirect(f.v_cat, vview, out)

@@ -113,7 +113,7 @@ def _static_flow(site: AttentionSite, marker: fx.Node, site_nodes: set) -> Cache
     qv = val(site.q)
     if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
         phase = "extend"
-    others = [u for g in marker.users for u in g.users if u not in site_nodes]
+    others = [u for g in marker.users for u in g.users if u not in site_nodes and u.target not in SHAPE_ONLY]
     others += [g for g in marker.users if g.target is not operator.getitem]
     reason = ""
     if others:
