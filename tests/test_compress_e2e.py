@@ -37,7 +37,8 @@ def test_memory_after_prefill_is_what_is_kept():
     D, es = 16, 4
     for layer in cache.layers:
         kept = sum(len(x) for row in store.unpack(layer.keys) for x in row)
-        assert kept == 2 * 2 * 24  # rows x kv heads x budget: Ada totals are exact
+        # rows x kv heads x budget, up to the official safeguard's rounding (half a token per head)
+        assert abs(kept - 2 * 2 * 24) <= 2 * 1
         kept_bytes = kept * D * 2 * es
         hs = store.header_slots(2, 2, D, torch.float32)
         per_row_head_overhead = (16 + hs) * D * 2 * es  # reserve slots + header, per (row, head) at most
@@ -55,6 +56,7 @@ def test_decode_loop_of_64_steps_compiles_nothing_new_after_warmup():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        kept = sum(len(x) for x in store.unpack(cache.layers[0].keys)[0])
         tok = out.logits[:, -1:].argmax(-1)
         for step in range(70):
             if step == 6:
@@ -64,7 +66,8 @@ def test_decode_loop_of_64_steps_compiles_nothing_new_after_warmup():
     assert backend.graphs_compiled == warm, backend.report.table()
     assert cache.get_seq_length() == 64 + 70
     lens = [len(x) for x in store.unpack(cache.layers[0].keys)[0]]
-    assert sum(lens) == 2 * 16 + 2 * 70  # grew several times (reserve 8) without losing tokens
+    assert sum(lens) == kept + 2 * 70  # grew several times (reserve 8) without losing tokens
+    assert abs(kept - 2 * 16) <= 1  # official rounding: at most half a token per head
 
 
 def test_bare_loop_matches_generate_and_positions_are_logical():

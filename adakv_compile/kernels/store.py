@@ -204,6 +204,9 @@ def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
 
     Returns the two cache views ``[B, Hkv, logical, D]`` (``logical`` defaults to n).
     """
+    from ..guards import install_dynamic_layer_guard
+
+    install_dynamic_layer_guard()  # from now on the uncompiled model refuses compacted caches
     rows, heads, n, d = k.shape
     logical = n if logical is None else logical
     counts = keep.sum(-1)  # [B, Hkv]
