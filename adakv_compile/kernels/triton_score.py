@@ -22,10 +22,11 @@ Notation: ``m = n - w`` candidate columns; the ``R = G * w`` window queries of a
   ``p = exp(x - max) / sum`` (0 on padding keys), summed over the window queries of each head and
   divided by ``w`` (the window mean), then reduced over the ``G`` heads: mean or max. Writes the reduced
   scores ``[B, Hkv, m]`` (fp32).
-* Pooling (``max_pool1d`` / ``avg_pool1d``, as in ``window_scores``) and the -inf of padding / window
-  columns are plain PyTorch on ``[B, Hkv, m]``/``[B, Hkv, n]`` fp32 tensors (cheap, fusable by Inductor).
+* ``_score_pool``, grid ``(B * Hkv, cdiv(n, BLOCK))``: the pooling of the reduced scores (as
+  ``max_pool1d`` / ``avg_pool1d`` in ``window_scores``: stride 1, padding ``kernel_size // 2``, -inf /
+  zero padding, ``count_include_pad``), then -inf on padding and window columns, written as the output.
 
-Memory: the reduced, pooled and output scores (about ``3 * B * Hkv * n`` fp32) and the statistics
+Memory: the reduced and output scores (about ``2 * B * Hkv * n`` fp32) and the statistics
 (``2 * B * Hq * w * (splits + 1)`` fp32), against ``window_scores``'s several ``B * Hq * w * n`` fp32 tensors
 (logits, mask, probabilities) plus the fp32 copy of K (``B * Hkv * n * D``) for half inputs.
 
@@ -39,7 +40,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -205,6 +205,33 @@ def _score_reduce(
     tl.store(RED + pid_bh.to(tl.int64) * M_CAND + j, red, mask=j_ok)
 
 
+@triton.jit
+def _score_pool(RED, VALID, OUT, HKV, N, M_CAND, svb, svn, KS, PAD,
+                MAX_POOL: tl.constexpr, BLOCK: tl.constexpr):
+    """``max_pool1d`` / ``avg_pool1d`` (stride 1, padding PAD, count_include_pad) of the reduced scores
+    [B*Hkv, m], summed in window order as PyTorch does; -inf on padding and window columns; [B*Hkv, n]."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // HKV).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cand = j < M_CAND
+    base = RED + pid_bh.to(tl.int64) * M_CAND
+    if MAX_POOL:
+        acc = tl.full([BLOCK], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+    for t in range(0, KS):
+        src = j - PAD + t
+        ok = cand & (src >= 0) & (src < M_CAND)
+        if MAX_POOL:
+            acc = tl.maximum(acc, tl.load(base + src, mask=ok, other=float("-inf")))
+        else:
+            acc += tl.load(base + src, mask=ok, other=0.0)
+    if not MAX_POOL:
+        acc = acc / KS
+    vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=cand, other=0) != 0
+    tl.store(OUT + pid_bh.to(tl.int64) * N + j, tl.where(cand & vld, acc, float("-inf")), mask=j < N)
+
+
 def tiles(G: int, w: int, max_rows: int = 128) -> tuple[int, int]:
     """(HB, WB): heads and window queries per row tile (powers of two, HB * WB in [16, max_rows])."""
     wb = min(triton.next_power_of_2(w), max_rows)
@@ -310,13 +337,12 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
         num_warps=num_warps, num_stages=num_stages,
     )
 
-    # pooling of the reduced scores, then -inf on padding and window columns (as window_scores)
-    flat = red.view(n_bh, 1, m)
-    pad = config.kernel_size // 2
-    if config.pooling == "max":
-        pooled = F.max_pool1d(flat, config.kernel_size, stride=1, padding=pad)
-    else:
-        pooled = F.avg_pool1d(flat, config.kernel_size, stride=1, padding=pad, count_include_pad=True)
-    pooled = pooled.view(B, Hkv, m).masked_fill(~valid[:, None, :m].bool(), float("-inf"))
-    window = pooled.new_full((B, Hkv, w), float("-inf"))
-    return torch.cat([pooled, window], dim=-1)
+    # pooling of the reduced scores, -inf on padding and window columns: one pass writing the output
+    out = torch.empty((B, Hkv, n), dtype=torch.float32, device=dev)
+    block_p = 1024 if dev.type == "cuda" else 256
+    launcher(_score_pool, q)[(n_bh, triton.cdiv(n, block_p))](
+        red, valid_u8, out, Hkv, n, m, valid_u8.stride(0), valid_u8.stride(1),
+        config.kernel_size, config.kernel_size // 2,
+        MAX_POOL=config.pooling == "max", BLOCK=block_p, num_warps=4,
+    )
+    return out
