@@ -3,12 +3,13 @@ PyTorch scorer (``kernels/score.window_scores``) at prefill shapes.
 
 Shapes: B in {1, 8}, n in {8192, 32768}, Hq=32, Hkv=8 (G=4), D=128, window 32, bf16, defaults of
 ``AdaKVConfig`` (max pooling 7, mean GQA reduction); row 1 of a batch is left-padded by n/8 tokens.
-For each shape and scorer: median time (``triton.testing.do_bench``, ms), the call's peak extra GPU memory
+For each shape and scorer: median time (``triton.testing.do_bench``, ms, Python launch overhead
+included) and the CUDA-graph replay time (``graph ms``: GPU time alone), the call's peak extra GPU memory
 (``max_memory_allocated`` during one call minus what was allocated before it: workspaces + output), the
 max abs and relative error of the Triton scores (relative = / the largest finite reference score) and the
 kept sets (``allocate.keep_mask``, budget 1024, adaptive) compared: ``kept_diff`` = entries that differ.
 One fp32 case (B=1, n=8192) checks the IEEE path. ``--sweep`` also times a small BLOCK_N x num_warps x
-row_tile grid and reports the best.
+row_tile grid (CUDA-graph timings) and reports the best.
 
 GPU:        python bench/score_kernel.py --out bench/results/score_kernel.json [--sweep]
 CPU smoke:  python bench/score_kernel.py --cpu-smoke     (tiny shapes under TRITON_INTERPRET=1)
@@ -48,12 +49,22 @@ def make_case(B, Hq, Hkv, n, D, dtype, device, seed):
     return q, k, valid
 
 
-def timed(fn, device, reps: int) -> float:
-    if device.type == "cuda":
+def timed(fn, device, reps: int, graph: bool = False) -> float | None:
+    """Median ms: ``do_bench`` (launches included, L2 flushed), or with ``graph`` a CUDA-graph replay
+    (``do_bench_cudagraph``: GPU time without the Python launch overhead); None if it fails."""
+    if device.type != "cuda":
+        if graph:
+            return None
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    try:
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median"))
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    except Exception as e:  # noqa: BLE001 - a failing variant must not stop the run
+        print(f"  (timing failed: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
 
 
 def peak_extra(fn, device) -> float | None:
@@ -96,6 +107,8 @@ def run_case(B, n, dtype, args, device, seed, sweep) -> dict:
     del out, ref
     row["triton_ms"] = timed(tri, device, args.reps)
     row["torch_ms"] = timed(ref_fn, device, args.reps)
+    row["triton_graph_ms"] = timed(tri, device, args.reps, graph=True)
+    row["torch_graph_ms"] = timed(ref_fn, device, args.reps, graph=True)
     row["triton_peak_gib"] = peak_extra(tri, device)
     row["torch_peak_gib"] = peak_extra(ref_fn, device)
     row["inputs_gib"] = (q.numel() + k.numel()) * q.element_size() / 2**30
@@ -107,10 +120,8 @@ def run_case(B, n, dtype, args, device, seed, sweep) -> dict:
                 for rt in (64, 128):
                     f = lambda: window_scores_triton(q, k, valid, cfg, scale, block_n=bn,  # noqa: E731
                                                      num_warps=nw, row_tile=rt)
-                    try:
-                        ms = timed(f, device, args.reps)
-                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                        print(f"  sweep bn={bn} nw={nw} rt={rt}: {type(e).__name__}", flush=True)
+                    ms = timed(f, device, args.reps, graph=device.type == "cuda")
+                    if ms is None:
                         continue
                     if best is None or ms < best["ms"]:
                         best = dict(ms=ms, block_n=bn, num_warps=nw, row_tile=rt)
@@ -153,7 +164,8 @@ def main():
     print(f"fp32 B={fp32_shape[0]} n={fp32_shape[1]}: max abs err {r['max_abs_err']:.2e}, "
           f"rel {r['max_rel_err']:.2e}, kept diff {r['kept_diff']}/{r['kept']}, "
           f"triton {r['triton_ms']:.3f} ms, torch {r['torch_ms']:.3f} ms", flush=True)
-    hdr = (f"{'B':>3} {'n':>6} | {'triton ms':>9} {'torch ms':>9} {'speedup':>7} | {'tri GiB':>7} {'torch GiB':>9}"
+    hdr = (f"{'B':>3} {'n':>6} | {'triton ms':>9} {'torch ms':>9} {'speedup':>7} | {'tri graph':>9} "
+           f"{'torch graph':>11} | {'tri GiB':>7} {'torch GiB':>9}"
            f" | {'max abs':>8} {'max rel':>8} {'kept diff':>11}" + (" | best sweep" if args.sweep else ""))
     print(hdr)
     print("-" * len(hdr))
@@ -161,7 +173,8 @@ def main():
         row = run_case(B, n, torch.bfloat16, args, device, seed=10 + i, sweep=args.sweep)
         res["cases"].append(row)
         line = (f"{B:>3} {n:>6} | {row['triton_ms']:>9.3f} {row['torch_ms']:>9.3f} "
-                f"{row['torch_ms'] / row['triton_ms']:>6.1f}x | {_fmt(row['triton_peak_gib'], '7.3f'):>7} "
+                f"{row['torch_ms'] / row['triton_ms']:>6.1f}x | {_fmt(row['triton_graph_ms'], '9.3f'):>9} "
+                f"{_fmt(row['torch_graph_ms'], '11.3f'):>11} | {_fmt(row['triton_peak_gib'], '7.3f'):>7} "
                 f"{_fmt(row['torch_peak_gib'], '9.3f'):>9} | {row['max_abs_err']:>8.1e} {row['max_rel_err']:>8.1e} "
                 f"{row['kept_diff']:>5}/{row['kept']:<5}")
         if args.sweep and row.get("sweep_best"):

@@ -232,6 +232,10 @@ def _score_pool(RED, VALID, OUT, HKV, N, M_CAND, svb, svn, KS, PAD,
     tl.store(OUT + pid_bh.to(tl.int64) * N + j, tl.where(cand & vld, acc, float("-inf")), mask=j < N)
 
 
+# input_precision of fp32 dots on the GPU ("ieee": exact fp32 products, no tensor cores)
+FP32_DOT = "ieee"
+
+
 def tiles(G: int, w: int, max_rows: int = 128) -> tuple[int, int]:
     """(HB, WB): heads and window queries per row tile (powers of two, HB * WB in [16, max_rows])."""
     wb = min(triton.next_power_of_2(w), max_rows)
@@ -301,7 +305,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     interp = _interpreting(dev)
-    dot_prec = "ieee" if k.dtype == torch.float32 else "tf32"  # (ignored for half inputs)
+    dot_prec = FP32_DOT if k.dtype == torch.float32 else "tf32"  # (ignored for half inputs)
     cap = float(softcap) if softcap else 1.0
     common = dict(D=D, HB=hb, WB=wb, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=bool(softcap),
                   DOT_PREC=dot_prec, DOT_F32=interp)
