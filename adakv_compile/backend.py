@@ -46,6 +46,7 @@ class AdaKVBackend:
         self.report = Report()
         self.graphs: list[dict] = []  # one summary per compiled graph, also those without attention
         self._warned_none = False
+        self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
         self._key = f"backend-{next(_backend_ids)}"
 
     @property
@@ -76,8 +77,10 @@ class AdaKVBackend:
                                 p.site.anchor.name, p.reason)
             self.report.append(rec)
             if p.action == "skipped":
-                log.warning("adakv: attention %s in graph %d left untouched: %s", p.site.anchor.name,
-                            graph_id, p.reason)
+                level = logging.INFO if p.reason in self._warned_reasons else logging.WARNING
+                self._warned_reasons.add(p.reason)
+                log.log(level, "adakv: attention %s in graph %d left untouched: %s", p.site.anchor.name,
+                        graph_id, p.reason)
             elif p.reason:
                 log.info("adakv: %s", rec)
         self.graphs.append({"graph": graph_id, "attention": len(result.planned),
@@ -93,8 +96,19 @@ class AdaKVBackend:
                     "(`adakv explain` shows what the pass sees).", graph_id)
         graphed = self._replay_as_cuda_graph(result, example_inputs)
         self.graphs[-1]["cudagraphs"] = graphed
-        compiled = self._inner(gm, example_inputs, graphed)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        unread = self._unread_stores(result, names, example_inputs)
+        if unread:
+            why = "; ".join(sorted({p.reason for p in result.planned if p.reason})) or "no attention reads it"
+            message = (f"graph {graph_id} receives an adakv compacted cache ({', '.join(unread)}) but no "
+                       f"rewritten attention of it reads that cache ({why}): running it would read the "
+                       "store as a dense cache. See backend.report.")
+            log.error("adakv: %s", message)
+
+            def refuse(*args):
+                raise StoreError(message)
+            return refuse
+        compiled = self._inner(gm, example_inputs, graphed)
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
         if result.static is not None:
@@ -117,6 +131,13 @@ class AdaKVBackend:
             return outs
 
         return run
+
+    @staticmethod
+    def _unread_stores(result, names, example_inputs) -> list[str]:
+        """Graph inputs that are compacted stores but are not read by an adakv op of this graph."""
+        read = {n.name for p in result.planned if p.mode == "store" for n in (p.flow.k_past, p.flow.v_past)}
+        return [name for name, x in zip(names, example_inputs)
+                if isinstance(x, torch.Tensor) and is_store_view(x) and name not in read]
 
     def _replay_as_cuda_graph(self, result, example_inputs) -> bool:
         """CUDA graphs for the decode graphs of an AdaKVCache (static shapes and addresses, declared

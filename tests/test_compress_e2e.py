@@ -10,7 +10,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from adakv_compile import AdaKVConfig, StoreError, adakv_backend
+from adakv_compile.cache import cache_kwarg
 from adakv_compile.kernels import store
+
+KW = cache_kwarg(LlamaForCausalLM)  # `cache` on current transformers, `past_key_values` before 5.24
 
 
 def tiny_llama(seed=0, layers=2):
@@ -33,7 +36,7 @@ def test_memory_after_prefill_is_what_is_kept():
     ids = torch.randint(1, 128, (2, 160))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{KW: cache}, use_cache=True)
     D, es = 16, 4
     for layer in cache.layers:
         kept = sum(len(x) for row in store.unpack(layer.keys) for x in row)
@@ -55,13 +58,13 @@ def test_decode_loop_of_64_steps_compiles_nothing_new_after_warmup():
     ids = torch.randint(1, 128, (1, 64))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **{KW: cache}, use_cache=True)
         kept = sum(len(x) for x in store.unpack(cache.layers[0].keys)[0])
         tok = out.logits[:, -1:].argmax(-1)
         for step in range(70):
             if step == 6:
                 warm = backend.graphs_compiled
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, **{KW: cache}, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
     assert backend.graphs_compiled == warm, backend.report.table()
     assert cache.get_seq_length() == 64 + 70
@@ -78,11 +81,11 @@ def test_bare_loop_matches_generate_and_positions_are_logical():
     cache = DynamicCache(config=model.config)
     toks = []
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **{KW: cache}, use_cache=True)
         for _ in range(8):
             tok = out.logits[:, -1:].argmax(-1)
             toks.append(tok)
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)  # no cache_position given
+            out = model(input_ids=tok, **{KW: cache}, use_cache=True)  # no cache_position given
     assert torch.cat(toks, 1).tolist() == gen.tolist()
 
 
@@ -93,13 +96,13 @@ def test_deepcopy_of_a_compressed_cache_serves_two_questions():
     questions = [torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 7))]
 
     def answer(cache, q):
-        return model.generate(torch.cat([ctx, q], 1), past_key_values=cache, max_new_tokens=6,
+        return model.generate(torch.cat([ctx, q], 1), **{KW: cache}, max_new_tokens=6,
                               do_sample=False)[:, 80 + q.shape[1]:]
 
     def compressed():
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            model(input_ids=ctx, **{KW: cache}, use_cache=True)
         return cache
 
     base = compressed()
@@ -144,10 +147,10 @@ def test_reorder_of_a_compressed_cache_is_refused_clearly():
     ids = torch.randint(1, 128, (2, 50))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{KW: cache}, use_cache=True)
         cache.reorder_cache(torch.tensor([1, 0]))
         with pytest.raises(Exception, match="compacted cache|adakv"):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **{KW: cache}, use_cache=True)
 
 
 def test_registered_backend_name():
@@ -165,7 +168,7 @@ def test_with_gradients_on_the_cache_is_kept_full_and_says_why():
     out = model(input_ids=ids, use_cache=True)
     out.logits.sum().backward()
     assert all(r.mode == "exact" and "no_grad" in r.reason for r in backend.report)
-    assert not store.is_store_view(out.past_key_values.layers[0].keys)
+    assert not store.is_store_view(getattr(out, KW).layers[0].keys)
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])

@@ -760,29 +760,20 @@ def test_sliding_window_mask_with_a_compressed_cache():
         torch.testing.assert_close(g, r, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="is_causal=True at decode is SDPA's top-left causal mask (the "
-                   "one query sees key 0 only); attend_append attends to every kept key. plan should "
-                   "keep exact mode (or raise) for is_causal=True when q is shorter than k")
 def test_is_causal_at_decode_with_a_compressed_cache():
-    (ref, got), backend = _prefill_then_decode("is_causal_always")
-    for r, g in zip(ref, got):
-        torch.testing.assert_close(g, r, **TOL)
+    """SDPA's is_causal=True with a query shorter than the keys is a top-left mask: the compressed cache
+    cannot reproduce it, so the decode graph refuses (loud), never attends wrongly."""
+    from adakv_compile.kernels.store import StoreError
+    with pytest.raises(StoreError, match="is_causal=True"):
+        _prefill_then_decode("is_causal_always")
 
 
-@pytest.mark.xfail(strict=True, reason="trace.py judges other readers of K/V only on the decode cat: the "
-                   "prefill graph compresses while the decode graph keeps the cache in full (StoreError "
-                   "at the first decode step); prefill should refuse too")
 def test_compressed_cache_with_extra_kv_readers():
     (ref, got), backend = _prefill_then_decode("extra_reader")
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="a graph break between the cache cat and the attention (here "
-                   "is_causal is a SymBool once shapes are dynamic, so SDPA runs outside the graph) lets "
-                   "eager SDPA read the compacted store: silently wrong. backend.py should raise when a "
-                   "store view enters a graph that has no adakv op for it (or the attention should be "
-                   "found across the break)")
 def test_graph_break_before_attention_with_a_compressed_cache():
     from adakv_compile.kernels.store import StoreError
     try:

@@ -158,8 +158,6 @@ def test_skipped_attention_runs_unchanged_with_reasons(adakv_warnings):
     assert warnings and all("left untouched" in r.getMessage() for r in warnings)
 
 
-@pytest.mark.xfail(strict=True, reason="backend.py warns once per skipped attention per graph "
-                   "(LAYERS x graphs); one warning per distinct reason is wanted")
 def test_skipped_attention_warns_once(adakv_warnings):
     model = Model("head_mask").eval()
     backend = adakv_backend(AdaKVConfig(), inner="eager")
@@ -178,10 +176,6 @@ class _InPlace(nn.Module):
         return y
 
 
-@pytest.mark.xfail(strict=True, reason="passes/__init__.py runs graph.eliminate_dead_code(), which "
-                   "drops call_method in-place ops with no users (FX deems them pure); needs "
-                   "is_impure_node=lambda n: n.is_impure() or (n.op == 'call_method' and "
-                   "n.target.endswith('_'))")
 def test_in_place_statements_survive():
     x = torch.linspace(0, 2, 8)
     backend = adakv_backend(AdaKVConfig(), inner="eager")

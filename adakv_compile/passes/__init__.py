@@ -61,7 +61,7 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     static = _static_use(graph, planned)  # before the rewrite: dead markers lose their arguments
     for p in planned:
         rewrite_site(graph, p, key, num_layers)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     gm.recompile()
     dense = [p.flow.k_past.name for p in cached
@@ -69,6 +69,15 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     dense += [p.flow.v_past.name for p in cached
               if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
     return PassResult(planned, dense, _store_links(graph), static)
+
+
+def _impure(node: fx.Node) -> bool:
+    """FX's purity test, plus in-place tensor methods (``y.add_(1)`` with no users is still a write)."""
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+        and not name.startswith("_")
 
 
 def _static_use(graph: fx.Graph, planned: list[PlannedSite]) -> StaticUse | None:

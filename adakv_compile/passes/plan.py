@@ -69,6 +69,11 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
         elif not flow.compressible:
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
                                        f"cache kept in full: {flow.reason}"))
+        elif flow.phase != "prefill" and site.is_causal:
+            planned.append(PlannedSite(site, flow, ordinal, layer, "none",
+                                       "is_causal=True with a cache is SDPA's top-left causal mask (a "
+                                       "query shorter than the keys does not see the end of the cache): "
+                                       "a compressed cache cannot reproduce it"))
         else:
             mode = "compress" if flow.phase == "prefill" else "store"
             planned.append(PlannedSite(site, flow, ordinal, layer, mode))

@@ -93,6 +93,11 @@ def _one(node: fx.Node, out: fx.Node, site_nodes: set):
                 "the concatenated cache is also read by other ops (" + ", ".join(what) + ")"
         return phase, new, node, past if phase == "decode" else None, ""
     if returned:
+        others = [u for u in node.users if u is not out and u not in site_nodes and u.target not in SHAPE_ONLY]
+        if others:
+            what = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
+            return "prefill", node, node, None, \
+                "the cached K/V are also read by other ops (" + ", ".join(what) + ")"
         return "prefill", node, node, None, ""
     return "no-cache", node, None, None, ""
 
