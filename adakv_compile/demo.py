@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .cache import cache_kwarg
 from .config import AdaKVConfig
 
 log = logging.getLogger("adakv_compile.demo")
@@ -189,17 +190,6 @@ def _make_probe(cache, on_step: Callable[[], None], **read_kw):
     return PrefillProbe()
 
 
-def _cache_kwarg() -> str:
-    """``generate``'s name for a user-supplied cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    try:
-        from transformers.generation import utils as gen_utils
-        if "cache" in getattr(gen_utils, "ALL_CACHE_NAMES", ()):
-            return "cache"
-    except ImportError:
-        pass
-    return "past_key_values"
-
-
 def answer(model, tokenizer, ids: list[int], max_new_tokens: int, label: str = "",
            progress: bool = True, **read_kw) -> dict:
     """Greedy answer to ``ids`` with a fresh ``DynamicCache``; the cache is read after the prefill
@@ -222,7 +212,7 @@ def answer(model, tokenizer, ids: list[int], max_new_tokens: int, label: str = "
                                  max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                  top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos,
                                  logits_processor=LogitsProcessorList([probe]),
-                                 **{_cache_kwarg(): cache})
+                                 **{cache_kwarg(model): cache})
     finally:
         bar.close()
     total_s = time.perf_counter() - t0
