@@ -298,7 +298,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     R = G * w
     n_bh = B * Hkv
     dev = q.device
-    valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    # valid goes to the kernels as it is: Triton loads bool pointers (a uint8 view would not lower in Inductor)
 
     hb, wb = tiles(G, w, row_tile)
     n_hs, n_wc = triton.cdiv(G, hb), triton.cdiv(w, wb)
@@ -312,7 +312,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     cap = float(softcap) if softcap else 1.0
     common = dict(D=D, HB=hb, WB=wb, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=bool(softcap),
                   DOT_PREC=dot_prec, DOT_F32=interp)
-    strides = (*q.stride(), *k.stride(), *valid_u8.stride())
+    strides = (*q.stride(), *k.stride(), *valid.stride())
 
     # pass A: per-row softmax statistics over all keys
     if num_splits is None:
@@ -322,7 +322,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     ws_m = torch.empty((n_bh * num_splits * R,), dtype=torch.float32, device=dev)
     ws_l = torch.empty_like(ws_m)
     launcher(_score_stats, q)[(n_bh, n_hs * n_wc, num_splits)](
-        q, k, valid_u8, ws_m, ws_l, *strides,
+        q, k, valid, ws_m, ws_l, *strides,
         Hkv, G, w, n, m, tq - w, R, n_wc, num_splits, per,
         float(scale), cap, **common, num_warps=num_warps, num_stages=num_stages,
     )
@@ -338,7 +338,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     # pass B: normalised probabilities of the candidate columns, window mean, GQA reduction
     red = torch.empty((B, Hkv, m), dtype=torch.float32, device=dev)
     launcher(_score_reduce, q)[(n_bh, triton.cdiv(m, block_n))](
-        q, k, valid_u8, st_m, st_l, red, *strides,
+        q, k, valid, st_m, st_l, red, *strides,
         Hkv, G, w, m, tq - w, R, n_hs, n_wc,
         float(scale), cap, GQA_MAX=config.gqa_reduce == "max", **common,
         num_warps=num_warps, num_stages=num_stages,
@@ -348,7 +348,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     out = torch.empty((B, Hkv, n), dtype=torch.float32, device=dev)
     block_p = 1024 if dev.type == "cuda" else 256
     launcher(_score_pool, q)[(n_bh, triton.cdiv(n, block_p))](
-        red, valid_u8, out, Hkv, n, m, valid_u8.stride(0), valid_u8.stride(1),
+        red, valid, out, Hkv, n, m, valid.stride(0), valid.stride(1),
         config.kernel_size, config.kernel_size // 2,
         MAX_POOL=config.pooling == "max", BLOCK=block_p, num_warps=4,
     )
