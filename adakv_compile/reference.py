@@ -33,6 +33,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from adakv_compile.cache import cache_kwarg
 from adakv_compile.config import AdaKVConfig, layer_keep
 
 __all__ = [
@@ -398,7 +399,7 @@ class ReferenceSession:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
             with torch.no_grad():
                 out = model(input_ids=input_ids, attention_mask=self._attention_mask, position_ids=position_ids,
-                            cache=self._cache, use_cache=True)
+                            use_cache=True, **{cache_kwarg(model): self._cache})
         finally:
             model.set_attn_implementation(previous)
             _ACTIVE.reset(token)

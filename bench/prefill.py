@@ -6,7 +6,7 @@ call, so compile time is excluded) and peak memory, for
   compiled       plain torch.compile (Inductor), DynamicCache
   adakv          adakv backend + AdaKVCache (scores, allocates and compacts every layer)
 and the share of the adakv prefill spent in scoring + allocation + compaction: the same work
-(``kernels/static.py``: window_scores, keep_mask, fill_static) timed alone on random inputs of the
+(``kernels/static.py``: prompt_scores, keep_mask, fill_static) timed alone on random inputs of the
 layer's shapes, times the number of layers.
 
 Part 2, capacity at --capacity-context tokens per request: the largest batch whose cache fits on the card,
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels.allocate import keep_mask  # noqa: E402
-from adakv_compile.kernels.score import window_scores  # noqa: E402
+from adakv_compile.kernels.ops import prompt_scores  # noqa: E402
 from adakv_compile.kernels.static import fill_static  # noqa: E402
 
 from e2e import build, copy_bandwidth  # noqa: E402
@@ -112,7 +112,7 @@ def compress_ms(model, B: int, n: int, budget: int, reps: int) -> float:
     lay = cache.layers[0]
 
     def one():
-        s = window_scores(q, k, valid, cfg, D ** -0.5, None)
+        s = prompt_scores(q, k, valid, cfg, D ** -0.5, None)
         keep = keep_mask(s, valid, cfg, 0, L)
         fill_static(k, v, keep, lay.room, lay.pool_k, lay.pool_v, lay.off, lay.lens, lay.pos)
     one()

@@ -43,6 +43,15 @@ def use_triton() -> bool:
     return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and _have_triton()
 
 
+def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """SnapKV scores of the prompt: the fused Triton scorer on CUDA (no [B, Hq, w, n] logits in memory),
+    the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py)."""
+    if q.is_cuda and use_triton():
+        from .triton_score import window_scores_triton
+        return window_scores_triton(q, k, valid, config, scale, softcap)
+    return window_scores(q, k, valid, config, scale, softcap)
+
+
 def register_config(config: AdaKVConfig, key: str | None = None) -> str:
     """Make a config reachable from graphs by a string key (default: the config's own stable key).
 
@@ -112,7 +121,7 @@ def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = window_scores(q, k, valid, config, scale, softcap or None)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None)
     keep = keep_mask(scores, valid, config, layer, num_layers)
     return kv_store.build(k, v, keep, config.decode_reserve)
 

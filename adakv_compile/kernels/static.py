@@ -31,8 +31,7 @@ from torch.library import triton_op
 
 from .allocate import keep_mask
 from .attend import store_attention
-from .ops import config_for, use_triton, valid_from_mask
-from .score import window_scores
+from .ops import config_for, prompt_scores, use_triton, valid_from_mask
 from .store import StoreError
 
 _EAGER_MESSAGE = (
@@ -75,7 +74,7 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     config = config_for(config_key)
     B, H, n, D = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = window_scores(q, k, valid, config, scale, softcap or None)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None)
     keep = keep_mask(scores, valid, config, layer, num_layers)          # [B, H, n]
     fill_static(k, v, keep, room, pool_k, pool_v, off, lens, pos)
     seen.fill_(n)
