@@ -155,11 +155,13 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
         per_row = L * (2 * S * D * 2 + S * 4)
     # decode activations per row: logits (bf16 + fp32 argmax input) and the MLP's intermediate, generously
     act_per_row = c.vocab_size * 6 + c.intermediate_size * 8 + c.hidden_size * 32
+    if budget is None:  # HF's decode graph (transformers 5.17) repeats one layer's K and V to every q head
+        act_per_row += 2 * c.num_attention_heads * (n + room) * D * 2
     release()
     free = torch.cuda.mem_get_info()[0] - free_margin_gb * 1e9
     batch = int(free // (per_row + act_per_row))
     row = dict(context=n, budget=budget, per_row_bytes=per_row, estimate=batch)
-    for _ in range(4):
+    for _ in range(8):
         fitted = False
         try:
             row.update(_decode_at(model, orig_forward, kw, n, budget, batch, room, steps))
@@ -169,7 +171,7 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
         release()
         if fitted:
             break
-        batch = int(batch * 0.9)
+        batch = int(batch * 0.85)
     return row
 
 
