@@ -5,7 +5,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from adakv_compile import AdaKVConfig, adakv_backend
+from adakv_compile.cache import cache_kwarg
 from adakv_compile.reference import ReferenceSession
+from tests.prompts import left_padded
 
 
 def build(family, seed=0):
@@ -26,17 +28,6 @@ def build(family, seed=0):
     return m.eval()
 
 
-def batch(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for i, L in enumerate(lengths):
-        ids[i, n - L:] = torch.randint(1, 128, (L,), generator=g)
-        am[i, n - L:] = 1
-    return ids, am
-
-
 CASES = [
     ("llama", dict(budget=24, window=4)),
     ("llama", dict(budget=24, window=4, allocation="uniform")),
@@ -51,7 +42,7 @@ CASES = [
 def test_compiled_equals_reference_generator(family, kwargs):
     cfg = AdaKVConfig(**kwargs)
     budget = kwargs["budget"]
-    ids, am = batch([8 * budget, 5 * budget, budget // 2], seed=budget)
+    ids, am = left_padded([8 * budget, 5 * budget, budget // 2], seed=budget)
     ref_model = build(family)
     ref = ReferenceSession(ref_model, cfg).generate(ids, attention_mask=am, max_new_tokens=8)
     model = build(family)
@@ -64,7 +55,7 @@ def test_compiled_equals_reference_generator(family, kwargs):
 
 def test_compiled_equals_reference_with_inductor():
     cfg = AdaKVConfig(budget=24, window=4)
-    ids, am = batch([150, 96, 40], seed=1)
+    ids, am = left_padded([150, 96, 40], seed=1)
     ref = ReferenceSession(build("llama"), cfg).generate(ids, attention_mask=am, max_new_tokens=6)
     model = build("llama")
     model.forward = torch.compile(model.forward, backend=adakv_backend(cfg, inner="inductor"))
@@ -74,7 +65,7 @@ def test_compiled_equals_reference_with_inductor():
 
 def test_question_after_compressed_context_equals_reference_extend():
     cfg = AdaKVConfig(budget=24, window=4)
-    ctx, _ = batch([160], seed=2)
+    ctx, _ = left_padded([160], seed=2)
     question = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     ref_session = ReferenceSession(build("llama"), cfg)
     ref_session.prefill(ctx)
@@ -84,8 +75,8 @@ def test_question_after_compressed_context_equals_reference_extend():
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ctx, past_key_values=cache, use_cache=True)
-        logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits
+        model(input_ids=ctx, use_cache=True, **{cache_kwarg(model): cache})
+        logits = model(input_ids=question, use_cache=True, **{cache_kwarg(model): cache}).logits
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
@@ -100,7 +91,7 @@ def test_kept_positions_equal_the_oracle_selection(family, kwargs):
     from adakv_compile.kernels import store
 
     cfg = AdaKVConfig(**kwargs)
-    ids, am = batch([6 * cfg.budget, 4 * cfg.budget, cfg.budget // 2], seed=5)
+    ids, am = left_padded([6 * cfg.budget, 4 * cfg.budget, cfg.budget // 2], seed=5)
     session = ReferenceSession(build(family), cfg, record=True)
     session.prefill(ids, attention_mask=am)
     model = build(family)
@@ -108,7 +99,8 @@ def test_kept_positions_equal_the_oracle_selection(family, kwargs):
     cache = DynamicCache(config=model.config)
     positions = (am.cumsum(-1) - 1).clamp(min=0)  # as generate does (GPT-2's positions are absolute)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=am, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=am, position_ids=positions, use_cache=True,
+              **{cache_kwarg(model): cache})
     for layer, rec in enumerate(session.prefill_records):
         _, _, pos = store.unpack(cache.layers[layer].keys, cache.layers[layer].values, positions=True)
         for b in range(ids.shape[0]):

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from adakv_compile import AdaKVCache, AdaKVConfig, StoreError, adakv_backend, compile_model
 from adakv_compile.cache import cache_kwarg
 from adakv_compile.reference import ReferenceSession
+from tests.prompts import left_padded
 
 
 def build(family="llama", seed=0, layers=2):
@@ -31,17 +32,6 @@ def twin(model):
     return other
 
 
-def padded(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for i, L in enumerate(lengths):
-        ids[i, n - L:] = torch.randint(1, 128, (L,), generator=g)
-        am[i, n - L:] = 1
-    return ids, am
-
-
 CASES = [
     ("llama", dict(budget=24, window=4), "eager"),
     ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5), "eager"),
@@ -54,7 +44,7 @@ CASES = [
 def test_generate_equals_reference_generator(family, kwargs, inner):
     cfg = AdaKVConfig(**kwargs)
     b = kwargs["budget"]
-    ids, am = padded([6 * b, 3 * b, b // 2], seed=b)
+    ids, am = left_padded([6 * b, 3 * b, b // 2], seed=b)
     model = build(family, seed=b)
     ref = ReferenceSession(twin(model), cfg, record=True)
     expect = ref.generate(ids, attention_mask=am, max_new_tokens=8)[:, -8:]
@@ -185,3 +175,39 @@ def test_static_append_kernel_matches_plain_path():
     for a, b in zip(plain, tri):
         assert torch.equal(a, b)
     assert torch.equal(plain[2], lens + t)
+
+
+def test_sampling_on_the_fast_path_equals_the_general_path():
+    """Same algorithm, same logits: with the same RNG seed, sampling draws the same tokens on both paths."""
+    cfg = AdaKVConfig(budget=20, window=4)
+    ids, am = left_padded([120, 70], seed=11)
+    fast, general = build(seed=11), build(seed=11)
+    backend = compile_model(fast, cfg, inner="eager")
+    compile_model(general, cfg, inner="eager")
+    cache = AdaKVCache(fast, backend, batch_size=2, max_new_tokens=10)
+    kw = dict(attention_mask=am, max_new_tokens=10, do_sample=True, top_k=20, temperature=0.9)
+    torch.manual_seed(123)
+    a = fast.generate(ids, **kw, **{cache_kwarg(fast): cache})
+    torch.manual_seed(123)
+    b = general.generate(ids, **kw)
+    assert torch.equal(a, b)
+
+
+def test_attention_over_one_token_segments_with_fixed_pieces():
+    """Segments of 1 token (an uncompressed 0-token head plus the new token) and long ones, fixed pieces."""
+    pytest.importorskip("triton")
+    from adakv_compile.kernels.attend import store_attention
+    from adakv_compile.kernels.triton_attend import store_attention_triton
+
+    g = torch.Generator().manual_seed(9)
+    B, H, G, D, S = 2, 3, 2, 16, 96
+    lens = torch.tensor([[1, 1, 70], [60, 1, 33]], dtype=torch.int32)
+    off = torch.tensor([[0, 1, 2], [S, S + 60, S + 61]], dtype=torch.int32)  # inside each row's S slots
+    pool_k = torch.randn(B * S + 1, D, generator=g)
+    pool_v = torch.randn(B * S + 1, D, generator=g)
+    q = torch.randn(B, H * G, 1, D, generator=g)
+    ref = store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, S, 1, D ** -0.5, 0.0)
+    for piece in (16, 32):
+        out = store_attention_triton(q, pool_k, pool_v, off, lens, 1, D ** -0.5, 0.0, max_len_bound=S,
+                                     split_tokens=piece, block_n=16)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -10,46 +10,16 @@ fresh interpreter-mode subprocess instead.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-_TRITON_PREIMPORTED = "triton" in sys.modules
-if not _CUDA and not _TRITON_PREIMPORTED:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
-
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernel cannot be tested")
-
+from tests.triton_device import DEVICE, interpreter_subprocess_test, needs_device, triton  # noqa: F401
 from adakv_compile.kernels import store  # noqa: E402
 from adakv_compile.kernels.attend import store_attention  # noqa: E402
 from adakv_compile.kernels.triton_attend import (  # noqa: E402
     default_config, is_interpreted, store_attention_triton)
 
-if is_interpreted():
-    DEVICE = "cpu"
-elif _CUDA:
-    DEVICE = "cuda"
-else:
-    DEVICE = None  # triton was imported in GPU mode before this module: see test_in_interpreter_subprocess
-
-needs_device = pytest.mark.skipif(
-    DEVICE is None, reason="triton was imported before TRITON_INTERPRET=1 could be set on this CPU-only "
-                           "machine; these cases run in test_in_interpreter_subprocess instead")
-
-
-@pytest.mark.skipif(DEVICE is not None, reason="in-process cases run (interpreter or CUDA)")
-def test_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    passed = re.search(r"(\d+) passed", res.stdout)
-    assert passed and int(passed.group(1)) > 1, res.stdout[-2000:]
+test_in_interpreter_subprocess = interpreter_subprocess_test(__file__)
 
 
 # kept tokens per (row, KV head) before the chunk: skewed like Ada-KV budgets. With D <= 128 the kernel

@@ -11,47 +11,16 @@ accumulated in a different order). The -inf pattern must be identical.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-_TRITON_PREIMPORTED = "triton" in sys.modules
-if not _CUDA and not _TRITON_PREIMPORTED:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
-
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernel cannot be tested")
-
+from tests.triton_device import DEVICE, interpreter_subprocess_test, needs_device, triton  # noqa: F401
 from adakv_compile.config import AdaKVConfig  # noqa: E402
 from adakv_compile.kernels.allocate import keep_mask  # noqa: E402
 from adakv_compile.kernels.score import window_scores  # noqa: E402
 from adakv_compile.kernels.triton_score import window_scores_triton  # noqa: E402
-from adakv_compile.kernels.triton_attend import is_interpreted  # noqa: E402
 
-if is_interpreted():
-    DEVICE = "cpu"
-elif _CUDA:
-    DEVICE = "cuda"
-else:
-    DEVICE = None  # triton was imported in GPU mode before this module: see test_in_interpreter_subprocess
-
-needs_device = pytest.mark.skipif(
-    DEVICE is None, reason="triton was imported before TRITON_INTERPRET=1 could be set on this CPU-only "
-                           "machine; these cases run in test_in_interpreter_subprocess instead")
-
-
-@pytest.mark.skipif(DEVICE is not None, reason="in-process cases run (interpreter or CUDA)")
-def test_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    passed = re.search(r"(\d+) passed", res.stdout)
-    assert passed and int(passed.group(1)) > 1, res.stdout[-2000:]
+test_in_interpreter_subprocess = interpreter_subprocess_test(__file__)
 
 
 def _inputs(seed, B, Hkv, G, n, D, n_real, dtype=torch.float32):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adakv_compile import AdaKVConfig, adakv_backend
+from adakv_compile.cache import cache_kwarg
 from adakv_compile.kernels import store
 from tests.zoo import (ATTN_IMPLS, DECODERS, EAGER_STYLES, FAMILIES, TinyEagerGPT, TinyGPT, build,
                        tinygpt_generate)
@@ -27,11 +28,12 @@ def _gen(model, fn, ids, n=5):
 
 def _calls(fn, ids, ext, tok):
     """prefill, 5-token extend, 1-token decode on one cache; returns logits of each."""
+    kw = cache_kwarg(fn)  # `cache` on transformers >= 5.24, `past_key_values` before
     with torch.no_grad():
         a = fn(input_ids=ids, use_cache=True)
-        cache = a.past_key_values
-        b = fn(input_ids=ext, past_key_values=cache, use_cache=True)
-        c = fn(input_ids=tok, past_key_values=cache, use_cache=True)
+        cache = getattr(a, kw)
+        b = fn(input_ids=ext, use_cache=True, **{kw: cache})
+        c = fn(input_ids=tok, use_cache=True, **{kw: cache})
     return a.logits, b.logits, c.logits
 
 
@@ -77,7 +79,7 @@ def test_compression_mode_per_family(family):
     assert out.sequences.shape[1] == 52
     modes = [r.mode for r in backend.report if r.phase == "prefill"]
     compressed = sum(m == "compress" for m in modes)
-    layers = out.past_key_values.layers
+    layers = getattr(out, cache_kwarg(model)).layers
     stores = sum(store.is_store_view(layer.keys) for layer in layers)
     assert stores == compressed
     reasons = sorted({r.reason for r in backend.report if r.mode == "exact" and r.reason})
