@@ -6,4 +6,4 @@ from .kernels.store import StoreError
 from .report import Report, RewriteRecord
 
 __all__ = ["AdaKVConfig", "AdaKVCache", "adakv_backend", "compile_model", "AdaKVBackend", "StoreError", "Report", "RewriteRecord"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -54,6 +54,14 @@ def is_store_view(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.stride() == (0, 0, 0, 1)
 
 
+def has_store_header(t: torch.Tensor) -> bool:
+    """A store view whose storage starts with the adakv magic (reads one word: not for hot paths)."""
+    if not is_store_view(t) or t.untyped_storage().nbytes() < 8:
+        return False
+    head = torch.empty(0, dtype=torch.int32, device=t.device).set_(t.untyped_storage(), 0, (2,), (1,))
+    return int(head[0]) == MAGIC
+
+
 def pool_of(view: torch.Tensor) -> torch.Tensor:
     """The flat pool behind a store view (all of its storage), as a 1-D tensor."""
     if not is_store_view(view):
