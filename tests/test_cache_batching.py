@@ -11,7 +11,8 @@ from adakv_compile import AdaKVCache, AdaKVConfig, StoreError, compile_model
 from adakv_compile.cache import cache_kwarg, decode_batch, left_pad_masks
 from adakv_compile.reference import ReferenceSession
 
-from .test_static_cache import build, padded, twin
+from .prompts import left_padded as padded
+from .test_static_cache import build, twin
 
 STEPS = 6
 
