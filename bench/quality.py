@@ -227,7 +227,8 @@ class Engine:
     @torch.no_grad()
     def step(self, fwd, ids: Sequence[int], cache, all_logits: bool = False) -> torch.Tensor:
         x = torch.tensor([list(ids)], dtype=torch.long)
-        out = fwd(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        from adakv_compile.cache import cache_kwarg
+        out = fwd(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1, **{cache_kwarg(fwd): cache})
         return out.logits[0].float()
 
     def greedy(self, fwd, cache, first_logits: torch.Tensor, max_new: int) -> str:
