@@ -4,7 +4,7 @@ HF's own fast path needs ``StaticCache``; ours needs this one (one line in user 
 
     backend = adakv_compile.compile_model(model, AdaKVConfig(budget=1024))
     cache = AdaKVCache(model, backend, batch_size=8, max_new_tokens=256)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=256)
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=256)  # past_key_values= < 5.24
 
 Each layer holds fixed-size tensors (``kernels/static.py`` has the layout): nothing is allocated,
 moved or resized after construction, so the compiled decode step replays as one CUDA graph. The pools are
@@ -62,6 +62,7 @@ class AdaKVLayer(CacheLayerMixin):
         # slack (heads + 1) // 2: the official safeguard rounds each head's budget (sum may exceed by 1/2 a head)
         self.slots_per_row = heads * kept_per_head + (heads + 1) // 2 + heads * room
         self.batch_size, self.num_heads, self.head_dim, self.room = batch_size, heads, head_dim, room
+        self.kept_per_head = kept_per_head
         n = batch_size * self.slots_per_row + 1
         self.pool_k = torch.zeros(n, head_dim, dtype=dtype, device=device)
         self.pool_v = torch.zeros(n, head_dim, dtype=dtype, device=device)
@@ -76,6 +77,11 @@ class AdaKVLayer(CacheLayerMixin):
             t._adakv_cache = ref  # lets the backend's wrapper find the cache from a graph input
         self.compressed = False
         self.is_initialized = True
+
+    def shape(self) -> tuple:
+        """(heads, head_dim, kept_per_head, room, dtype, device): this layer's AdaKVLayer arguments."""
+        return (self.num_heads, self.head_dim, self.kept_per_head, self.room, self.pool_k.dtype,
+                self.pool_k.device)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.pool_k, self.pool_v, self.off, self.lens, self.pos, self.seen
@@ -160,13 +166,17 @@ class AdaKVCache(Cache):
                              "path), which keeps such layers in full")
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shapes = [(heads, head_dim, kept_per_head_bound(config, max_prompt_len, i), max_new_tokens, dtype, device)
+                  for i in range(text.num_hidden_layers)]
+        self._setup(config, batch_size, shapes, max_new_tokens, 0)
+
+    def _setup(self, config: AdaKVConfig, batch_size: int, shapes: list, max_new_tokens: int,
+               appended: int) -> None:
+        """Fresh zeroed layers; ``shapes``: per layer the AdaKVLayer arguments (``AdaKVLayer.shape()``)."""
         self.config = config
         self.max_new_tokens = max_new_tokens
-        self.appended = 0  # tokens appended since the prefill (the backend's wrapper counts them)
-        layers = [AdaKVLayer(self, batch_size, heads, head_dim,
-                             kept_per_head_bound(config, max_prompt_len, i), max_new_tokens, dtype, device)
-                  for i in range(text.num_hidden_layers)]
-        super().__init__(layers=layers)
+        self.appended = appended  # tokens appended since the prefill (the backend's wrapper counts them)
+        super().__init__(layers=[AdaKVLayer(self, batch_size, *shape) for shape in shapes])
 
     def reset(self):
         super().reset()
@@ -208,15 +218,9 @@ class AdaKVCache(Cache):
     @classmethod
     def _blank(cls, config: AdaKVConfig, batch_size: int, shapes: list, max_new_tokens: int,
                appended: int) -> "AdaKVCache":
-        """An AdaKVCache with fresh zeroed layers; ``shapes``: per layer (heads, head_dim, kept_per_head,
-        room, dtype, device), the arguments of AdaKVLayer."""
+        """An AdaKVCache with fresh zeroed layers of the given shapes (see ``_setup``)."""
         obj = cls.__new__(cls)
-        obj.config = config
-        obj.max_new_tokens = max_new_tokens
-        obj.appended = appended
-        layers = [AdaKVLayer(obj, batch_size, h, d, kept, room, dtype, device)
-                  for h, d, kept, room, dtype, device in shapes]
-        super(AdaKVCache, obj).__init__(layers=layers)
+        obj._setup(config, batch_size, shapes, max_new_tokens, appended)
         return obj
 
     @classmethod
@@ -326,12 +330,8 @@ class AdaKVCache(Cache):
         if bool(((idx < -B) | (idx >= B)).any()):
             raise IndexError(f"AdaKVCache.select_rows: rows {idx.tolist()} out of range for a cache of {B} rows")
         idx = idx % B
-        shapes = []
-        for lay in self.layers:
-            H = lay.num_heads
-            kept = (lay.slots_per_row - (H + 1) // 2 - H * lay.room) // H
-            shapes.append((H, lay.head_dim, kept, lay.room, lay.pool_k.dtype, lay.pool_k.device))
-        out = self._blank(self.config, int(idx.numel()), shapes, self.max_new_tokens, self.appended)
+        out = self._blank(self.config, int(idx.numel()), [lay.shape() for lay in self.layers],
+                          self.max_new_tokens, self.appended)
         for old, new in zip(self.layers, out.layers):
             S = old.slots_per_row
             assert new.slots_per_row == S
