@@ -79,14 +79,10 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
                                       (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
-                                 config_key, f.static_arg("room"))
-                                + tuple(f.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos",
-                                                                  "seen")))
+                                 config_key, f.static_arg("room")) + f.static_tensors())
         elif p.mode == "static-store":
-            pool_k, pool_v, off, lens, pos, seen = (
-                f.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos", "seen"))
-            graph.call_function(torch.ops.adakv.static_append.default,
-                                (f.k_new, f.v_new, pool_k, pool_v, off, lens, pos, seen))
+            pool_k, pool_v, off, lens, _, _ = f.static_tensors()
+            graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,

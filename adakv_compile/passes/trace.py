@@ -42,6 +42,10 @@ class CacheFlow:
         """An argument of the cache_slot marker by name (pool_k, pool_v, off, lens, pos, seen, room)."""
         return self.static.args[_SLOT_ARGS.index(name)]
 
+    def static_tensors(self) -> tuple:
+        """The layer's static tensors: (pool_k, pool_v, off, lens, pos, seen), the ops' argument order."""
+        return tuple(self.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos", "seen"))
+
 
 _SLOT_ARGS = ("k_new", "v_new", "pool_k", "pool_v", "off", "lens", "pos", "seen", "room", "compressed")
 
@@ -66,6 +70,27 @@ def _is_empty(node) -> bool:
     return v is not None and v.numel() == 0
 
 
+def _read_elsewhere(readers, what: str) -> str:
+    """The reason a cache is kept in full when ``readers`` (other than the attention) use it; else ""."""
+    if not readers:
+        return ""
+    names = sorted({str(getattr(u.target, "__name__", u.target)) for u in readers})
+    return f"{what} also read by other ops ({', '.join(names)})"
+
+
+def _others(node: fx.Node, skip: set) -> list:
+    """Users of ``node`` outside ``skip`` that read its data (shape reads do not)."""
+    return [u for u in node.users if u not in skip and u.target not in SHAPE_ONLY]
+
+
+def _decode_or_extend(phase: str, q: fx.Node) -> str:
+    """A cached step of more than one query token is an extend chunk."""
+    qv = val(q)
+    if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
+        return "extend"
+    return phase
+
+
 def _one(node: fx.Node, out: fx.Node, site_nodes: set):
     """Trace one of K/V: (phase, new, cat, past, reason)."""
     returned = out in node.users
@@ -86,19 +111,11 @@ def _one(node: fx.Node, out: fx.Node, site_nodes: set):
         if not returned:
             return phase, new, node, past if phase == "decode" else None, \
                 "the cache kept is not the concatenation itself (a sliding-window layer keeps a slice)"
-        others = [u for u in node.users if u is not out and u not in site_nodes and u.target not in SHAPE_ONLY]
-        if others:
-            what = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
-            return phase, new, node, past if phase == "decode" else None, \
-                "the concatenated cache is also read by other ops (" + ", ".join(what) + ")"
-        return phase, new, node, past if phase == "decode" else None, ""
+        reason = _read_elsewhere(_others(node, site_nodes | {out}), "the concatenated cache is")
+        return phase, new, node, past if phase == "decode" else None, reason
     if returned:
-        others = [u for u in node.users if u is not out and u not in site_nodes and u.target not in SHAPE_ONLY]
-        if others:
-            what = sorted({str(getattr(u.target, "__name__", u.target)) for u in others})
-            return "prefill", node, node, None, \
-                "the cached K/V are also read by other ops (" + ", ".join(what) + ")"
-        return "prefill", node, node, None, ""
+        return "prefill", node, node, None, _read_elsewhere(_others(node, site_nodes | {out}),
+                                                            "the cached K/V are")
     return "no-cache", node, None, None, ""
 
 
@@ -114,16 +131,10 @@ def _slot_of(node):
 def _static_flow(site: AttentionSite, marker: fx.Node, site_nodes: set) -> CacheFlow:
     k_new, v_new = marker.args[0], marker.args[1]
     compressed = marker.args[_SLOT_ARGS.index("compressed")]
-    phase = "prefill" if not compressed else "decode"
-    qv = val(site.q)
-    if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
-        phase = "extend"
-    others = [u for g in marker.users for u in g.users if u not in site_nodes and u.target not in SHAPE_ONLY]
+    phase = _decode_or_extend("prefill" if not compressed else "decode", site.q)
+    others = [u for g in marker.users for u in _others(g, site_nodes)]
     others += [g for g in marker.users if g.target is not operator.getitem]
-    reason = ""
-    if others:
-        reason = ("the static cache's K/V are also read by other ops (" +
-                  ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in others})) + ")")
+    reason = _read_elsewhere(others, "the static cache's K/V are")
     return CacheFlow(phase, k_new, v_new, compressible=not reason, reason=reason, static=marker)
 
 
@@ -141,10 +152,7 @@ def trace_cache(site: AttentionSite, graph: fx.Graph) -> CacheFlow:
     pv, v_new, v_cat, v_past, rv = _one(site.v, out, site_nodes)
     if pk != pv:
         return CacheFlow("no-cache", site.k, site.v, reason=f"keys look like {pk} but values like {pv}")
-    phase = pk
-    qv = val(site.q)
-    if phase == "decode" and qv is not None and not (isinstance(qv.shape[2], int) and qv.shape[2] == 1):
-        phase = "extend"
+    phase = _decode_or_extend(pk, site.q)
     reason = rk or rv
     if phase == "no-cache":
         return CacheFlow(phase, site.k, site.v, reason=reason)
