@@ -97,6 +97,23 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
     return row
 
 
+def causal_mask_check(n: int = 4096, reps: int = 5) -> dict:
+    """The flash route of ``exact_attention`` for an explicit causal bool mask against SDPA given the
+    mask (K/V repeated): max abs difference and both timings (incl. the mask check), bf16, 8B shapes."""
+    from adakv_compile.kernels.attend import exact_attention
+    import torch.nn.functional as F
+    q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, None]
+    kr, vr = (t.repeat_interleave(4, 1) for t in (k, v))
+    got = exact_attention(q, k, v, mask, 128 ** -0.5, False, 0.0)
+    want = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=128 ** -0.5)
+    return dict(context=n, max_abs_diff=float((got.float() - want.float()).abs().max()),
+                flash_route_ms=timed(lambda: exact_attention(q, k, v, mask, 128 ** -0.5, False, 0.0), reps),
+                masked_sdpa_ms=timed(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask,
+                                                                            scale=128 ** -0.5), reps))
+
+
 def compress_ms(model, B: int, n: int, budget: int, reps: int) -> float:
     """Scoring + allocation + compaction of all layers, timed alone on random inputs of the layer shapes."""
     c = model.config
@@ -171,7 +188,7 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
         release()
         if fitted:
             break
-        batch = int(batch * 0.85)
+        batch = int(batch * 0.92)
     return row
 
 
@@ -241,7 +258,8 @@ def main():
     model = build(a.layers)
     orig_forward = model.forward
     if not a.skip_prefill:
-        res = dict(meta, budget=a.budget, rows=[])
+        res = dict(meta, budget=a.budget, causal_mask_check=causal_mask_check(), rows=[])
+        print(json.dumps(res["causal_mask_check"]), flush=True)
         for shape in a.shapes.split(","):
             B, n = (int(x) for x in shape.split("x"))
             row = prefill_row(model, orig_forward, B, n, a.budget, a.reps)
