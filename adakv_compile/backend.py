@@ -151,7 +151,8 @@ class AdaKVBackend:
         return bool(static_only and on_cuda)
 
     def _static_wrapper(self, compiled: Callable, use) -> Callable:
-        """Keep the AdaKVCache's host-side count of appended tokens (capacity errors before the step)."""
+        """Keep the AdaKVCache's host-side count of appended tokens (capacity errors before the step) and
+        advance its ``seen`` tensor after the step (outside the graph: see AdaKVCache.advance)."""
         index, phase, chunk = use.cache_input, use.phase, use.chunk
 
         def run(*args):
@@ -160,17 +161,19 @@ class AdaKVBackend:
             if cache is None:
                 raise StoreError("adakv: a graph compiled for an AdaKVCache got a cache tensor of no live "
                                  "AdaKVCache")
+            if isinstance(chunk, int):
+                t = chunk
+            elif chunk[0] == "input":
+                t = int(args[chunk[1]])
+            else:
+                t = int(args[chunk[1]].shape[chunk[2]])
             if phase == "prefill":
                 cache.before_prefill(self.config)
             else:
-                if isinstance(chunk, int):
-                    t = chunk
-                elif chunk[0] == "input":
-                    t = int(args[chunk[1]])
-                else:
-                    t = int(args[chunk[1]].shape[chunk[2]])
                 cache.before_append(t)
-            return compiled(*args)
+            outs = compiled(*args)
+            cache.advance(t)
+            return outs
 
         return run
 

@@ -57,7 +57,7 @@ class AdaKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, owner: "AdaKVCache", batch_size: int, heads: int, head_dim: int, kept_per_head: int,
-                 room: int, dtype: torch.dtype, device: torch.device):
+                 room: int, dtype: torch.dtype, device: torch.device, seen: Optional[torch.Tensor] = None):
         super().__init__()
         # slack (heads + 1) // 2: the official safeguard rounds each head's budget (sum may exceed by 1/2 a head)
         self.slots_per_row = heads * kept_per_head + (heads + 1) // 2 + heads * room
@@ -69,7 +69,8 @@ class AdaKVLayer(CacheLayerMixin):
         self.off = torch.zeros(batch_size, heads, dtype=torch.int32, device=device)
         self.lens = torch.zeros(batch_size, heads, dtype=torch.int32, device=device)
         self.pos = torch.zeros(n, dtype=torch.int32, device=device)
-        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        # shared by the cache's layers on one device; advanced between graph calls (AdaKVCache.advance)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device) if seen is None else seen
         self.device = device
         ref = weakref.ref(owner)
         for t in self.tensors():
@@ -176,7 +177,13 @@ class AdaKVCache(Cache):
         self.config = config
         self.max_new_tokens = max_new_tokens
         self.appended = appended  # tokens appended since the prefill (the backend's wrapper counts them)
-        super().__init__(layers=[AdaKVLayer(self, batch_size, *shape) for shape in shapes])
+        seen: dict = {}  # one `seen` per device: the wrapper advances each once per step
+        for shape in shapes:
+            device = torch.device(shape[-1])
+            seen.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
+        self._seen = list(seen.values())
+        super().__init__(layers=[AdaKVLayer(self, batch_size, *shape, seen=seen[torch.device(shape[-1])])
+                                 for shape in shapes])
 
     def reset(self):
         super().reset()
@@ -199,6 +206,13 @@ class AdaKVCache(Cache):
                              f"were appended after the prompt and {t} more do not fit; size the cache for all "
                              "tokens generated or appended after the prefill")
         self.appended += t
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` more tokens seen (a prefill's prompt or an appended chunk), after the graph that added
+        them ran. The graphs only read ``seen``: written inside one, Inductor could schedule a fused read of
+        it (the model's positions) after the write."""
+        for seen in self._seen:
+            seen.add_(t)
 
     def kept_positions(self, layer: int) -> list[list[torch.Tensor]]:
         """Per row and KV head, the positions (in the padded prompt + appended tokens) a layer holds."""

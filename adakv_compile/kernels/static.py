@@ -6,7 +6,11 @@
                                   slot that absorbs the writes of dropped tokens (no boolean indexing)
     off, lens       [B, Hkv] int32  first slot (global) and used length of each (row, KV head) segment
     pos             [B*S + 1] int32  position (index in the padded sequence) of the token in each slot
-    seen            [] int64  tokens seen so far (prompt incl. padding + appended): HF's sequence length
+    seen            [] int64  tokens seen so far (prompt incl. padding + appended): HF's sequence length.
+                              One tensor shared by all layers, read by the ops and by the model (positions)
+                              and advanced only *between* graph calls by the backend's wrapper: a graph that
+                              wrote it would let Inductor move a model read of it past the write (it did:
+                              fused RoPE kernels recomputed positions after layer 0's compress).
 
 At prefill each segment gets the head's kept tokens followed by ``room`` free slots (the tokens the
 cache was sized to append), so decode appends in place and nothing ever moves or grows. S is chosen
@@ -66,7 +70,7 @@ def _check_room(ok: torch.Tensor, what: str) -> None:
 
 
 @torch.library.custom_op("adakv::static_compress",
-                         mutates_args=("pool_k", "pool_v", "off", "lens", "pos", "seen"))
+                         mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
 def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                     scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
                     pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
@@ -77,7 +81,6 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     scores = prompt_scores(q, k, valid, config, scale, softcap or None)
     keep = keep_mask(scores, valid, config, layer, num_layers)          # [B, H, n]
     fill_static(k, v, keep, room, pool_k, pool_v, off, lens, pos)
-    seen.fill_(n)
 
 
 def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int, pool_k: torch.Tensor,
@@ -102,7 +105,7 @@ def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int,
     lens.copy_(counts)
 
 
-@triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos", "seen"))
+@triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))
 def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                   off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> None:
     B, H, t, D = k_new.shape
@@ -117,7 +120,6 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor
         new_pos = (seen + torch.arange(t, device=k_new.device)).to(torch.int32)
         pos.index_copy_(0, slot, new_pos.expand(B, H, t).reshape(-1))
         lens.add_(t)
-    seen.add_(t)
 
 
 @triton_op("adakv::static_attend", mutates_args=())

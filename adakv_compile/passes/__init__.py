@@ -39,8 +39,10 @@ class StaticUse:
     """What the backend's wrapper needs to keep an AdaKVCache's host-side count right, per call.
 
     ``cache_input``: a placeholder index whose tensor belongs to the cache (``tensor._adakv_cache``);
-    ``phase``: prefill | append; ``chunk``: tokens appended per call, an int, or ``("input", i)`` for a
-    SymInt graph input, or ``("size", i, dim)`` for a dimension of a tensor input (dynamic shapes).
+    ``phase``: prefill | append; ``chunk``: tokens the call adds to the cache (prompt or appended chunk), an
+    int, or ``("input", i)`` for a SymInt graph input, or ``("size", i, dim)`` for a dimension of a tensor
+    input (dynamic shapes). The wrapper advances the cache's ``seen`` by it after the call: no graph
+    writes a tensor the model itself reads (see cache.AdaKVCache.advance).
     """
     cache_input: int
     phase: str
@@ -89,22 +91,21 @@ def _static_use(graph: fx.Graph, planned: list[PlannedSite]) -> StaticUse | None
     pool = first.static_arg("pool_k")
     if pool not in placeholders:
         return None
-    if sites[0].mode == "static-compress":
-        return StaticUse(placeholders.index(pool), "prefill")
+    phase = "prefill" if sites[0].mode == "static-compress" else "append"
     t = val(first.k_new).shape[2]
     if isinstance(t, int):
-        return StaticUse(placeholders.index(pool), "append", int(t))
+        return StaticUse(placeholders.index(pool), phase, int(t))
     for i, ph in enumerate(placeholders):  # dynamic chunk length: find the graph input that carries it
         ex = ph.meta.get("example_value", ph.meta.get("val"))
         if isinstance(ex, torch.SymInt) and ex.node.expr == t.node.expr:
-            return StaticUse(placeholders.index(pool), "append", ("input", i))
+            return StaticUse(placeholders.index(pool), phase, ("input", i))
     for i, ph in enumerate(placeholders):
         ex = ph.meta.get("example_value", ph.meta.get("val"))
         if isinstance(ex, torch.Tensor):
             for d, size in enumerate(ex.shape):
                 if isinstance(size, torch.SymInt) and size.node.expr == t.node.expr:
-                    return StaticUse(placeholders.index(pool), "append", ("size", i, d))
-    raise RuntimeError("adakv: cannot find the appended chunk length among the graph inputs")
+                    return StaticUse(placeholders.index(pool), phase, ("size", i, d))
+    raise RuntimeError("adakv: cannot find the chunk length (tokens per call) among the graph inputs")
 
 
 def _store_links(graph: fx.Graph) -> list[tuple[int, int]]:
