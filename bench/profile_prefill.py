@@ -1,0 +1,64 @@
+"""Where a 1 x n prefill spends its GPU time: eager HF vs plain torch.compile vs adakv (8B shapes).
+
+    python bench/profile_prefill.py --context 32768 --out bench/results/profile-prefill-<card>.txt
+Prints (and writes) the top CUDA kernels of one warmed-up prefill per variant, and each variant's
+wall time, so a slow compiled prefill can be attributed (attention kernel, mask, MLP, scoring).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
+from adakv_compile.cache import cache_kwarg  # noqa: E402
+
+from e2e import build  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--out", default="profile-prefill.txt")
+    a = ap.parse_args()
+    model = build(a.layers)
+    fwd0 = model.forward
+    kw = cache_kwarg(model)
+    ids = torch.randint(1, model.config.vocab_size, (1, a.context), device="cuda")
+    backend = adakv_backend(AdaKVConfig(budget=1024))
+    cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=64)
+    variants = [("eager", fwd0, lambda: DynamicCache(config=model.config)),
+                ("compiled", torch.compile(fwd0), lambda: DynamicCache(config=model.config)),
+                ("adakv", torch.compile(fwd0, backend=backend), lambda: (cache.reset(), cache)[1])]
+    lines = [f"# {torch.cuda.get_device_name(0)}, 1 x {a.context}, {a.layers} layers"]
+    for name, fwd, make in variants:
+        def go():
+            with torch.no_grad():
+                fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: make()})
+        go()
+        go()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        go()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            go()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+        lines += ["", f"## {name}: {wall:.1f} ms wall", table]
+        print("\n".join(lines[-3:]), flush=True)
+        Path(a.out).write_text("\n".join(lines) + "\n")
+        if name == "adakv":
+            print(backend.report.table(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
