@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from . import store as kv_store
 
 
+def _triton_ok() -> bool:
+    from .ops import use_triton
+    return use_triton()
+
+
 _CHECK_ELEMENTS = 1 << 26  # mask entries compared per step of is_causal_mask (64 MB of bool temporaries)
 
 
@@ -26,6 +31,9 @@ def is_causal_mask(attn_mask, nq: int, nk: int) -> bool:
     if attn_mask is None or attn_mask.dtype != torch.bool or nq != nk or attn_mask.dim() < 2 \
             or tuple(attn_mask.shape[-2:]) != (nq, nk):
         return False
+    if attn_mask.is_cuda and _triton_ok():
+        from .triton_mask import causal_mismatches
+        return not bool(causal_mismatches(attn_mask))
     per_row = max(1, attn_mask.numel() // nq)
     step = max(1, _CHECK_ELEMENTS // per_row)
     cols = torch.arange(nk, device=attn_mask.device)
