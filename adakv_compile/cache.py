@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .config import AdaKVConfig, keep_for_row
+from .config import AdaKVConfig, alpha_floor, keep_for_row
 from .kernels import static as _static  # noqa: F401  (registers torch.ops.adakv.cache_slot & co)
 from .kernels.store import StoreError
 
@@ -47,6 +47,25 @@ def kept_per_head_bound(config: AdaKVConfig, max_prompt_len: Optional[int], laye
     if max_prompt_len is not None:
         keep = min(keep, max_prompt_len)
     return keep
+
+
+def rank_kept_bound(config: AdaKVConfig, heads: int, local: int, kept_per_head: int,
+                    max_prompt_len: Optional[int]) -> int:
+    """Tokens one tensor-parallel rank's ``local`` KV heads of a row may keep, at most.
+
+    With ``tp_allocation="global"`` (adaptive) the layer's top-k over all ``heads`` may give one rank's heads
+    far more than their even share: everything but the other heads' minimum (window + the safeguard
+    floor ``floor(alpha * B')`` each). ``"per-rank"`` (or uniform budgets) keeps the even share.
+    """
+    if config.tp_allocation == "per-rank" or config.allocation != "adaptive" or config.scorer != "snapkv":
+        return local * kept_per_head
+    w = config.window
+    floor = alpha_floor(config.alpha, kept_per_head - w) \
+        if config.layer_schedule == "flat" and config.budget is not None and not config.skip_layers else 0
+    bound = heads * kept_per_head + (heads + 1) // 2 - (heads - local) * (w + floor)
+    if max_prompt_len is not None:
+        bound = min(bound, local * max_prompt_len)
+    return max(bound, local * kept_per_head)
 
 
 class AdaKVLayer(CacheLayerMixin):
@@ -133,7 +152,7 @@ class AdaKVCache(Cache):
 
     def __init__(self, model, config, batch_size: int, max_new_tokens: int,
                  max_prompt_len: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, tp_size: Optional[int] = None):
         from .backend import AdaKVBackend
 
         if isinstance(config, AdaKVBackend):
@@ -167,8 +186,16 @@ class AdaKVCache(Cache):
                              "path), which keeps such layers in full")
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shapes = [(heads, head_dim, kept_per_head_bound(config, max_prompt_len, i), max_new_tokens, dtype, device)
-                  for i in range(text.num_hidden_layers)]
+        if tp_size is None:  # a transformers model sharded with tp_plan: this rank holds heads / tp_size
+            tp_size = getattr(model, "tp_size", None) or 1 if isinstance(model, torch.nn.Module) else 1
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or heads % tp_size:
+            raise ValueError(f"AdaKVCache(tp_size={tp_size!r}): must be an integer >= 1 dividing the model's "
+                             f"{heads} KV heads")
+        local = heads // tp_size
+        kept = [kept_per_head_bound(config, max_prompt_len, i) for i in range(text.num_hidden_layers)]
+        if tp_size > 1:
+            kept = [-(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local) for k in kept]
+        shapes = [(local, head_dim, k, max_new_tokens, dtype, device) for k in kept]
         self._setup(config, batch_size, shapes, max_new_tokens, 0)
 
     def _setup(self, config: AdaKVConfig, batch_size: int, shapes: list, max_new_tokens: int,

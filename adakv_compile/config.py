@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 _POOLINGS = ("max", "avg")
 _GQA = ("mean", "max")
+_TP_ALLOC = ("global", "per-rank")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming")
@@ -46,6 +47,10 @@ class AdaKVConfig:
     scorer: "snapkv" (window attention) or "streaming" (StreamingLLM: sinks + most recent).
     sink_tokens: sinks kept by the streaming scorer.
     decode_reserve: free slots reserved per (row, KV head) for new tokens before the store must grow.
+    tp_allocation: with tensor parallelism (KV heads sharded over ranks), "global" (default: the layer's
+        one top-k sees every rank's scores — the same allocation as on one GPU) or "per-rank" (each rank
+        allocates ``local heads x B'`` over its own heads: no collective, equal memory per rank, a
+        different selection; docs/design.md "Tensor parallelism").
     """
 
     budget: Optional[int] = None
@@ -63,6 +68,7 @@ class AdaKVConfig:
     scorer: str = "snapkv"
     sink_tokens: int = 4
     decode_reserve: int = 16
+    tp_allocation: str = "global"
 
     def __post_init__(self):
         def is_int(x):
@@ -104,6 +110,8 @@ class AdaKVConfig:
             _fail("sink_tokens", self.sink_tokens, "must be an integer >= 0")
         if not is_int(self.decode_reserve) or self.decode_reserve < 1:
             _fail("decode_reserve", self.decode_reserve, "must be an integer >= 1")
+        if self.tp_allocation not in _TP_ALLOC:
+            _fail("tp_allocation", self.tp_allocation, f"must be one of {_TP_ALLOC}")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

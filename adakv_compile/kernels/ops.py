@@ -22,7 +22,7 @@ import torch
 
 from ..config import AdaKVConfig
 from . import store as kv_store
-from .allocate import keep_mask
+from .shard import keep_mask_tp
 from .attend import exact_attention, store_attention
 from .score import window_scores
 
@@ -114,20 +114,22 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 @torch.library.custom_op("adakv::compress", mutates_args=())
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-             scale: float, softcap: float, layer: int, num_layers: int, config_key: str
+             scale: float, softcap: float, layer: int, num_layers: int, config_key: str, tp_group: str = ""
              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tp_group``: name of the tensor-parallel group whose ranks hold the layer's other KV heads ("" =
+    none): the allocation then sees every rank's scores (kernels/shard.py)."""
     for observe in COMPRESS_OBSERVERS:
         observe(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key)
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
     scores = prompt_scores(q, k, valid, config, scale, softcap or None)
-    keep = keep_mask(scores, valid, config, layer, num_layers)
+    keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)
     return kv_store.build(k, v, keep, config.decode_reserve)
 
 
 @compress.register_fake
-def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key):
+def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_group=""):
     B, Hkv, n, D = k.shape
     vk = k.new_empty((D,)).as_strided((B, Hkv, n, D), (0, 0, 0, 1))
     vv = v.new_empty((v.shape[-1],)).as_strided((B, Hkv, n, v.shape[-1]), (0, 0, 0, 1))

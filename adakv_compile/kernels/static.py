@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .allocate import keep_mask
+from .shard import keep_mask_tp
 from .attend import store_attention
 from .ops import config_for, prompt_scores, use_triton, valid_from_mask
 from .store import StoreError
@@ -74,12 +74,12 @@ def _check_room(ok: torch.Tensor, what: str) -> None:
 def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                     scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
                     pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
-                    pos: torch.Tensor, seen: torch.Tensor) -> None:
+                    pos: torch.Tensor, seen: torch.Tensor, tp_group: str = "") -> None:
     config = config_for(config_key)
     B, H, n, D = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
     scores = prompt_scores(q, k, valid, config, scale, softcap or None)
-    keep = keep_mask(scores, valid, config, layer, num_layers)          # [B, H, n]
+    keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)  # [B, H, n]
     fill_static(k, v, keep, room, pool_k, pool_v, off, lens, pos)
 
 

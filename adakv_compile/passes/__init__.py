@@ -16,6 +16,7 @@ from .dataflow import attention_depths
 from .detect import AttentionSite, Skipped, find_attention, val
 from .plan import PlannedSite, plan
 from .rewrite import rewrite_site
+from .shard import find_tp_group
 from .trace import CacheFlow, trace_cache
 
 PASS_UUID = "adakv-passes-v1"
@@ -28,6 +29,7 @@ class PassResult:
     # (graph output index, placeholder index): the output is a view of that cache input's store
     store_links: list[tuple[int, int]] = field(default_factory=list)
     static: "StaticUse | None" = None  # how the graph uses an AdaKVCache, when it does
+    tp_group: str = ""  # the process group sharding the attention heads (tensor parallelism), if any
 
     @property
     def rewritten(self) -> int:
@@ -57,12 +59,15 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     flows = [trace_cache(s, graph) if isinstance(s, AttentionSite) else None for s in found]
     depths = attention_depths(graph, [s.anchor for s in found])
     planned = plan(found, flows, config, needs_grad, [depths[s.anchor] for s in found])
+    tp_group, tp_problem = find_tp_group(graph, [s.anchor for s in found if isinstance(s, AttentionSite)])
+    if tp_problem:
+        planned = [_uncompressed(p, tp_problem) for p in planned]
     key = register_config(config, config_key)
     cached = [p for p in planned if p.mode != "none"]
     num_layers = 1 + max((p.ordinal for p in planned), default=-1)
     static = _static_use(graph, planned)  # before the rewrite: dead markers lose their arguments
     for p in planned:
-        rewrite_site(graph, p, key, num_layers)
+        rewrite_site(graph, p, key, num_layers, tp_group)
     graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     gm.recompile()
@@ -70,7 +75,17 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
              if p.mode == "exact" and p.flow is not None and p.flow.k_past is not None]
     dense += [p.flow.v_past.name for p in cached
               if p.mode == "exact" and p.flow is not None and p.flow.v_past is not None]
-    return PassResult(planned, dense, _store_links(graph), static)
+    return PassResult(planned, dense, _store_links(graph), static, tp_group)
+
+
+def _uncompressed(p: PlannedSite, why: str) -> PlannedSite:
+    """A prefill site that must not compress: the general path keeps its cache full (exact), an
+    AdaKVCache layer is left alone (its marker raises: the cache is never filled wrongly)."""
+    if p.mode == "compress":
+        return PlannedSite(p.site, p.flow, p.ordinal, p.layer, "exact", f"cache kept in full: {why}")
+    if p.mode == "static-compress":
+        return PlannedSite(p.site, p.flow, p.ordinal, p.layer, "none", why)
+    return p
 
 
 def _impure(node: fx.Node) -> bool:

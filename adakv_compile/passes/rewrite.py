@@ -54,7 +54,7 @@ def _redirect(cat: fx.Node, replacement: fx.Node, out: fx.Node) -> None:
             user.replace_input_with(cat, replacement)
 
 
-def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int) -> None:
+def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int, tp_group: str = "") -> None:
     s, f = p.site, p.flow
     if p.mode == "none":
         return
@@ -71,7 +71,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
                                       (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
             pair = graph.call_function(torch.ops.adakv.compress.default,
                                        (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
-                                        num_layers, config_key))
+                                        num_layers, config_key, tp_group))
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
@@ -79,7 +79,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
                                       (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
-                                 config_key, f.static_arg("room")) + f.static_tensors())
+                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,))
         elif p.mode == "static-store":
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
             graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())

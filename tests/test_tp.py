@@ -1,0 +1,80 @@
+"""Tensor parallelism (issue 11): a tiny random Llama saved with ``save_pretrained``, loaded with
+``tp_plan="auto"`` on 2 CPU processes (gloo, torchrun), compiled with the adakv backend.
+
+With ``tp_allocation="global"`` the kept positions per (layer, row, KV head) and the greedy tokens equal the
+single-process run's (same weights, same prompts): the per-layer top-k saw every rank's scores. With
+``"per-rank"`` each rank keeps exactly its even share (local heads x budget per compressed row).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from adakv_compile.cache import cache_kwarg
+
+from . import tp_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    seed = int(torch.randint(0, 10**6, ()))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path, seed
+
+
+def run_tp(model_dir, path: str, tp_allocation: str, seed: int, tmp_path, inner: str = "aot_eager") -> dict:
+    out = tmp_path / f"tp-{path}-{tp_allocation}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "tp_worker.py"), str(model_dir), str(out), path, tp_allocation, inner, str(seed)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def run_single(model_dir, path: str, seed: int, inner: str = "aot_eager"):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch._dynamo.reset()
+    tokens, kept, _ = tp_worker.generate(model, path, "global", inner, seed, {"name": cache_kwarg(model)})
+    return tokens, kept
+
+
+@pytest.mark.parametrize("path", ["general", "fast"])
+def test_global_allocation_equals_one_process(saved_model, tmp_path, path):
+    model_dir, seed = saved_model
+    tp = run_tp(model_dir, path, "global", seed, tmp_path)
+    assert tp["world"] == 2 and tp["local_heads"] == [2, 2]       # each rank holds its own 2 of 4 KV heads
+    assert tp["reasons"] == [[], []] and min(tp["rewritten"]) > 0
+    assert tp["tokens_per_rank"][0] == tp["tokens_per_rank"][1]
+    tokens, kept = run_single(model_dir, path, seed)
+    assert tp["kept"] == kept, f"seed {seed}"
+    assert tp["tokens"] == tokens, f"seed {seed}"
+
+
+def test_per_rank_allocation_keeps_even_shares(saved_model, tmp_path):
+    model_dir, seed = saved_model
+    tp = run_tp(model_dir, "general", "per-rank", seed, tmp_path)
+    budget, window = tp_worker.config("per-rank").budget, tp_worker.config("per-rank").window
+    for layer in tp["kept"]:
+        for row, length in zip(layer, tp_worker.PROMPTS):
+            if length <= budget:
+                continue
+            prompt = [[p for p in head if p < max(tp_worker.PROMPTS)] for head in row]  # before decode
+            for r in range(2):
+                assert sum(len(h) for h in prompt[2 * r:2 * r + 2]) == 2 * budget
+            assert all(len(h) >= window for h in prompt)
