@@ -92,6 +92,7 @@ def cache_bytes(cache, method: str) -> int:
 
 def decode(model, fwd0, method: str, budget: int, batch: int, n: int, steps: int, heads: int) -> dict:
     room = steps + 16
+    torch.cuda.reset_peak_memory_stats()
     cache, backend = make_cache(model, method, budget, batch, n, room, heads)
     fwd = (torch.compile(fwd0, mode="reduce-overhead") if method == "full"
            else torch.compile(fwd0, backend=backend))
