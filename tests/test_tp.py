@@ -75,6 +75,6 @@ def test_per_rank_allocation_keeps_even_shares(saved_model, tmp_path):
             if length <= budget:
                 continue
             prompt = [[p for p in head if p < max(tp_worker.PROMPTS)] for head in row]  # before decode
-            for r in range(2):
-                assert sum(len(h) for h in prompt[2 * r:2 * r + 2]) == 2 * budget
+            for r in range(2):  # the official safeguard rounds per head: a total may be off by <= heads / 2
+                assert abs(sum(len(h) for h in prompt[2 * r:2 * r + 2]) - 2 * budget) <= 1
             assert all(len(h) >= window for h in prompt)
