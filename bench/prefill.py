@@ -236,6 +236,31 @@ def _decode_at(model, orig_forward, kw, n, budget, batch, room, steps) -> dict:
     return out
 
 
+def plot_prefill(res: dict, png: Path) -> None:
+    """Prefill time and peak memory per shape: eager vs plain compiled vs adakv (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = res["rows"]
+    labels = [f"{r['batch']}×{r['context'] // 1024}k" for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, (key, unit) in enumerate((("prefill_ms", "prefill ms"), ("peak_gb", "peak GB"))):
+        for j, name in enumerate(("eager", "compiled", "adakv")):
+            vals = [r.get(f"{name}_{key}") or 0 for r in rows]
+            ax[k].bar([i + (j - 1) * 0.27 for i in range(len(rows))], vals, width=0.27, label=name)
+        ax[k].set_xticks(range(len(rows)), labels)
+        ax[k].set_ylabel(unit)
+        if key == "prefill_ms":
+            ax[k].set_yscale("log")
+    ax[0].legend()
+    fig.suptitle(f"Prefill, {res['device']}, Llama-3.1-8B shapes × {res['layers']} layers, budget {res['budget']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -280,6 +305,7 @@ def main():
                          f"{f(r['compiled_peak_gb'], '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
+        plot_prefill(res, out.with_suffix(".png"))
     if not a.skip_capacity:
         cap = dict(meta, context=a.capacity_context, rows=[])
         for b in a.capacity_budgets.split(","):
