@@ -192,31 +192,46 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
     return row
 
 
-def _decode_at(model, orig_forward, kw, n, budget, batch, room, steps) -> dict:
+def filled_cache(model, budget, batch: int, n: int, room: int, heads: int | None = None):
+    """(cache, adakv backend or None) as a prefill of n tokens leaves it, random K/V: a StaticCache (full, for
+    budget None) or an AdaKVCache holding ``budget`` tokens per head then ``room`` free slots. ``heads``: KV
+    heads on this rank (default: the model's)."""
     c = model.config
     D = c.hidden_size // c.num_attention_heads
-    Hkv = c.num_key_value_heads
+    heads = c.num_key_value_heads if heads is None else heads
     if budget is None:
         cache = StaticCache(config=model.config, max_cache_len=n + room)
-        cache.early_initialization(batch, Hkv, D, torch.bfloat16, torch.device("cuda"))
+        cache.early_initialization(batch, heads, D, torch.bfloat16, torch.device("cuda"))
         for layer in cache.layers:
             fill_random((layer.keys, layer.values))
             layer.cumulative_length.fill_(n)
-        fwd = torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True)
-    else:
-        backend = adakv_backend(AdaKVConfig(budget=budget))
-        cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room)
-        for layer in cache.layers:  # as a prefill leaves it: `budget` tokens per head, then the room
-            fill_random((layer.pool_k, layer.pool_v))
-            seg = budget + layer.room
-            layer.off.copy_(torch.arange(batch, device="cuda")[:, None] * layer.slots_per_row
-                            + torch.arange(Hkv, device="cuda") * seg)
-            layer.lens.fill_(budget)
-            layer.seen.fill_(n)
-            layer.compressed = True
-        fwd = torch.compile(orig_forward, backend=backend)
-    cache_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-                   if budget is None else cache.nbytes())
+        return cache, None
+    backend = adakv_backend(AdaKVConfig(budget=budget))
+    cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room)
+    for layer in cache.layers:
+        fill_random((layer.pool_k, layer.pool_v))
+        seg = budget + layer.room
+        layer.off.copy_(torch.arange(batch, device="cuda")[:, None] * layer.slots_per_row
+                        + torch.arange(layer.num_heads, device="cuda") * seg)
+        layer.lens.fill_(budget)
+        layer.seen.fill_(n)
+        layer.compressed = True
+    return cache, backend
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a StaticCache's K/V or an AdaKVCache's tensors hold."""
+    if isinstance(cache, AdaKVCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _decode_at(model, orig_forward, kw, n, budget, batch, room, steps) -> dict:
+    c = model.config
+    cache, backend = filled_cache(model, budget, batch, n, room)
+    fwd = (torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True) if budget is None
+           else torch.compile(orig_forward, backend=backend))
+    cache_bytes = cache_nbytes(cache)
     tok = torch.randint(1, c.vocab_size, (batch, 1), device="cuda")
     with torch.no_grad():
         for _ in range(4):

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 
 from e2e import build  # noqa: E402
-from prefill import fill_random, release  # noqa: E402
+from prefill import cache_nbytes, filled_cache, release  # noqa: E402
 
 
 def local_bytes(model) -> int:
@@ -62,32 +62,7 @@ def sync_all():
 
 
 def make_cache(model, method: str, budget: int, batch: int, n: int, room: int, heads: int):
-    c = model.config
-    D = c.hidden_size // c.num_attention_heads
-    if method == "full":
-        cache = StaticCache(config=c, max_cache_len=n + room)
-        cache.early_initialization(batch, heads, D, torch.bfloat16, torch.device("cuda"))
-        for layer in cache.layers:
-            fill_random((layer.keys, layer.values))
-            layer.cumulative_length.fill_(n)
-        return cache, None
-    backend = adakv_backend(AdaKVConfig(budget=budget))
-    cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room)
-    for layer in cache.layers:  # as a prefill leaves it: `budget` tokens per head, then the room
-        fill_random((layer.pool_k, layer.pool_v))
-        seg = budget + layer.room
-        layer.off.copy_(torch.arange(batch, device="cuda")[:, None] * layer.slots_per_row
-                        + torch.arange(layer.num_heads, device="cuda") * seg)
-        layer.lens.fill_(budget)
-        layer.seen.fill_(n)
-        layer.compressed = True
-    return cache, backend
-
-
-def cache_bytes(cache, method: str) -> int:
-    if method == "full":
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return cache.nbytes()
+    return filled_cache(model, None if method == "full" else budget, batch, n, room, heads)
 
 
 def decode(model, fwd0, method: str, budget: int, batch: int, n: int, steps: int, heads: int) -> dict:
@@ -114,7 +89,7 @@ def decode(model, fwd0, method: str, budget: int, batch: int, n: int, steps: int
         sync_all()
     ms = statistics.median(ev[i].elapsed_time(ev[i + 1]) for i in range(steps))
     out = dict(method=method, batch=batch, ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
-               cache_gb_per_rank=cache_bytes(cache, method) / 1e9, warmup_s=first_s,
+               cache_gb_per_rank=cache_nbytes(cache) / 1e9, warmup_s=first_s,
                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     if backend is not None:
         out["rewritten"] = sum(r.action == "rewritten" for r in backend.report)
@@ -129,7 +104,7 @@ def capacity(model, method: str, budget: int, n: int, steps: int, heads: int, ma
     D = c.hidden_size // c.num_attention_heads
     room = steps + 16
     probe, _ = make_cache(model, method, budget, 1, n, room, heads)
-    per_row = cache_bytes(probe, method)
+    per_row = cache_nbytes(probe)
     del probe
     release()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -142,7 +117,7 @@ def capacity(model, method: str, budget: int, n: int, steps: int, heads: int, ma
     row = dict(method=method, per_row_bytes_per_rank=per_row, act_per_row_bytes=act, max_batch=batch)
     if batch:
         cache, _ = make_cache(model, method, budget, batch, n, room, heads)  # it fits on every rank
-        row["cache_gb_per_rank"] = cache_bytes(cache, method) / 1e9
+        row["cache_gb_per_rank"] = cache_nbytes(cache) / 1e9
         del cache
         release()
     return row
