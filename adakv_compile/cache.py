@@ -20,6 +20,7 @@ read it as a dense one.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Union
 
@@ -148,11 +149,20 @@ class AdaKVCache(Cache):
     model: the HF model (or its config; then pass ``device`` and ``dtype``).
     config: the AdaKVConfig, or the backend (its config is used; the backend checks they match).
     max_prompt_len: needed only when the kept count depends on the prompt (compression_ratio, skip_layers).
+    tp_size: tensor-parallel ranks sharing the KV heads (default: ``model.tp_size``); this rank holds
+        ``heads / tp_size`` of them.
+    tp_reserve: under tensor parallelism with ``tp_allocation="global"``, what each rank reserves per row,
+        in times its even share of the kept tokens. None (default): the most the global top-k can give the
+        rank's heads — the selection is always the one-GPU selection (1.8x the even share at 2 ranks, 6.4x at
+        8 with one KV head each). A smaller reserve (e.g. 1.25) saves that memory; a row whose global
+        allocation gives this rank more keeps its window and best-scored chosen tokens up to the reserve
+        (``tp_trimmed()`` counts what was dropped).
     """
 
     def __init__(self, model, config, batch_size: int, max_new_tokens: int,
                  max_prompt_len: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None, tp_size: Optional[int] = None):
+                 dtype: Optional[torch.dtype] = None, tp_size: Optional[int] = None,
+                 tp_reserve: Optional[float] = None):
         from .backend import AdaKVBackend
 
         if isinstance(config, AdaKVBackend):
@@ -193,8 +203,13 @@ class AdaKVCache(Cache):
                              f"{heads} KV heads")
         local = heads // tp_size
         kept = [kept_per_head_bound(config, max_prompt_len, i) for i in range(text.num_hidden_layers)]
+        if tp_reserve is not None and (isinstance(tp_reserve, bool) or not isinstance(tp_reserve, (int, float))
+                                       or not tp_reserve >= 1):
+            raise ValueError(f"AdaKVCache(tp_reserve={tp_reserve!r}): must be a number >= 1 (times this rank's "
+                             "even share of the kept tokens), or None for the worst case")
         if tp_size > 1:
-            kept = [-(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local) for k in kept]
+            worst = [-(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local) for k in kept]
+            kept = worst if tp_reserve is None else [min(w, math.ceil(tp_reserve * k)) for w, k in zip(worst, kept)]
         shapes = [(local, head_dim, k, max_new_tokens, dtype, device) for k in kept]
         self._setup(config, batch_size, shapes, max_new_tokens, 0)
 
@@ -240,6 +255,11 @@ class AdaKVCache(Cache):
         it (the model's positions) after the write."""
         for seen in self._seen:
             seen.add_(t)
+
+    def tp_trimmed(self) -> int:
+        """Tokens the last prefill dropped on this rank because the global allocation gave its heads more
+        than ``tp_reserve`` (0 with the default reserve, or without tensor parallelism). Reads the device."""
+        return int(sum(int(layer.pos[-1]) for layer in self.layers))
 
     def kept_positions(self, layer: int) -> list[list[torch.Tensor]]:
         """Per row and KV head, the positions (in the padded prompt + appended tokens) a layer holds."""

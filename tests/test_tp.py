@@ -37,11 +37,13 @@ def saved_model(tmp_path_factory):
     return path, seed
 
 
-def run_tp(model_dir, path: str, tp_allocation: str, seed: int, tmp_path, inner: str = "aot_eager") -> dict:
-    out = tmp_path / f"tp-{path}-{tp_allocation}.json"
+def run_tp(model_dir, path: str, tp_allocation: str, seed: int, tmp_path, inner: str = "aot_eager",
+           tp_reserve: float | None = None) -> dict:
+    out = tmp_path / f"tp-{path}-{tp_allocation}-{tp_reserve}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "tp_worker.py"), str(model_dir), str(out), path, tp_allocation, inner, str(seed)]
+    cmd += [] if tp_reserve is None else [str(tp_reserve)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return json.loads(out.read_text())
@@ -50,7 +52,7 @@ def run_tp(model_dir, path: str, tp_allocation: str, seed: int, tmp_path, inner:
 def run_single(model_dir, path: str, seed: int, inner: str = "aot_eager"):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch._dynamo.reset()
-    tokens, kept, _ = tp_worker.generate(model, path, "global", inner, seed, {"name": cache_kwarg(model)})
+    tokens, kept, _, _ = tp_worker.generate(model, path, "global", inner, seed, {"name": cache_kwarg(model)})
     return tokens, kept
 
 
@@ -64,6 +66,31 @@ def test_global_allocation_equals_one_process(saved_model, tmp_path, path):
     tokens, kept = run_single(model_dir, path, seed)
     assert tp["kept"] == kept, f"seed {seed}"
     assert tp["tokens"] == tokens, f"seed {seed}"
+    assert tp["trimmed"] == [0, 0]
+
+
+def test_a_smaller_reserve_trims_only_over_reserve_rows(saved_model, tmp_path):
+    """tp_reserve=1: each rank's cache holds its even share; the prefill keeps a subset of the one-GPU
+    selection per head (window included), at most the reserve per row, and tp_trimmed() counts exactly
+    the prompt tokens dropped relative to the one-GPU selection."""
+    model_dir, seed = saved_model
+    tp = run_tp(model_dir, "fast", "global", seed, tmp_path, tp_reserve=1.0)
+    _, kept = run_single(model_dir, "fast", seed)
+    n = max(tp_worker.PROMPTS)
+    cfg = tp_worker.config("global")
+    dropped = [0, 0]
+    for layer_tp, layer_one in zip(tp["kept"], kept):
+        for row_tp, row_one in zip(layer_tp, layer_one):
+            prompt_tp = [[p for p in h if p < n] for h in row_tp]
+            prompt_one = [[p for p in h if p < n] for h in row_one]
+            for r in range(2):
+                heads = range(2 * r, 2 * r + 2)
+                assert sum(len(prompt_tp[h]) for h in heads) <= 2 * cfg.budget + 1   # the reserve (+ slack)
+                for h in heads:
+                    assert set(prompt_tp[h]) <= set(prompt_one[h])                  # only removes
+                    assert set(range(n - cfg.window, n)) <= set(prompt_tp[h])       # window kept
+                    dropped[r] += len(prompt_one[h]) - len(prompt_tp[h])
+    assert tp["trimmed"] == dropped and sum(dropped) > 0, f"seed {seed}"  # ranks are never all balanced
 
 
 def test_per_rank_allocation_keeps_even_shares(saved_model, tmp_path):

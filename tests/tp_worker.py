@@ -1,7 +1,7 @@
 """One tensor-parallel run for tests/test_tp.py (launched with torchrun, 2 CPU ranks, gloo).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py \
-        MODEL_DIR OUT.json PATH(general|fast) TP_ALLOCATION(global|per-rank) INNER SEED
+        MODEL_DIR OUT.json PATH(general|fast) TP_ALLOCATION(global|per-rank) INNER SEED [TP_RESERVE]
 
 Loads the saved model with ``tp_plan="auto"``, compiles it with the adakv backend, greedy-generates from
 a left-padded batch, and writes (rank 0) the generated tokens and the kept positions per (layer, row, KV
@@ -42,30 +42,35 @@ def kept_positions(cache, path: str) -> list:
     return out
 
 
-def generate(model, path: str, tp_allocation: str, inner: str, seed: int, kw_cache: dict):
+def generate(model, path: str, tp_allocation: str, inner: str, seed: int, kw_cache: dict,
+             tp_reserve: float | None = None):
     backend = compile_model(model, config(tp_allocation), inner=inner)
     ids, mask = left_padded(PROMPTS, seed=seed, vocab=model.config.vocab_size)
     extra = {}
     if path == "fast":
-        extra[kw_cache["name"]] = AdaKVCache(model, backend, batch_size=len(PROMPTS), max_new_tokens=NEW_TOKENS)
+        extra[kw_cache["name"]] = AdaKVCache(model, backend, batch_size=len(PROMPTS), max_new_tokens=NEW_TOKENS,
+                                             **({} if tp_reserve is None else {"tp_reserve": tp_reserve}))
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              return_dict_in_generate=True, **extra)
     cache = extra.get(kw_cache["name"], out.past_key_values)
-    return out.sequences[:, ids.shape[1]:].tolist(), kept_positions(cache, path), backend
+    trimmed = cache.tp_trimmed() if path == "fast" else 0
+    return out.sequences[:, ids.shape[1]:].tolist(), kept_positions(cache, path), backend, trimmed
 
 
 def main():
     model_dir, out_path, path, tp_allocation, inner, seed = sys.argv[1:7]
+    tp_reserve = float(sys.argv[7]) if len(sys.argv) > 7 else None
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
     from adakv_compile.cache import cache_kwarg
-    tokens, kept, backend = generate(model, path, tp_allocation, inner, int(seed),
-                                     {"name": cache_kwarg(model)})
+    name = cache_kwarg(model)
+    tokens, kept, backend, trimmed = generate(model, path, tp_allocation, inner, int(seed), {"name": name},
+                                              tp_reserve)
     rank, world = dist.get_rank(), dist.get_world_size()
     every = [None] * world
-    dist.all_gather_object(every, {"kept": kept, "tokens": tokens,
+    dist.all_gather_object(every, {"kept": kept, "tokens": tokens, "trimmed": trimmed,
                                    "rewritten": sum(r.action == "rewritten" for r in backend.report),
                                    "reasons": sorted({r.reason for r in backend.report if r.reason})})
     if rank == 0:
@@ -75,6 +80,8 @@ def main():
             "tokens": tokens, "kept": merged, "world": world,
             "local_heads": [len(every[r]["kept"][0][0]) for r in range(world)],
             "tokens_per_rank": [every[r]["tokens"] for r in range(world)],
+            "trimmed": [every[r]["trimmed"] for r in range(world)],
+            "kept_per_rank": [every[r]["kept"] for r in range(world)],
             "rewritten": [every[r]["rewritten"] for r in range(world)],
             "reasons": [every[r]["reasons"] for r in range(world)]}))
     dist.barrier()

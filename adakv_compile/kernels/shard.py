@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import AdaKVConfig
-from .allocate import keep_mask
+from .allocate import _ranks, keep_mask
 
 
 def resolve_group(name: str):
@@ -47,3 +47,39 @@ def keep_mask_tp(scores: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
     full = torch.cat(parts, dim=1)                                            # [B, world * Hl, n]
     keep = keep_mask(full, valid, config, layer, num_layers)
     return keep[:, rank * Hl:(rank + 1) * Hl].contiguous()
+
+
+def cap_rows(keep: torch.Tensor, scores: torch.Tensor, cap: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep at most ``cap`` tokens per row over this rank's heads: ``(keep, trimmed tokens)``.
+
+    Rows within the cap are unchanged. A row over it (the global allocation gave this rank's heads more
+    than its cache reserves: ``AdaKVCache(tp_reserve=...)``) keeps its window tokens and its best-scored
+    chosen candidates over all local heads, ``cap - heads x window`` of them. Never triggers with the
+    default reserve (the worst case), which is what makes the default equal to one GPU.
+    """
+    B, H, n = keep.shape
+    counts = keep.sum((1, 2))                                                 # [B]
+    excess = (counts - cap).clamp(min=0)
+    m = n - window
+    if m <= 0:
+        return keep, excess.sum()
+    chosen = keep[..., :m]
+    flat = scores[..., :m].float().masked_fill(~chosen, float("-inf")).reshape(B, H * m)
+    allowed = cap - (keep[..., m:].sum((1, 2)))                               # [B] room left after the window
+    trimmed = chosen & (_ranks(flat).reshape(B, H, m) < allowed[:, None, None])
+    capped = torch.cat([trimmed, keep[..., m:]], dim=-1)
+    return torch.where((excess > 0)[:, None, None], capped, keep), excess.sum()
+
+
+def worst_rank_share(config: AdaKVConfig, tp_group: str, local: int, n: int, layer: int) -> int:
+    """The most tokens a prompt of n tokens can make this rank's ``local`` heads keep per row in ``layer``
+    (host arithmetic, no device read): ``cache.rank_kept_bound`` under the global allocation, the even
+    share otherwise."""
+    from ..cache import kept_per_head_bound, rank_kept_bound
+
+    per_head = kept_per_head_bound(config, n, layer)
+    if not needs_gather(config, tp_group):
+        return local * per_head
+    import torch.distributed as dist
+    heads = local * dist.get_world_size(resolve_group(tp_group))
+    return rank_kept_bound(config, heads, local, per_head, n)

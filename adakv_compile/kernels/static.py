@@ -5,7 +5,9 @@
     pool_k, pool_v  [B*S + 1, D]  token slots; row b owns slots [b*S, (b+1)*S); the last slot is a trash
                                   slot that absorbs the writes of dropped tokens (no boolean indexing)
     off, lens       [B, Hkv] int32  first slot (global) and used length of each (row, KV head) segment
-    pos             [B*S + 1] int32  position (index in the padded sequence) of the token in each slot
+    pos             [B*S + 1] int32  position (index in the padded sequence) of the token in each slot; its
+                              last entry (the trash slot's) counts the tokens the last prefill trimmed
+                              (tensor parallelism with a tp_reserve below the worst case; else 0)
     seen            [] int64  tokens seen so far (prompt incl. padding + appended): HF's sequence length.
                               One tensor shared by all layers, read by the ops and by the model (positions)
                               and advanced only *between* graph calls by the backend's wrapper: a graph that
@@ -33,7 +35,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .shard import keep_mask_tp
+from .shard import cap_rows, keep_mask_tp, worst_rank_share
 from .attend import store_attention
 from .ops import config_for, prompt_scores, use_triton, valid_from_mask
 from .store import StoreError
@@ -80,7 +82,15 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     valid = valid_from_mask(attn_mask, B, n, k.device)
     scores = prompt_scores(q, k, valid, config, scale, softcap or None)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)  # [B, H, n]
+    cap = (pool_k.shape[0] - 1) // B - H * room                        # kept tokens a row's segments hold
+    trimmed = None
+    if tp_group and cap < worst_rank_share(config, tp_group, H, n, layer):  # a tp_reserve below the worst case
+        keep, trimmed = cap_rows(keep, scores, cap, config.window)
     fill_static(k, v, keep, room, pool_k, pool_v, off, lens, pos)
+    if trimmed is None:
+        pos[-1:].zero_()
+    else:
+        pos[-1:].copy_(trimmed.reshape(1))
 
 
 def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int, pool_k: torch.Tensor,
