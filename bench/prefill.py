@@ -192,10 +192,10 @@ def capacity_row(model, orig_forward, n: int, budget, steps: int, free_margin_gb
     return row
 
 
-def filled_cache(model, budget, batch: int, n: int, room: int, heads: int | None = None):
+def filled_cache(model, budget, batch: int, n: int, room: int, heads: int | None = None, **cache_kw):
     """(cache, adakv backend or None) as a prefill of n tokens leaves it, random K/V: a StaticCache (full, for
     budget None) or an AdaKVCache holding ``budget`` tokens per head then ``room`` free slots. ``heads``: KV
-    heads on this rank (default: the model's)."""
+    heads on this rank (default: the model's); ``cache_kw``: more AdaKVCache arguments (e.g. tp_reserve)."""
     c = model.config
     D = c.hidden_size // c.num_attention_heads
     heads = c.num_key_value_heads if heads is None else heads
@@ -207,7 +207,7 @@ def filled_cache(model, budget, batch: int, n: int, room: int, heads: int | None
             layer.cumulative_length.fill_(n)
         return cache, None
     backend = adakv_backend(AdaKVConfig(budget=budget))
-    cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room)
+    cache = AdaKVCache(model, backend, batch_size=batch, max_new_tokens=room, **cache_kw)
     for layer in cache.layers:
         fill_random((layer.pool_k, layer.pool_v))
         seg = budget + layer.room

@@ -12,7 +12,8 @@ Per method (StaticCache full cache + reduce-overhead; adakv-<budget> with AdaKVC
   allocated tensors) plus decode activations per row (estimated as in prefill.py), against the free memory
   of the tightest rank after the weights; the cache is then allocated at that batch on every rank (it fits)
   and, with --verify, decode steps run at that batch (tokens/s).
-Prefill (adakv, 1 x --context, global allocation): wall time, each rank's kept tokens as a share of its
+--tp-reserve R sizes every AdaKVCache at R times the even share per rank (``AdaKVCache(tp_reserve=R)``).
+Prefill (adakv, 1 x --context, global allocation): wall time, tokens trimmed by the reserve, each rank's kept tokens as a share of its
 even share (the imbalance the global top-k creates), and the score all-gather alone (``dist.all_gather``
 of [B, Hkv/N, n] fp32 per layer, x layers) at batch 1 and 8.
 """
@@ -61,8 +62,13 @@ def sync_all():
         dist.barrier()
 
 
+TP_RESERVE: dict = {}  # AdaKVCache(tp_reserve=...) when --tp-reserve is given
+
+
 def make_cache(model, method: str, budget: int, batch: int, n: int, room: int, heads: int):
-    return filled_cache(model, None if method == "full" else budget, batch, n, room, heads)
+    if method == "full":
+        return filled_cache(model, None, batch, n, room, heads)
+    return filled_cache(model, budget, batch, n, room, heads, **TP_RESERVE)
 
 
 def decode(model, fwd0, method: str, budget: int, batch: int, n: int, steps: int, heads: int) -> dict:
@@ -141,7 +147,7 @@ def gather_ms(heads: int, n: int, batch: int, layers: int, reps: int = 5) -> flo
 def prefill(model, fwd0, budget: int, n: int, reps: int = 2) -> dict:
     """adakv prefill wall time (1 x n, global allocation) and how many tokens each rank's heads kept."""
     backend = adakv_backend(AdaKVConfig(budget=budget))
-    cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=16)
+    cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=16, **TP_RESERVE)
     fwd = torch.compile(fwd0, backend=backend)
     kw = cache_kwarg(model)
     ids = torch.randint(1, model.config.vocab_size, (1, n), device="cuda")
@@ -165,7 +171,7 @@ def prefill(model, fwd0, budget: int, n: int, reps: int = 2) -> dict:
     else:
         every = [kept]
     share = torch.stack(every).float() / (cache.layers[0].num_heads * budget)     # [ranks, L], 1 = even share
-    out = dict(prefill_ms=statistics.median(times), kept_share_max=share.max().item(),
+    out = dict(prefill_ms=statistics.median(times), tp_trimmed=cache.tp_trimmed(), kept_share_max=share.max().item(),
                kept_share_min=share.min().item(), kept_share_per_rank_mean=share.mean(1).tolist(),
                rewritten=sum(r.action == "rewritten" for r in backend.report))
     del cache, fwd
@@ -185,6 +191,8 @@ def main():
     ap.add_argument("--margin-gb", type=float, default=6.0)
     ap.add_argument("--parts", default="decode,capacity,prefill")
     ap.add_argument("--verify", action="store_true", help="run decode at the adakv max batch (tokens/s)")
+    ap.add_argument("--tp-reserve", type=float, help="AdaKVCache(tp_reserve=...): per-rank reserve in even shares "
+                    "(default: the global allocation's worst case)")
     ap.add_argument("--out", default="tp.json")
     a = ap.parse_args()
     if a.make:
@@ -192,6 +200,8 @@ def main():
         model.save_pretrained(a.make, max_shard_size="4GB")
         print("saved", a.make, flush=True)
         return
+    if a.tp_reserve is not None:
+        TP_RESERVE["tp_reserve"] = a.tp_reserve
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     t0 = time.perf_counter()
@@ -205,7 +215,7 @@ def main():
     res = dict(device=torch.cuda.get_device_name(0), ranks=world, torch=torch.__version__,
                transformers=transformers.__version__, layers=c.num_hidden_layers, context=a.context,
                budget=a.budget, load_s=time.perf_counter() - t0, weights_gb_per_rank=local_bytes(model) / 1e9,
-               kv_heads_per_rank=heads, decode=[], capacity=[])
+               kv_heads_per_rank=heads, tp_reserve=a.tp_reserve, decode=[], capacity=[])
     fwd0 = model.forward
     out = Path(a.out)
 
