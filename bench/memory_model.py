@@ -7,12 +7,14 @@ and compacted KV, and the max batch, for Llama-3.1-70B at 128k on 4 and 8 GPUs; 
 Sizes follow the code: the full cache is 2 x layers x local KV heads x (context + room) x head_dim x 2 B per
 row; AdaKVCache per layer holds ``slots_per_row`` slots of K and V (head_dim x 2 B each) and an int32 position,
 with the per-rank slot count of ``cache.rank_kept_bound`` (global allocation: a rank's heads may keep all
-but the other heads' window + safeguard floor) or the even share (``tp_allocation="per-rank"``). transformers
+but the other heads' window + safeguard floor), 1.25 x the even share (``AdaKVCache(tp_reserve=1.25)``) or the
+even share (``tp_allocation="per-rank"``). transformers
 5.17 leaves the input embedding unsharded (measured: 8B weights per rank = (total - embedding) / N + embedding).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,9 +40,11 @@ def per_rank(m, ranks: int, context: int, budget: int, room: int, tp_allocation:
     total, emb = weights(m)
     local = m["kv"] // ranks
     full = 2 * m["layers"] * local * (context + room) * m["dim"] * 2
-    cfg = AdaKVConfig(budget=budget, tp_allocation=tp_allocation)
+    cfg = AdaKVConfig(budget=budget, tp_allocation="global" if tp_allocation == "reserve" else tp_allocation)
     kept = kept_per_head_bound(cfg, None, 0)
-    if ranks > 1:
+    if tp_allocation == "reserve":  # AdaKVCache(tp_reserve=1.25)
+        kept = math.ceil(1.25 * kept)
+    elif ranks > 1:
         kept = -(-rank_kept_bound(cfg, m["kv"], local, kept, None) // local)
     slots = local * kept + (local + 1) // 2 + local * room
     adakv = m["layers"] * slots * (2 * m["dim"] * 2 + 4)
@@ -50,30 +54,34 @@ def per_rank(m, ranks: int, context: int, budget: int, room: int, tp_allocation:
 
 def table(name: str, context: int, budget: int, room: int, gpus: list[int], card_gb: float, reserve_gb: float):
     m = MODELS[name]
-    lines = [f"| GPUs | weights GB/rank | full KV GB/row/rank | adakv-{budget} MB/row/rank: global / per-rank | "
-             f"max batch ({card_gb:.0f} GB cards, {reserve_gb:.0f} GB reserve): full / adakv global / adakv per-rank |",
-             "|---|---|---|---|---|"]
+    lines = [f"| GPUs | weights GB/rank | full KV GB/row/rank | adakv-{budget} MB/row/rank: global worst case / "
+             f"tp_reserve 1.25 / per-rank | max batch ({card_gb:.0f} GB cards, {reserve_gb:.0f} GB reserve): full / "
+             "adakv worst case / reserve 1.25 / per-rank |", "|---|---|---|---|---|"]
     for n in gpus:
-        g, p = per_rank(m, n, context, budget, room, "global"), per_rank(m, n, context, budget, room, "per-rank")
+        g, r, p = (per_rank(m, n, context, budget, room, how) for how in ("global", "reserve", "per-rank"))
         free = card_gb * 1e9 - g["weights"] - reserve_gb * 1e9
-        mb = [max(0, int(free // x)) for x in (g["full"] + g["repeat"], g["adakv"], p["adakv"])]
+        mb = [max(0, int(free // x)) for x in (g["full"] + g["repeat"], g["adakv"], r["adakv"], p["adakv"])]
         lines.append(f"| {n} | {g['weights'] / 1e9:.1f} | {g['full'] / 1e9:.2f} | {g['adakv'] / 1e6:.0f} / "
-                     f"{p['adakv'] / 1e6:.0f} | {mb[0]} / {mb[1]} / {mb[2]} |")
+                     f"{r['adakv'] / 1e6:.0f} / {p['adakv'] / 1e6:.0f} | {mb[0]} / {mb[1]} / {mb[2]} / {mb[3]} |")
     return lines
 
 
-def check_against_run(path: str = "bench/results/tp-h200-tp2.json") -> list[str]:
-    run = json.loads(Path(path).read_text())
+def check_against_runs(paths=("bench/results/tp-h200-tp2.json", "bench/results/tp-h200-tp2-reserve1.25.json")):
     m = MODELS["Llama-3.1-8B"]
     room = 32 + 16  # bench/tp.py: steps + 16
-    p = per_rank(m, run["ranks"], run["context"], run["budget"], room, "global")
-    cap = {r["method"]: r for r in run["capacity"]}
-    rows = [("weights GB/rank", p["weights"] / 1e9, run["weights_gb_per_rank"]),
-            ("full KV GB/row/rank", p["full"] / 1e9, cap["full"]["per_row_bytes_per_rank"] / 1e9),
-            ("adakv-1024 MB/row/rank", p["adakv"] / 1e6, cap["adakv"]["per_row_bytes_per_rank"] / 1e6)]
-    lines = [f"Check against {path} ({run['device']}, {run['ranks']} ranks, Llama-3.1-8B shapes, "
-             f"{run['context']} tokens):", "", "| quantity | model | measured |", "|---|---|---|"]
-    lines += [f"| {q} | {a:.2f} | {b:.2f} |" for q, a, b in rows]
+    lines = ["Check against the 2-GPU runs (NVIDIA H200, Llama-3.1-8B shapes, 32768 tokens):", "",
+             "| quantity | model | measured |", "|---|---|---|"]
+    for i, path in enumerate(paths):
+        run = json.loads(Path(path).read_text())
+        how = "global" if run.get("tp_reserve") is None else "reserve"
+        p = per_rank(m, run["ranks"], run["context"], run["budget"], room, how)
+        cap = {r["method"]: r for r in run["capacity"]}
+        rows = [("adakv-1024 MB/row/rank, " + ("worst case" if how == "global" else "tp_reserve 1.25"),
+                 p["adakv"] / 1e6, cap["adakv"]["per_row_bytes_per_rank"] / 1e6)]
+        if i == 0:
+            rows = [("weights GB/rank", p["weights"] / 1e9, run["weights_gb_per_rank"]),
+                    ("full KV GB/row/rank", p["full"] / 1e9, cap["full"]["per_row_bytes_per_rank"] / 1e9)] + rows
+        lines += [f"| {q} | {a:.2f} | {b:.2f} |" for q, a, b in rows]
     return lines
 
 
@@ -81,7 +89,7 @@ def main():
     out = ["### Llama-3.1-70B, 131072-token requests, budget 1024, 64 decode slots per head", ""]
     out += table("Llama-3.1-70B", 131072, 1024, 64, [4, 8], 80, 6) + [""]
     out += table("Llama-3.1-70B", 131072, 1024, 64, [4, 8], 141, 6) + [""]
-    out += check_against_run()
+    out += check_against_runs()
     print("\n".join(out))
 
 
