@@ -156,7 +156,7 @@ class AdaKVCache(Cache):
         rank's heads — the selection is always the one-GPU selection (1.8x the even share at 2 ranks, 6.4x at
         8 with one KV head each). A smaller reserve (e.g. 1.25) saves that memory; a row whose global
         allocation gives this rank more keeps its window and best-scored chosen tokens up to the reserve
-        (``tp_trimmed()`` counts what was dropped).
+        (``tp_trimmed()`` counts what was dropped). Without tensor parallelism it has no effect.
     """
 
     def __init__(self, model, config, batch_size: int, max_new_tokens: int,
