@@ -32,6 +32,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stamp import md_header, png_metadata  # noqa: E402
 from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels import store  # noqa: E402
@@ -279,7 +280,7 @@ def write_outputs(res: dict, out: Path) -> None:
         lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
                      f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
                      f"{fc} | {rr} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text(md_header(card) + "\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -303,7 +304,7 @@ def write_outputs(res: dict, out: Path) -> None:
             ax.legend(fontsize=8)
         fig.suptitle(f"Decode, Llama-3.1-8B shapes × {res['rows'][0]['layers']} layers, {card}")
         fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110, metadata={"Description": f"device: {card}"})
+        fig.savefig(out.with_suffix(".png"), dpi=110, metadata=png_metadata(card))
     except Exception as e:  # the plot is a convenience; the JSON is the record
         print("plot failed:", e)
 

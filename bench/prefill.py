@@ -40,6 +40,7 @@ from adakv_compile.kernels.ops import prompt_scores  # noqa: E402
 from adakv_compile.kernels.static import fill_static  # noqa: E402
 
 from e2e import build, copy_bandwidth  # noqa: E402
+from stamp import md_header, png_metadata  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
@@ -273,7 +274,7 @@ def plot_prefill(res: dict, png: Path) -> None:
     ax[0].legend()
     fig.suptitle(f"Prefill, {res['device']}, Llama-3.1-8B shapes × {res['layers']} layers, budget {res['budget']}")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, metadata=png_metadata(res["device"]))
 
 
 def main():
@@ -318,7 +319,7 @@ def main():
                          f"| {f(r['adakv_prefill_ms'])} | {ratio} | {f(r['compress_ms'], '.1f')} "
                          f"({f(100 * r.get('compress_share', 0), '.1f')} %) | {f(r['eager_peak_gb'], '.1f')} / "
                          f"{f(r['compiled_peak_gb'], '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        out.with_suffix(".md").write_text(md_header(device) + "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
         plot_prefill(res, out.with_suffix(".png"))
     if not a.skip_capacity:
@@ -343,7 +344,7 @@ def main():
             xt = f"{r['tokens_per_s'] / full['tokens_per_s']:.1f}×" if full else "—"
             lines.append(f"| {r['method']} | {r['max_batch']} | {xb} | {r['ms_per_step']:.1f} | "
                          f"{r['tokens_per_s']:.0f} | {xt} |")
-        cap_out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        cap_out.with_suffix(".md").write_text(md_header(device) + "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
         try:
             import matplotlib
@@ -357,7 +358,7 @@ def main():
             ax[1].set_ylabel("decode tokens/s at that batch")
             fig.suptitle(device)
             fig.tight_layout()
-            fig.savefig(cap_out.with_suffix(".png"), dpi=110, metadata={"Description": f"device: {device}"})
+            fig.savefig(cap_out.with_suffix(".png"), dpi=110, metadata=png_metadata(device))
         except Exception as e:
             print("plot failed:", e)
 
