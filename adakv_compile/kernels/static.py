@@ -105,18 +105,16 @@ def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int,
     start = torch.cumsum(seg, -1) - seg + torch.arange(B, device=k.device)[:, None] * slots
     _check_room(seg.sum(-1) <= slots,
                 f"adakv: a row keeps more tokens than its {slots} static slots (cache sized too small)")
-    rank = torch.cumsum(keep, -1) - 1
+    slot = start[..., None] + torch.cumsum(keep, -1) - 1                   # where each kept token goes
     if k.is_cuda and use_triton():  # kept tokens only (one trash address for all dropped ones serialises)
         from .triton_fill import scatter_kept
-        scatter_kept(k, v, torch.where(keep, start[..., None] + rank, -1).reshape(-1), pool_k, pool_v, pos)
-        off.copy_(start)
-        lens.copy_(counts)
-        return
-    dest = torch.where(keep, start[..., None] + rank, trash).reshape(-1)   # dropped tokens → trash slot
-    pool_k.index_copy_(0, dest, k.reshape(-1, D).to(pool_k.dtype))
-    pool_v.index_copy_(0, dest, v.reshape(-1, D).to(pool_v.dtype))
-    positions = torch.arange(n, device=k.device, dtype=torch.int32).expand(B, H, n).reshape(-1)
-    pos.index_copy_(0, dest, positions)
+        scatter_kept(k, v, torch.where(keep, slot, -1).reshape(-1), pool_k, pool_v, pos)
+    else:
+        dest = torch.where(keep, slot, trash).reshape(-1)                  # dropped tokens → trash slot
+        pool_k.index_copy_(0, dest, k.reshape(-1, D).to(pool_k.dtype))
+        pool_v.index_copy_(0, dest, v.reshape(-1, D).to(pool_v.dtype))
+        positions = torch.arange(n, device=k.device, dtype=torch.int32).expand(B, H, n).reshape(-1)
+        pos.index_copy_(0, dest, positions)
     off.copy_(start)
     lens.copy_(counts)
 
