@@ -54,7 +54,9 @@ def generate(model, path: str, tp_allocation: str, inner: str, seed: int, kw_cac
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              return_dict_in_generate=True, **extra)
     cache = extra.get(kw_cache["name"], out.past_key_values)
-    trimmed = cache.tp_trimmed() if path == "fast" else 0
+    # fast path: (tokens trimmed by the reserve, kept-token capacity per row of each layer on this rank)
+    trimmed = (cache.tp_trimmed(), [lay.slots_per_row - lay.num_heads * lay.room for lay in cache.layers]) \
+        if path == "fast" else (0, [])
     return out.sequences[:, ids.shape[1]:].tolist(), kept_positions(cache, path), backend, trimmed
 
 
@@ -80,7 +82,8 @@ def main():
             "tokens": tokens, "kept": merged, "world": world,
             "local_heads": [len(every[r]["kept"][0][0]) for r in range(world)],
             "tokens_per_rank": [every[r]["tokens"] for r in range(world)],
-            "trimmed": [every[r]["trimmed"] for r in range(world)],
+            "trimmed": [every[r]["trimmed"][0] for r in range(world)],
+            "caps": [every[r]["trimmed"][1] for r in range(world)],
             "kept_per_rank": [every[r]["kept"] for r in range(world)],
             "rewritten": [every[r]["rewritten"] for r in range(world)],
             "reasons": [every[r]["reasons"] for r in range(world)]}))
