@@ -93,3 +93,17 @@ def test_a_smaller_reserve_trims_only_over_reserve_rows(saved_model, tmp_path):
                     assert set(range(n - window, n)) <= set(prompt_tp[h])           # window kept
                 dropped[r] += one - min(one, cap)
     assert tp["trimmed"] == dropped, f"seed {seed}"
+
+
+def test_per_rank_allocation_keeps_even_shares(saved_model, tmp_path):
+    model_dir, seed = saved_model
+    tp = run_tp(model_dir, "general", "per-rank", seed, tmp_path)
+    budget, window = tp_worker.config("per-rank").budget, tp_worker.config("per-rank").window
+    for layer in tp["kept"]:
+        for row, length in zip(layer, tp_worker.PROMPTS):
+            if length <= budget:
+                continue
+            prompt = [[p for p in head if p < max(tp_worker.PROMPTS)] for head in row]  # before decode
+            for r in range(2):  # the official safeguard rounds per head: a total may be off by <= heads / 2
+                assert abs(sum(len(h) for h in prompt[2 * r:2 * r + 2]) - 2 * budget) <= 1
+            assert all(len(h) >= window for h in prompt)
