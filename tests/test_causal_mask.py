@@ -49,3 +49,35 @@ def test_exact_attention_with_causal_mask_equals_sdpa(Hq, Hkv):
         kr, vr = (t.repeat_interleave(Hq // Hkv, 1) for t in (k, v))
         want = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=0.3)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_mask_check_per_forward_not_per_layer(monkeypatch):
+    """The pass checks HF's shared mask once per forward (``adakv::causal_hint``), not once per layer: one
+    host sync per prefill. Same logits as the plain model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adakv_compile import AdaKVConfig, adakv_backend
+    from adakv_compile.kernels import ops
+    from tests.prompts import left_padded
+
+    calls = {"hint": 0, "per_layer": 0}
+    real = attend.is_causal_mask
+
+    def counted(kind):
+        def check(*a):
+            calls[kind] += 1
+            return real(*a)
+        return check
+    monkeypatch.setattr(ops, "is_causal_mask", counted("hint"))
+    monkeypatch.setattr(attend, "is_causal_mask", counted("per_layer"))
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(cfg).eval()
+    ids, am = left_padded([30, 22], seed=int(torch.randint(0, 10**6, ())))
+    with torch.no_grad():
+        want = model(ids, attention_mask=am).logits[:, -1]
+        f = torch.compile(model.forward, backend=adakv_backend(AdaKVConfig(), inner="aot_eager"))
+        got = f(input_ids=ids, attention_mask=am).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert calls == {"hint": 1, "per_layer": 0}

@@ -45,15 +45,23 @@ def is_causal_mask(attn_mask, nq: int, nk: int) -> bool:
     return not bool(bad)
 
 
-def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float):
+def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float,
+                    mask_is_causal: torch.Tensor | None = None):
     """Same function as SDPA (bool or additive mask, GQA by grouping), optional logit soft-capping.
 
     A bool mask that is exactly causal (see ``is_causal_mask``) runs as ``is_causal=True`` without the
     mask: the same function, computed by SDPA's flash kernel with GQA instead of a masked kernel.
+    ``mask_is_causal`` (a CPU bool from ``adakv::causal_hint``) answers that for the mask when given.
     """
     Hq, Hkv = q.shape[1], k.shape[1]
-    if not softcap and not is_causal and is_causal_mask(attn_mask, q.shape[-2], k.shape[-2]):
-        attn_mask, is_causal = None, True
+    if not softcap and not is_causal and attn_mask is not None:
+        nq, nk = q.shape[-2], k.shape[-2]
+        if mask_is_causal is not None:
+            causal = bool(mask_is_causal) and nq == nk and tuple(attn_mask.shape[-2:]) == (nq, nk)
+        else:
+            causal = is_causal_mask(attn_mask, nq, nk)
+        if causal:
+            attn_mask, is_causal = None, True
     if not softcap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=Hq != Hkv)

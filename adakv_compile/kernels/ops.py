@@ -1,6 +1,7 @@
 """The project's custom ops: what the rewritten graph calls.
 
 - ``adakv::attention``     exact attention (SDPA semantics, + soft-capping) — exact mode and prefill.
+- ``adakv::causal_hint``   whether a graph's bool mask is exactly causal (once per mask per forward).
 - ``adakv::compress``      prefill: score, allocate, pack the kept K/V into new stores; returns the
                            zero-stride cache views the model keeps (see store.py).
 - ``adakv::attend_append`` decode/extend: append the new K/V to the stores *in place* and attend.
@@ -23,7 +24,7 @@ import torch
 from ..config import AdaKVConfig
 from . import store as kv_store
 from .shard import keep_mask_tp
-from .attend import exact_attention, store_attention
+from .attend import exact_attention, is_causal_mask, store_attention
 from .score import window_scores
 
 _CONFIGS: dict[str, AdaKVConfig] = {}
@@ -82,19 +83,36 @@ def valid_from_mask(attn_mask: Optional[torch.Tensor], batch: int, n: int, devic
     return last.expand(batch, n).contiguous()
 
 
+@torch.library.custom_op("adakv::causal_hint", mutates_args=())
+def causal_hint(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Whether ``attn_mask`` [..., n, n] is exactly the causal mask, as a 0-d CPU bool tensor.
+
+    The pass computes it once per mask of a graph (all layers share HF's mask), so the check and its one
+    host sync happen once per forward instead of once per layer; ``adakv::attention`` takes the result."""
+    n = attn_mask.shape[-1]
+    return torch.tensor(is_causal_mask(attn_mask, attn_mask.shape[-2], n))
+
+
+@causal_hint.register_fake
+def _(attn_mask):
+    return torch.empty((), dtype=torch.bool, device="cpu")
+
+
 @torch.library.custom_op("adakv::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-              scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
-    return exact_attention(q, k, v, attn_mask, scale, is_causal, softcap).contiguous()
+              scale: float, is_causal: bool, softcap: float, mask_is_causal: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    """``mask_is_causal``: the mask's ``adakv::causal_hint`` when the graph computed it (else checked here)."""
+    return exact_attention(q, k, v, attn_mask, scale, is_causal, softcap, mask_is_causal).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, is_causal, softcap):
+def _(q, k, v, attn_mask, scale, is_causal, softcap, mask_is_causal=None):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, attn_mask, scale, is_causal, softcap = inputs
+    q, k, v, attn_mask, scale, is_causal, softcap = inputs[:7]
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.args = (scale, is_causal, softcap)
 
@@ -106,7 +124,7 @@ def _attention_backward(ctx, grad):
         out = exact_attention(*leaves, attn_mask, *ctx.args)
         wanted = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-    return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 4
+    return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 5
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)

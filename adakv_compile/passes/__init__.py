@@ -66,8 +66,9 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     cached = [p for p in planned if p.mode != "none"]
     num_layers = 1 + max((p.ordinal for p in planned), default=-1)
     static = _static_use(graph, planned)  # before the rewrite: dead markers lose their arguments
+    hints: dict = {}  # one causal check per mask node, shared by the attentions that use it
     for p in planned:
-        rewrite_site(graph, p, key, num_layers, tp_group)
+        rewrite_site(graph, p, key, num_layers, tp_group, hints)
     graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     gm.recompile()

@@ -1,6 +1,7 @@
 """Stage 'rewrite': replace each planned attention by the project's ops, in the Dynamo graph.
 
-exact    → ``adakv.attention(q, k, v, mask, ...)`` on the (un-repeated) K/V; caches untouched.
+exact    → ``adakv.attention(q, k, v, mask, ...)`` on the (un-repeated) K/V; caches untouched. A bool mask
+           gets one ``adakv.causal_hint`` node (right after it, shared by every attention using it).
 compress → exact ``adakv.attention`` on the prompt, and ``adakv.compress`` whose zero-stride views
            replace the K/V the graph returns (so the model's cache holds the compacted store).
 store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph returns
@@ -29,6 +30,26 @@ def _mask_arg(graph: fx.Graph, site) -> fx.Node | None:
     return graph.call_function(torch.logical_not, (site.mask,))
 
 
+def _mask_with_hint(graph: fx.Graph, site, hints: dict) -> tuple:
+    """(mask argument, its ``adakv.causal_hint`` node or None), made once per mask node of the graph and
+    placed right after it, so every attention sharing HF's mask shares one check (one sync per forward)."""
+    if site.mask is None:
+        return None, None
+    key = (site.mask, site.mask_is_bool_inverted)
+    if key not in hints:
+        v = val(site.mask)
+        if v is None or v.dtype != torch.bool:
+            hints[key] = (None, None)
+        else:
+            with graph.inserting_after(site.mask):
+                arg = (graph.call_function(torch.logical_not, (site.mask,)) if site.mask_is_bool_inverted
+                       else site.mask)
+            with graph.inserting_after(arg):
+                hints[key] = (arg, graph.call_function(torch.ops.adakv.causal_hint.default, (arg,)))
+    arg, hint = hints[key]
+    return (arg, hint) if arg is not None else (None, None)
+
+
 def _scale_arg(graph: fx.Graph, site):
     """The scale as an op argument: a float, or FX nodes computing it (SymFloat under dynamic=True)."""
     if not isinstance(site.scale, ScaleExpr):
@@ -54,21 +75,27 @@ def _redirect(cat: fx.Node, replacement: fx.Node, out: fx.Node) -> None:
             user.replace_input_with(cat, replacement)
 
 
-def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int, tp_group: str = "") -> None:
+def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int, tp_group: str = "",
+                 hints: dict | None = None) -> None:
+    """Rewrite one planned attention; ``hints`` (shared over a graph's sites) memoises mask checks."""
     s, f = p.site, p.flow
     if p.mode == "none":
         return
     out = output_node(graph)
+    hint = None
+    if p.mode in ("exact", "compress", "static-compress"):  # exact attention over a whole prompt
+        mask, hint = _mask_with_hint(graph, s, {} if hints is None else hints)
     with graph.inserting_before(s.anchor):
-        mask = _mask_arg(graph, s)
+        if hint is None:
+            mask = _mask_arg(graph, s)
         scale = _scale_arg(graph, s)
         if p.mode == "exact":
             k, v = s.k, s.v
             new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, k, v, mask, scale, s.is_causal, s.softcap))
+                                      (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
         elif p.mode == "compress":
             new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
+                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
             pair = graph.call_function(torch.ops.adakv.compress.default,
                                        (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
                                         num_layers, config_key, tp_group))
@@ -76,7 +103,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
             new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap))
+                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
                                  config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,))
