@@ -81,3 +81,27 @@ def test_one_mask_check_per_forward_not_per_layer(monkeypatch):
         got = f(input_ids=ids, attention_mask=am).logits[:, -1]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert calls == {"hint": 1, "per_layer": 0}
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_mask_passed_in_as_a_graph_input(inverted):
+    """A mask that is a graph input (hand-written model): its check goes after the inputs; causal and
+    padded masks both give SDPA's result."""
+    from adakv_compile import AdaKVConfig, adakv_backend
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            if inverted:  # masked_fill spelling: the mask marks disallowed positions
+                s = (q @ k.transpose(-1, -2)) * 0.25
+                return torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1) @ v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+
+    backend = adakv_backend(AdaKVConfig(), inner="aot_eager")
+    f = torch.compile(Attn(), backend=backend)
+    B, H, n, D = 2, 3, 17, 16
+    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    for allowed in (_causal(B, n), _causal(B, n) & (torch.rand(B, 1, 1, n) > 0.3) | torch.eye(n, dtype=torch.bool)):
+        mask = ~allowed if inverted else allowed
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25)
+        torch.testing.assert_close(f(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+    assert any(r.action == "rewritten" for r in backend.report)

@@ -41,10 +41,13 @@ def _mask_with_hint(graph: fx.Graph, site, hints: dict) -> tuple:
         if v is None or v.dtype != torch.bool:
             hints[key] = (None, None)
         else:
-            with graph.inserting_after(site.mask):
+            at = site.mask
+            if at.op == "placeholder":  # a mask passed in: after the last input (inputs stay first)
+                at = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(at):
                 arg = (graph.call_function(torch.logical_not, (site.mask,)) if site.mask_is_bool_inverted
                        else site.mask)
-            with graph.inserting_after(arg):
+            with graph.inserting_after(arg if arg is not site.mask else at):
                 hints[key] = (arg, graph.call_function(torch.ops.adakv.causal_hint.default, (arg,)))
     arg, hint = hints[key]
     return (arg, hint) if arg is not None else (None, None)
