@@ -24,33 +24,27 @@ from .plan import PlannedSite
 from .trace import SHAPE_ONLY, output_node
 
 
-def _mask_arg(graph: fx.Graph, site) -> fx.Node | None:
-    if site.mask is None or not site.mask_is_bool_inverted:
-        return site.mask
-    return graph.call_function(torch.logical_not, (site.mask,))
-
-
-def _mask_with_hint(graph: fx.Graph, site, hints: dict) -> tuple:
-    """(mask argument, its ``adakv.causal_hint`` node or None), made once per mask node of the graph and
-    placed right after it, so every attention sharing HF's mask shares one check (one sync per forward)."""
+def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
+    """(mask argument, its ``adakv.causal_hint`` node or None) of an attention over a whole prompt, made once
+    per mask node of the graph and placed right after it: every attention sharing HF's mask shares one
+    causal check (one sync per forward). A masked_fill-style mask is inverted here, once."""
     if site.mask is None:
         return None, None
     key = (site.mask, site.mask_is_bool_inverted)
     if key not in hints:
+        at = site.mask
+        if at.op == "placeholder":  # a mask passed in: after the last input (inputs stay first)
+            at = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(at):
+            arg = (graph.call_function(torch.logical_not, (site.mask,)) if site.mask_is_bool_inverted
+                   else site.mask)
+        hint = None
         v = val(site.mask)
-        if v is None or v.dtype != torch.bool:
-            hints[key] = (None, None)
-        else:
-            at = site.mask
-            if at.op == "placeholder":  # a mask passed in: after the last input (inputs stay first)
-                at = [n for n in graph.nodes if n.op == "placeholder"][-1]
-            with graph.inserting_after(at):
-                arg = (graph.call_function(torch.logical_not, (site.mask,)) if site.mask_is_bool_inverted
-                       else site.mask)
+        if v is not None and v.dtype == torch.bool:
             with graph.inserting_after(arg if arg is not site.mask else at):
-                hints[key] = (arg, graph.call_function(torch.ops.adakv.causal_hint.default, (arg,)))
-    arg, hint = hints[key]
-    return (arg, hint) if arg is not None else (None, None)
+                hint = graph.call_function(torch.ops.adakv.causal_hint.default, (arg,))
+        hints[key] = (arg, hint)
+    return hints[key]
 
 
 def _scale_arg(graph: fx.Graph, site):
@@ -85,12 +79,10 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
     if p.mode == "none":
         return
     out = output_node(graph)
-    hint = None
+    mask = hint = None  # decode/extend attend over the store: the model's mask is not theirs to read
     if p.mode in ("exact", "compress", "static-compress"):  # exact attention over a whole prompt
-        mask, hint = _mask_with_hint(graph, s, {} if hints is None else hints)
+        mask, hint = _prompt_mask(graph, s, {} if hints is None else hints)
     with graph.inserting_before(s.anchor):
-        if hint is None:
-            mask = _mask_arg(graph, s)
         scale = _scale_arg(graph, s)
         if p.mode == "exact":
             k, v = s.k, s.v
