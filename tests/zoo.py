@@ -219,15 +219,18 @@ class _Block(nn.Module):
             past_k, past_v = past
             k = torch.cat([past_k, k], dim=2)
             v = torch.cat([past_v, v], dim=2)
-        gqa = self.n_kv != self.n_heads
-        if past is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        o = self._attend(q, k, v, past is None)
         o = o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         x = x + self.o_proj(o)
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         return x, (k, v)
+
+    def _attend(self, q, k, v, prompt: bool):
+        """SDPA, causal over a prompt; one new token (no mask) after it. Subclasses spell it otherwise."""
+        gqa = self.n_kv != self.n_heads
+        if prompt:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
 
 class TinyGPT(nn.Module):
@@ -304,24 +307,7 @@ class _EagerBlock(_Block):
         self.softmax = nn.Softmax(dim=-1)
         self.attn_drop = nn.Dropout(0.1)  # inactive in eval()
 
-    def forward(self, x, pos, past):
-        B, S, _ = x.shape
-        h = self.ln1(x)
-        q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = _rope(q, pos), _rope(k, pos)
-        if past is not None:
-            past_k, past_v = past
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
-        o = self._attend(q, k, v)
-        o = o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        x = x + self.o_proj(o)
-        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-        return x, (k, v)
-
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, prompt: bool):
         B, H, T, D = q.shape
         S = k.shape[2]
         G = H // self.n_kv
