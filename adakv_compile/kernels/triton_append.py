@@ -12,6 +12,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _write_chunk(PK, PV, KN, VN, POS, b, h, first_slot, first_pos,
+                 skb, skh, skt, skd, svb, svh, svt, svd, T, D, BLOCK_D: tl.constexpr):
+    """Token i of (b, h)'s chunk → pool slot ``first_slot + i``, position ``first_pos + i`` (both kernels)."""
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    for i in range(T):
+        k = tl.load(KN + b * skb + h * skh + i * skt + d * skd, mask=dm)
+        v = tl.load(VN + b * svb + h * svh + i * svt + d * svd, mask=dm)
+        slot = first_slot + i
+        tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
+        tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
+        tl.store(POS + slot, (first_pos + i).to(tl.int32))
+
+
+@triton.jit
 def _append_kernel(
     PK, PV, KN, VN, HDR, POS,
     skb, skh, skt, skd,
@@ -20,19 +35,10 @@ def _append_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // HKV
-    h = pid % HKV
     off = tl.load(HDR + OFF0 + pid).to(tl.int64)
     length = tl.load(HDR + LEN0 + pid).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    for i in range(T):
-        k = tl.load(KN + b * skb + h * skh + i * skt + d * skd, mask=dm)
-        v = tl.load(VN + b * svb + h * svh + i * svt + d * svd, mask=dm)
-        slot = off + length + i
-        tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
-        tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
-        tl.store(POS + slot, (FIRST_POS + i).to(tl.int32))
+    _write_chunk(PK, PV, KN, VN, POS, pid // HKV, pid % HKV, off + length, FIRST_POS,
+                 skb, skh, skt, skd, svb, svh, svt, svd, T, D, BLOCK_D)
     tl.store(HDR + LEN0 + pid, (length + T).to(tl.int32))
     if pid == 0:
         tl.store(HDR + MINROOM, tl.load(HDR + MINROOM) - T)
@@ -63,20 +69,10 @@ def _static_append_kernel(
 ):
     """Static cache (cache.py): segment (b, h) starts at slot OFF[b, h] and holds LEN[b, h] tokens."""
     pid = tl.program_id(0)
-    b = pid // HKV
-    h = pid % HKV
     off = tl.load(OFF + pid).to(tl.int64)
     length = tl.load(LEN + pid).to(tl.int64)
-    first = tl.load(SEEN)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    for i in range(T):
-        k = tl.load(KN + b * skb + h * skh + i * skt + d * skd, mask=dm)
-        v = tl.load(VN + b * svb + h * svh + i * svt + d * svd, mask=dm)
-        slot = off + length + i
-        tl.store(PK + slot * D + d, k.to(PK.dtype.element_ty), mask=dm)
-        tl.store(PV + slot * D + d, v.to(PV.dtype.element_ty), mask=dm)
-        tl.store(POS + slot, (first + i).to(tl.int32))
+    _write_chunk(PK, PV, KN, VN, POS, pid // HKV, pid % HKV, off + length, tl.load(SEEN),
+                 skb, skh, skt, skd, svb, svh, svt, svd, T, D, BLOCK_D)
     tl.store(LEN + pid, (length + T).to(tl.int32))
 
 
