@@ -21,10 +21,9 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
     G = Hq // Hkv
     w = config.window
     m = n - w
-    if m <= 0:
-        return torch.full((B, Hkv, n), float("-inf"), device=q.device)
-    if config.scorer == "streaming":
-        return streaming_scores(valid, config, Hkv, n)
+    fixed = scores_without_attention(valid, config, Hkv, n)
+    if fixed is not None:
+        return fixed
     qw = q[:, :, m:].float().reshape(B, Hkv, G * w, D)
     logits = torch.matmul(qw, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*w, n]
     if softcap:
@@ -48,6 +47,16 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
     pooled = pooled.view(B, Hkv, m).masked_fill(~valid[:, None, :m], float("-inf"))
     window = pooled.new_full((B, Hkv, w), float("-inf"))
     return torch.cat([pooled, window], dim=-1)
+
+
+def scores_without_attention(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: int) -> torch.Tensor | None:
+    """The scores when no window attention is needed (both scorers): all -inf when the prompt is no longer
+    than the window (no candidates), StreamingLLM's positional scores; None otherwise."""
+    if n <= config.window:
+        return torch.full((valid.shape[0], heads, n), float("-inf"), device=valid.device)
+    if config.scorer == "streaming":
+        return streaming_scores(valid, config, heads, n)
+    return None
 
 
 def streaming_scores(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..config import AdaKVConfig
-from .score import streaming_scores
+from .score import scores_without_attention
 from .triton_attend import _interpreting, _sm_count, is_interpreted, launcher
 
 
@@ -280,10 +280,9 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     Hkv, n = k.shape[1], k.shape[2]
     w = config.window
     m = n - w
-    if m <= 0:
-        return torch.full((B, Hkv, n), float("-inf"), device=q.device)
-    if config.scorer == "streaming":
-        return streaming_scores(valid, config, Hkv, n)
+    fixed = scores_without_attention(valid, config, Hkv, n)
+    if fixed is not None:
+        return fixed
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     if tq < w:
