@@ -344,16 +344,19 @@ class Server:
                       eos_token_id=request.eos_token_id if request.eos_token_id is not None else self.eos_token_id,
                       id=request.id, record_logits=request.record_logits)
         req._prompt = check_request(req, self.vocab_size, self.room)
-        cache = self.prefill_cache
-        self._prefill(req, cache)
-        with torch.no_grad():
-            while not req.done:
-                ids = torch.tensor([[req.tokens[-1]]], device=self.device)
-                position = torch.tensor([[req._pos]], device=self.device)
-                logits = self.model(input_ids=ids, position_ids=position, use_cache=True,
-                                    **{self.kw: cache}).logits[:, -1]
-                if req.record_logits:
-                    req.logits.append(logits[0].float().cpu())
-                req._pos += 1
-                _finish(req, sample(logits, [req])[0])
+        self._prefill(req, self.prefill_cache)
+        while not req.done:
+            self._alone_step(req)
         return req
+
+    def _alone_step(self, req: Request) -> None:
+        # its own function: no graph output stays alive into the next call (CUDA graph trees replay then)
+        ids = torch.tensor([[req.tokens[-1]]], device=self.device)
+        position = torch.tensor([[req._pos]], device=self.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, position_ids=position, use_cache=True,
+                                **{self.kw: self.prefill_cache}).logits[:, -1]
+        if req.record_logits:
+            req.logits.append(logits[0].float().cpu())
+        req._pos += 1
+        _finish(req, sample(logits, [req])[0])
