@@ -182,7 +182,7 @@ def test_soak_short(tmp_path):
                 "--check-every", "4", "--bad-every", "8", "--out", str(out)])
     assert res == __import__("json").loads(out.read_text())
     assert res["complete"] and res["requests"] >= 24 and res["steps"] >= 40
-    assert res["recompiles_after_warmup"] == 0 and res["checked"] >= 6 and res["equal_to_alone"] == 1.0
+    assert res["recompiles_after_warmup"] == 0 and res["checked"] >= 5 and res["equal_to_alone"] == 1.0
     assert set(res["bad_calls_refused"]) == {"wrong_batch", "empty_prompt", "used_cache", "other_config",
                                              "too_many_new", "bad_sampling"}
     assert res["device"].startswith("CPU")
