@@ -199,12 +199,16 @@ def main(argv=None) -> dict:
     traffic = Traffic(args, model.config.vocab_size)
     t0 = time.perf_counter()
     rec = Recordings().__enter__() if device.type == "cuda" and inner == "inductor" else None
-    # warm-up: both ends of the prompt range, a full batch, one request alone, every bad call
+    # warm-up: both ends of the prompt range, a full batch, requests alone between batched steps (which
+    # decode graph Dynamo picks may depend on the order the variants were seen), every bad call
     warm = [traffic.request(args.prompt_min), traffic.request(args.prompt_max)]
     warm += [traffic.request() for _ in range(args.max_batch)]
     server.run(warm)
     server.generate_alone(warm[0])
+    server.run([traffic.request() for _ in range(args.max_batch)])
+    server.generate_alone(warm[1])
     refused = bad_calls(server, model, other, traffic)
+    server.run([traffic.request() for _ in range(2)])
     server.finished.clear()
     warm_s = time.perf_counter() - t0
     graphs0, unique0, rec0 = backend.graphs_compiled, unique_graphs(), rec.n if rec else 0
