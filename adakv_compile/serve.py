@@ -59,7 +59,7 @@ def check_call(config, args: tuple, kwargs: dict) -> None:
                            "give one row per cache row")
     for other in ("attention_mask", "position_ids"):
         m = kwargs.get(other)
-        if isinstance(m, torch.Tensor) and m.dim() >= 1 and m.shape[0] != B:
+        if isinstance(m, torch.Tensor) and m.dim() >= 2 and m.shape[0] not in (B, 1 if other == "position_ids" else B):
             raise RequestError(f"{other}: batch {m.shape[0]}, but {name} has {B} rows")
     if not all(layer.compressed for layer in cache.layers):  # a prefill
         if cache.max_prompt_len is not None and t > cache.max_prompt_len:
