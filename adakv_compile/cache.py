@@ -470,7 +470,8 @@ class AdaKVCache(Cache):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
     # -- many long requests: prefill apart, decode together, drop finished rows ------------------------------
-    # New caches, never in-place edits: every tensor of a cache keeps its address for its whole life (what
+    # New caches (load_rows / free_rows above edit rows in place instead, for a server's one cache): every
+    # tensor of a cache keeps its address for its whole life (what
     # Dynamo's static-address marks and CUDA graph replay rely on). A new cache is a new batch size and new
     # addresses: the compiled decode step is specialised (or recorded as a CUDA graph) again for it.
 
