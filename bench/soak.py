@@ -13,7 +13,7 @@ alone, one bad call of each kind):
   step whose logits were within ``--logit-tol`` (max |difference|) of the alone run up to and including
   the first divergent step (a near-tie flipped); the first divergences are listed.
 
-GPU (H200, ~5 min):  python -m bench.soak --model 8b --layers 2 --dtype float32 --out bench/results/soak-h200.json
+GPU (H200, ~7 min with compiling):  python -m bench.soak --model 8b --layers 2 --dtype float32 --out bench/results/soak-h200.json
 CPU smoke:           python -m bench.soak --small --device cpu --requests 12 --min-steps 30 --out /tmp/soak.json
 """
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-steps", type=int, default=20000, help="and run at least this many decode steps")
     ap.add_argument("--check-every", type=int, default=25, help="decode every N-th request alone too")
     ap.add_argument("--bad-every", type=int, default=50, help="a round of bad calls every N requests")
-    ap.add_argument("--time-limit", type=float, default=420, help="seconds of soak after warm-up, at most")
+    ap.add_argument("--time-limit", type=float, default=300, help="seconds of soak after warm-up, at most")
     ap.add_argument("--logit-tol", type=float, default=None,
                     help="bf16/fp16: max |logit difference| a near-tie flip may follow (default 0.125; fp32: exact)")
     ap.add_argument("--inner", default=None, help="inner compiler (default inductor; eager on CPU)")
