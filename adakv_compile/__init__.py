@@ -1,9 +1,9 @@
 """adakv-compile: a torch.compile backend that gives any transformer an Ada-KV compressed KV cache."""
 from .backend import AdaKVBackend, adakv_backend, compile_model
-from .cache import AdaKVCache
+from .cache import AdaKVCache, RequestError
 from .config import AdaKVConfig
 from .kernels.store import StoreError
 from .report import Report, RewriteRecord
 
-__all__ = ["AdaKVConfig", "AdaKVCache", "adakv_backend", "compile_model", "AdaKVBackend", "StoreError", "Report", "RewriteRecord"]
+__all__ = ["AdaKVConfig", "AdaKVCache", "adakv_backend", "compile_model", "AdaKVBackend", "StoreError", "RequestError", "Report", "RewriteRecord"]
 __version__ = "0.2.0"

@@ -205,12 +205,17 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, 
     """Compile ``model.forward`` in place with an adakv backend and return the backend (for its report).
 
     This is the form under which HF ``model.generate`` runs the compiled forward; the module returned by
-    ``torch.compile(model, ...)`` keeps calling the uncompiled forward from ``.generate``.
+    ``torch.compile(model, ...)`` keeps calling the uncompiled forward from ``.generate``. Each call is first
+    checked in plain Python (``serve.check_call``): a bad one raises ``RequestError`` naming the parameter.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model(model=...) needs a torch.nn.Module, got {type(model).__name__}")
+    from .serve import checked_forward
+
     backend = adakv_backend(config, inner=inner, cudagraphs=cudagraphs)
-    model.forward = torch.compile(model.forward, backend=backend, **compile_kwargs)
+    # bad calls (wrong batch, empty prompt, used or foreign cache) are refused in plain Python before Dynamo
+    # traces them: a trace that raised would leave the frame running eagerly for every later call
+    model.forward = checked_forward(torch.compile(model.forward, backend=backend, **compile_kwargs), backend)
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # HF generate would re-compile forward with Inductor for a compileable cache
         gen.disable_compile = True

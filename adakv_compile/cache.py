@@ -32,6 +32,14 @@ from .kernels import static as _static  # noqa: F401  (registers torch.ops.adakv
 from .kernels.store import StoreError
 
 
+class RequestError(StoreError, ValueError):
+    """A call the compiled model refuses before tracing (wrong batch, empty prompt, a used cache, ...).
+
+    Raised in plain Python outside the graph, so Dynamo never sees a failing trace and later calls run as
+    if the bad one had never happened. A ValueError (bad input) and a StoreError (what such calls raised
+    before)."""
+
+
 def kept_per_head_bound(config: AdaKVConfig, max_prompt_len: Optional[int], layer: int) -> int:
     """Tokens (window included) any one layer keeps per KV head *on average* over a row's heads, at most."""
     if layer in config.skip_layers or config.budget is None:
@@ -67,6 +75,47 @@ def rank_kept_bound(config: AdaKVConfig, heads: int, local: int, kept_per_head: 
     if max_prompt_len is not None:
         bound = min(bound, local * max_prompt_len)
     return max(bound, local * kept_per_head)
+
+
+def _cache_bytes(shapes: list, batch_size: int) -> int:
+    """Bytes of an AdaKVCache of ``batch_size`` rows with these per-layer shapes (as ``nbytes()`` counts)."""
+    total = 0
+    for heads, head_dim, kept, room, dtype, _ in shapes:
+        slots = heads * kept + (heads + 1) // 2 + heads * room          # AdaKVLayer.slots_per_row
+        n = batch_size * slots + 1
+        esize = torch.empty((), dtype=dtype).element_size()
+        total += 2 * n * head_dim * esize + 2 * batch_size * heads * 4 + n * 4 + 8
+    return total
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory an allocation on ``device`` can use now (CUDA: free + cached by PyTorch; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return 1 << 62  # unknown (meta, other accelerators): do not refuse
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def _check_fits(shapes: list, batch_size: int, what: str) -> None:
+    """Raise MemoryError naming the bytes a cache needs when its device cannot hold it (before allocating)."""
+    for device in {torch.device(s[-1]) for s in shapes}:
+        on = [s for s in shapes if torch.device(s[-1]) == device]
+        need, free = _cache_bytes(on, batch_size), _free_bytes(device)
+        if need > free:
+            row = _cache_bytes(on, 1) - _cache_bytes(on, 0)
+            fit = max(0, (free - _cache_bytes(on, 0)) // row)
+            raise MemoryError(f"{what} needs {need} bytes ({need / 2**30:.2f} GiB) on {device}, but only {free} "
+                              f"bytes ({free / 2**30:.2f} GiB) are free: {fit} rows of {row} bytes fit "
+                              "(AdaKVCache.max_batch); use fewer rows, a smaller budget or max_new_tokens")
 
 
 class AdaKVLayer(CacheLayerMixin):
@@ -163,6 +212,16 @@ class AdaKVCache(Cache):
                  max_prompt_len: Optional[int] = None, device: Union[str, torch.device, None] = None,
                  dtype: Optional[torch.dtype] = None, tp_size: Optional[int] = None,
                  tp_reserve: Optional[float] = None):
+        config, shapes = self._plan(model, config, batch_size, max_new_tokens, max_prompt_len, device, dtype,
+                                    tp_size, tp_reserve)
+        _check_fits(shapes, batch_size, f"AdaKVCache(batch_size={batch_size}, max_new_tokens={max_new_tokens})")
+        self._setup(config, batch_size, shapes, max_new_tokens, 0)
+        self.max_prompt_len = max_prompt_len
+
+    @classmethod
+    def _plan(cls, model, config, batch_size, max_new_tokens, max_prompt_len=None, device=None, dtype=None,
+              tp_size=None, tp_reserve=None) -> tuple:
+        """(config, per-layer AdaKVLayer shapes) of a cache, checked, without allocating anything."""
         from .backend import AdaKVBackend
 
         if isinstance(config, AdaKVBackend):
@@ -210,8 +269,29 @@ class AdaKVCache(Cache):
         if tp_size > 1:
             worst = [-(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local) for k in kept]
             kept = worst if tp_reserve is None else [min(w, math.ceil(tp_reserve * k)) for w, k in zip(worst, kept)]
-        shapes = [(local, head_dim, k, max_new_tokens, dtype, device) for k in kept]
-        self._setup(config, batch_size, shapes, max_new_tokens, 0)
+        return config, [(local, head_dim, k, max_new_tokens, dtype, device) for k in kept]
+
+    @classmethod
+    def bytes_per_row(cls, model, config, max_new_tokens: int, **kwargs) -> int:
+        """Bytes one more row costs (all layers), for a cache built with the same arguments; nothing is
+        allocated. ``kwargs``: AdaKVCache's max_prompt_len, device, dtype, tp_size, tp_reserve."""
+        _, shapes = cls._plan(model, config, 1, max_new_tokens, **kwargs)
+        return _cache_bytes(shapes, 1) - _cache_bytes(shapes, 0)
+
+    @classmethod
+    def max_batch(cls, model, config, max_new_tokens: int, free_bytes: Optional[int] = None, **kwargs) -> int:
+        """How many rows an AdaKVCache of these arguments can hold, before allocating it.
+
+        free_bytes: a byte budget for the whole cache; None: the memory free now on the cache's device (CUDA:
+        free device memory plus what PyTorch's allocator holds unused; CPU: MemAvailable). 0 if not even one
+        row fits. ``kwargs``: AdaKVCache's max_prompt_len, device, dtype, tp_size, tp_reserve."""
+        _, shapes = cls._plan(model, config, 1, max_new_tokens, **kwargs)
+        row, fixed = _cache_bytes(shapes, 1) - _cache_bytes(shapes, 0), _cache_bytes(shapes, 0)
+        if free_bytes is None:
+            free_bytes = min(_free_bytes(d) for d in {torch.device(s[-1]) for s in shapes})
+        elif isinstance(free_bytes, bool) or not isinstance(free_bytes, int) or free_bytes < 0:
+            raise ValueError(f"AdaKVCache.max_batch(free_bytes={free_bytes!r}): must be an integer >= 0")
+        return max(0, (free_bytes - fixed) // row)
 
     def _setup(self, config: AdaKVConfig, batch_size: int, shapes: list, max_new_tokens: int,
                appended: int) -> None:
@@ -226,10 +306,17 @@ class AdaKVCache(Cache):
         self._seen = list(seen.values())
         super().__init__(layers=[AdaKVLayer(self, batch_size, *shape, seen=seen[torch.device(shape[-1])])
                                  for shape in shapes])
+        self.max_prompt_len = None
+        # fixed-slot serving (load_rows / free_rows): per row, tokens appended since it was loaded or freed;
+        # ``_free`` is None until the cache is used in slots, then the set of rows holding no request
+        self._row_appended = [0] * batch_size
+        self._free: Optional[set] = None
 
     def reset(self):
         super().reset()
         self.appended = 0
+        self._row_appended = [0] * len(self._row_appended)
+        self._free = None
 
     # called by the backend's wrapper around each compiled graph that reads this cache
     def before_prefill(self, config: AdaKVConfig) -> None:
@@ -243,11 +330,122 @@ class AdaKVCache(Cache):
         self.appended = 0
 
     def before_append(self, t: int) -> None:
+        if self._free is not None:
+            self._slot_append(t)
+            return
         if self.appended + t > self.max_new_tokens:
             raise StoreError(f"AdaKVCache(max_new_tokens={self.max_new_tokens}) is full: {self.appended} tokens "
                              f"were appended after the prompt and {t} more do not fit; size the cache for all "
                              "tokens generated or appended after the prefill")
         self.appended += t
+
+    # -- fixed-slot serving: one cache of max-batch rows for the server's life, rows filled and freed in place ---
+    # Same tensors, same addresses, same batch size: the compiled decode step (and its CUDA graph) serves
+    # every request; nothing is compiled or recorded again when requests come and go.
+
+    def _slot_list(self, slots, what: str) -> list[int]:
+        B = self.layers[0].batch_size
+        out = [int(r) for r in torch.as_tensor(slots, dtype=torch.int64).reshape(-1).tolist()]
+        bad = [r for r in out if not 0 <= r < B]
+        if bad:
+            raise IndexError(f"AdaKVCache.{what}(slots={bad}): out of range for a cache of {B} rows")
+        if len(set(out)) != len(out):
+            raise ValueError(f"AdaKVCache.{what}(slots={out}): a slot is named twice")
+        return out
+
+    def _enter_slots(self, loading=()) -> None:
+        if self._free is None:  # first use in slots: every other row becomes a free row with its own room
+            self._free = set()
+            rest = [r for r in range(self.layers[0].batch_size) if r not in set(loading)]
+            if rest:
+                self.free_rows(rest)
+            for layer in self.layers:
+                layer.compressed = True  # the decode graph reads this cache from now on
+
+    def free_rows(self, slots) -> None:
+        """Empty ``slots`` in place (finished requests out). A free row keeps being decoded with the others
+        (its tokens are ignored) inside room of its own, recycled here when used up; no tensor changes
+        address or size."""
+        slots = self._slot_list(slots, "free_rows")
+        self._enter_slots()
+        if not slots:
+            return
+        for layer in self.layers:
+            S, H = layer.slots_per_row, layer.num_heads
+            idx = torch.tensor(slots, device=layer.off.device)
+            base = idx[:, None] * S + torch.arange(H, device=idx.device) * (S // H)  # each head: S // H >= room
+            layer.off[idx] = base.to(layer.off.dtype)
+            layer.lens[idx] = 0
+        for r in slots:
+            self._row_appended[r] = 0
+            self._free.add(r)
+
+    def load_rows(self, slots, src: "AdaKVCache") -> None:
+        """Copy the rows of ``src`` (a prefilled cache of ``len(slots)`` rows, e.g. one request's batch-1
+        prefill) into rows ``slots`` of this cache, in place: same tensors and addresses, so the compiled
+        decode step and its CUDA graph stay valid. Each row then has ``max_new_tokens`` of room of its own and
+        decodes at the position ids its caller gives (its own count of tokens). ``src`` is not modified
+        (reset and reuse it for the next prefill)."""
+        slots = self._slot_list(slots, "load_rows")
+        if not isinstance(src, AdaKVCache):
+            raise TypeError(f"AdaKVCache.load_rows(src=...) needs an AdaKVCache, got {type(src).__name__}")
+        n = src.layers[0].batch_size
+        if len(slots) != n:
+            raise ValueError(f"AdaKVCache.load_rows: {len(slots)} slots for a source cache of {n} rows")
+        _check_compatible(src, self, "AdaKVCache.load_rows: src", "this cache")
+        if not all(layer.compressed for layer in src.layers):
+            raise StoreError("AdaKVCache.load_rows: src holds no prefilled prompt (run the compiled model on "
+                             "its prompt first)")
+        self._enter_slots(loading=slots)
+        for j, (dst, old) in enumerate(zip(self.layers, src.layers)):
+            dev, S, room = dst.pool_k.device, dst.slots_per_row, dst.room
+            lens = old.lens.to(torch.int64)                                            # [n, H]
+            need = int((lens.sum(-1) + dst.num_heads * room).max())
+            if need > S:
+                raise StoreError(f"AdaKVCache.load_rows: a row of src holds {need - dst.num_heads * room} tokens "
+                                 f"in layer {j}; this cache's rows hold {S - dst.num_heads * room} (build both "
+                                 "caches with the same arguments)")
+            idx = torch.tensor(slots, device=dev)
+            seg = lens + room
+            off = torch.cumsum(seg, -1) - seg + idx[:, None] * S
+            width = int(lens.max())
+            if width:
+                k = torch.arange(width, device=dev)
+                valid = k < lens[..., None]
+                s_idx = (old.off.to(torch.int64)[..., None] + k)[valid]
+                d_idx = (off[..., None] + k)[valid]
+                dst.pool_k.index_copy_(0, d_idx, old.pool_k.index_select(0, s_idx))
+                dst.pool_v.index_copy_(0, d_idx, old.pool_v.index_select(0, s_idx))
+                dst.pos.index_copy_(0, d_idx, old.pos.index_select(0, s_idx))
+            dst.off[idx] = off.to(dst.off.dtype)
+            dst.lens[idx] = lens.to(dst.lens.dtype)
+        for r in slots:
+            self._row_appended[r] = 0
+            self._free.discard(r)
+
+    def live_rows(self) -> list[int]:
+        """Rows holding a request (fixed-slot use); every row before the cache is used in slots."""
+        rows = range(self.layers[0].batch_size)
+        return list(rows) if self._free is None else [r for r in rows if r not in self._free]
+
+    def room_left(self) -> int:
+        """Tokens every row holding a request can still append."""
+        if self._free is None:
+            return self.max_new_tokens - self.appended
+        live = [self._row_appended[r] for r in self.live_rows()]
+        return self.max_new_tokens - max(live, default=0)
+
+    def _slot_append(self, t: int) -> None:
+        full = [r for r in self.live_rows() if self._row_appended[r] + t > self.max_new_tokens]
+        if full:
+            raise StoreError(f"AdaKVCache(max_new_tokens={self.max_new_tokens}): rows {full} are full ("
+                             f"{max(self._row_appended[r] for r in full)} tokens appended since they were "
+                             f"loaded, {t} more do not fit); free them (free_rows) or size the cache larger")
+        spent = [r for r in self._free if self._row_appended[r] + t > self.max_new_tokens]
+        if spent:  # idle rows start over in their own room (in place, outside the graph)
+            self.free_rows(spent)
+        self._row_appended = [a + t for a in self._row_appended]
+        self.appended = max((self._row_appended[r] for r in self.live_rows()), default=0)
 
     def advance(self, t: int) -> None:
         """Count ``t`` more tokens seen (a prefill's prompt or an appended chunk), after the graph that added
@@ -272,7 +470,8 @@ class AdaKVCache(Cache):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
     # -- many long requests: prefill apart, decode together, drop finished rows ------------------------------
-    # New caches, never in-place edits: every tensor of a cache keeps its address for its whole life (what
+    # New caches (load_rows / free_rows above edit rows in place instead, for a server's one cache): every
+    # tensor of a cache keeps its address for its whole life (what
     # Dynamo's static-address marks and CUDA graph replay rely on). A new cache is a new batch size and new
     # addresses: the compiled decode step is specialised (or recorded as a CUDA graph) again for it.
 
@@ -308,19 +507,7 @@ class AdaKVCache(Cache):
         first = caches[0]
         L0 = first.layers
         for i, c in enumerate(caches):
-            if c.config.key() != first.config.key():
-                raise ValueError(f"AdaKVCache.join: caches[{i}] was built for another AdaKVConfig than caches[0] "
-                                 f"({c.config} vs {first.config}); join only caches of one backend")
-            if len(c.layers) != len(L0):
-                raise ValueError(f"AdaKVCache.join: caches[{i}] has {len(c.layers)} layers, caches[0] has "
-                                 f"{len(L0)} (caches of different models)")
-            for j, (a, b) in enumerate(zip(c.layers, L0)):
-                for what, x, y in (("KV heads", a.num_heads, b.num_heads), ("head_dim", a.head_dim, b.head_dim),
-                                   ("dtype", a.pool_k.dtype, b.pool_k.dtype),
-                                   ("device", a.pool_k.device, b.pool_k.device)):
-                    if x != y:
-                        raise ValueError(f"AdaKVCache.join: caches[{i}] layer {j} has {what} {x}, caches[0] has "
-                                         f"{y}")
+            _check_compatible(c, first, f"AdaKVCache.join: caches[{i}]", "caches[0]")
             if not all(layer.compressed for layer in c.layers):
                 raise StoreError(f"AdaKVCache.join: caches[{i}] holds no prefilled prompt (run the compiled "
                                  "model on its prompt first)")
@@ -421,6 +608,21 @@ class AdaKVCache(Cache):
         if not keep:
             raise ValueError(f"AdaKVCache.drop_rows: dropping all {B} rows leaves an empty cache")
         return self.select_rows(keep)
+
+
+def _check_compatible(c: AdaKVCache, first: AdaKVCache, name: str, other: str) -> None:
+    """ValueError naming what differs between two caches whose rows are to be copied into one."""
+    if c.config.key() != first.config.key():
+        raise ValueError(f"{name} was built for another AdaKVConfig than {other} ({c.config} vs {first.config}); "
+                         "use caches of one backend")
+    if len(c.layers) != len(first.layers):
+        raise ValueError(f"{name} has {len(c.layers)} layers, {other} has {len(first.layers)} (caches of "
+                         "different models)")
+    for j, (a, b) in enumerate(zip(c.layers, first.layers)):
+        for what, x, y in (("KV heads", a.num_heads, b.num_heads), ("head_dim", a.head_dim, b.head_dim),
+                           ("dtype", a.pool_k.dtype, b.pool_k.dtype), ("device", a.pool_k.device, b.pool_k.device)):
+            if x != y:
+                raise ValueError(f"{name} layer {j} has {what} {x}, {other} has {y}")
 
 
 def cache_kwarg(model) -> str:

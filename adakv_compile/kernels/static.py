@@ -44,7 +44,9 @@ _EAGER_MESSAGE = (
     "an AdaKVCache is filled and read only by a model compiled with the adakv backend (this attention "
     "layer ran without the adakv rewrite: the model is running uncompiled, was compiled with another "
     "backend — e.g. HF generate's own auto-compile: pass generation_config.disable_compile=True or use "
-    "adakv_compile.compile_model — or the attention was not recognised; see backend.report)")
+    "adakv_compile.compile_model — or the attention was not recognised; see backend.report; or Dynamo stopped "
+    "compiling the frame and ran it eagerly, e.g. after torch._dynamo.config.recompile_limit variants: a model "
+    "compiled with compile_model names that cause)")
 
 
 @torch.library.custom_op("adakv::cache_slot", mutates_args=())
