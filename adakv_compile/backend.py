@@ -18,6 +18,7 @@ from .config import AdaKVConfig
 from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
+from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
 
 log = logging.getLogger("adakv_compile")
@@ -108,7 +109,9 @@ class AdaKVBackend:
             def refuse(*args):
                 raise StoreError(message)
             return refuse
-        compiled = self._inner(gm, example_inputs, graphed)
+        merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
+        compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
+        self.graphs[-1]["merged_linears"] = merged.merged
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
         if result.static is not None:
