@@ -49,11 +49,17 @@ def child(a) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
 
+    caches = []
+
     def generate():
         if a.method == "hf_static":
             return model.generate(ids, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
                                   cache_implementation="static")
-        cache = AdaKVCache(model, backend, batch_size=a.batch, max_new_tokens=a.new)
+        if caches:  # the second call reuses the cache, as a server would (a new one = new static addresses)
+            caches[0].reset()
+        else:
+            caches.append(AdaKVCache(model, backend, batch_size=a.batch, max_new_tokens=a.new))
+        cache = caches[0]
         return model.generate(ids, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
                               **{cache_kwarg(model): cache})
 
