@@ -2,6 +2,7 @@
 from .backend import AdaKVBackend, adakv_backend, compile_model
 from .cache import AdaKVCache, RequestError
 from .config import AdaKVConfig
+from . import guards  # noqa: F401  (registers the dynamic-layer guard in kernels.store.BUILD_HOOKS)
 from .kernels.store import StoreError
 from .report import Report, RewriteRecord
 

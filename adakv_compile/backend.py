@@ -18,11 +18,23 @@ from .config import AdaKVConfig
 from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
+from .passes.cache_key import PASS_KEY, config_key
+from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
 
 log = logging.getLogger("adakv_compile")
 _graph_ids = itertools.count()
-_backend_ids = itertools.count()
+_key_counts: dict[str, int] = {}
+
+
+def _backend_key(config: AdaKVConfig) -> str:
+    """The name under which a backend's config is registered (a constant of its graphs): sha256 of the
+    config's fields + how many backends of that config this process made before. The same in a restarted
+    process, so Inductor's caches hit (a process counter alone changed with unrelated earlier backends)."""
+    digest = config_key(config)
+    n = _key_counts.get(digest, 0)
+    _key_counts[digest] = n + 1
+    return f"adakv-{digest}-{n}"
 
 INNER = ("inductor", "eager", "aot_eager")
 
@@ -47,7 +59,7 @@ class AdaKVBackend:
         self.graphs: list[dict] = []  # one summary per compiled graph, also those without attention
         self._warned_none = False
         self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
-        self._key = f"backend-{next(_backend_ids)}"
+        self._key = _backend_key(config)
 
     @property
     def graphs_compiled(self) -> int:
@@ -108,7 +120,9 @@ class AdaKVBackend:
             def refuse(*args):
                 raise StoreError(message)
             return refuse
-        compiled = self._inner(gm, example_inputs, graphed)
+        merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
+        compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
+        self.graphs[-1]["merged_linears"] = merged.merged
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
         if result.static is not None:
@@ -183,10 +197,12 @@ class AdaKVBackend:
         if self.inner == "aot_eager":
             from torch._dynamo.backends.registry import lookup_backend
             return lookup_backend("aot_eager")(gm, example_inputs)
+        import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
-        if cudagraphs:
-            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
-        return compile_fx(gm, example_inputs)
+        patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        if inductor_config.post_grad_custom_pre_pass is None:  # our code in the cache keys (cache_key.py)
+            patches["post_grad_custom_pre_pass"] = PASS_KEY
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def adakv_backend(config: Optional[AdaKVConfig] = None, inner: str = "inductor",

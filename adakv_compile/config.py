@@ -51,6 +51,9 @@ class AdaKVConfig:
         one top-k sees every rank's scores — the same allocation as on one GPU) or "per-rank" (each rank
         allocates ``local heads x B'`` over its own heads: no collective, equal memory per rank, a
         different selection; docs/design.md "Tensor parallelism").
+    merge_linears: merge linears that read the same input (q/k/v, gate/up) into one GEMM in the graph, the
+        weights concatenated once at compile time and the parameters re-pointed to slices of the result
+        (passes/merge_linears.py). Exact; False keeps the model's own GEMMs.
     """
 
     budget: Optional[int] = None
@@ -69,6 +72,7 @@ class AdaKVConfig:
     sink_tokens: int = 4
     decode_reserve: int = 16
     tp_allocation: str = "global"
+    merge_linears: bool = True
 
     def __post_init__(self):
         def is_int(x):
@@ -112,6 +116,8 @@ class AdaKVConfig:
             _fail("decode_reserve", self.decode_reserve, "must be an integer >= 1")
         if self.tp_allocation not in _TP_ALLOC:
             _fail("tp_allocation", self.tp_allocation, f"must be one of {_TP_ALLOC}")
+        if not isinstance(self.merge_linears, bool):
+            _fail("merge_linears", self.merge_linears, "must be True or False")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

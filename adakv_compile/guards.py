@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from .kernels.store import BUILD_HOOKS, StoreError, is_store_view
+
 _INSTALLED = False
 
 
@@ -29,7 +31,6 @@ def install_dynamic_layer_guard() -> None:
     except ImportError:  # no transformers: nothing to guard
         _INSTALLED = True
         return
-    from .kernels.store import StoreError, is_store_view
 
     original = DynamicLayer.update
 
@@ -47,3 +48,7 @@ def install_dynamic_layer_guard() -> None:
 
     DynamicLayer.update = update
     _INSTALLED = True
+
+
+if install_dynamic_layer_guard not in BUILD_HOOKS:
+    BUILD_HOOKS.append(install_dynamic_layer_guard)  # store.build installs it on first use

@@ -7,10 +7,13 @@ pipelined, CUDA events between step starts, no host sync; and each step synchron
   static_ro      HF StaticCache (full cache) + torch.compile(mode="reduce-overhead"): the strongest baseline
   compile_dyn    plain torch.compile (Inductor) + DynamicCache                       (--with-dynamic)
   adakv          adakv fast path: AdaKVCache + adakv backend (Triton ops inlined, CUDA-graph decode)
+  adakv_nomerge  the same with AdaKVConfig(merge_linears=False) (q/k/v, gate/up as the model's own GEMMs)
   adakv_general  adakv general path: DynamicCache + adakv backend                    (--with-general)
 
     python bench/e2e.py --shapes 1x8192,1x32768,8x32768,32x8192 --layers 8 --out bench/results/e2e-<card>.json
     python bench/e2e.py --shapes 1x32768 --layers 32 --append --out bench/results/e2e-<card>.json
+    python bench/e2e.py --device cpu --small --layers 2 --shapes 1x256 --methods adakv,adakv_nomerge \
+        --budget 64 --steps 4 --warm 2 --out /tmp/e2e-cpu.json                  # smoke test of the script
 
 Writes JSON (rows with ``batch``, ``context``, ``budget``, ``layers``, ``floor_ms``, ``static_ro_ms``,
 ``adakv_ms``, ... and ``device``), a Markdown table and a PNG next to it. ``--check`` first verifies the
@@ -39,7 +42,22 @@ from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels import store  # noqa: E402
 
 
+DEVICE = "cuda"  # --device cpu: the script's own smoke test (tiny shapes, host timers)
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth() -> float:
+    if DEVICE != "cuda":
+        x = torch.randint(0, 255, (1 << 26,), dtype=torch.uint8)
+        y = torch.empty_like(x)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            y.copy_(x)
+        return 2 * x.numel() * 5 / (time.perf_counter() - t0)
     x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):
@@ -55,7 +73,7 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / statistics.median(times)
 
 
-def build(layers: int, dtype=torch.bfloat16, small: bool = False) -> LlamaForCausalLM:
+def build(layers: int, dtype=torch.bfloat16, small: bool = False, device: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
     if small:
         cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
@@ -64,7 +82,7 @@ def build(layers: int, dtype=torch.bfloat16, small: bool = False) -> LlamaForCau
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                           num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
                           max_position_embeddings=131072, rope_theta=500000.0)
-    with torch.device("cuda"):
+    with torch.device(device or DEVICE):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -113,6 +131,13 @@ def decode_loop(fwd, kw, cache, first_tok, steps: int, warm: int):
     tok = first_tok
     for _ in range(warm):
         tok = step(tok)
+    if DEVICE != "cuda":  # host timers only (smoke test): both numbers are the synchronised step time
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tok = step(tok)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3, statistics.median(times) * 1e3
     torch.cuda.synchronize()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     for i in range(steps):
@@ -135,8 +160,9 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     """One method on one shape: returns a dict of measurements."""
     kw = cache_kwarg(model)
     B, n = ids.shape
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     graphs0 = unique_graphs()
     backend = None
     if name == "static_ro":
@@ -146,8 +172,8 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     elif name == "compile_dyn":
         cache = DynamicCache(config=model.config)
         fwd = prefill = torch.compile(orig_forward)
-    elif name == "adakv":
-        backend = adakv_backend(AdaKVConfig(budget=budget))
+    elif name in ("adakv", "adakv_nomerge"):
+        backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name == "adakv"))
         cache = AdaKVCache(model, backend, batch_size=B, max_new_tokens=warm + 2 * steps + 8)
         fwd = prefill = torch.compile(orig_forward, backend=backend)
     elif name == "adakv_general":
@@ -157,16 +183,16 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     else:
         raise ValueError(name)
     with torch.no_grad(), Recordings() as rec:
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         out = prefill(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-        torch.cuda.synchronize()
+        _sync()
         prefill_s = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
         t1 = time.perf_counter()
         out = fwd(input_ids=tok, use_cache=True, **{kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        _sync()
         first_decode_s = time.perf_counter() - t1
         # a second prefill-free warm step, then count from here
         graphs_warm, rec_warm = unique_graphs(), rec.n
@@ -174,11 +200,12 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
         graphs_end, rec_end = unique_graphs(), rec.n
     if name == "static_ro":
         kvb = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    elif name == "adakv":
+    elif name in ("adakv", "adakv_nomerge"):
         kvb = cache.nbytes()
     else:
         kvb = sum(store.store_bytes(layer.keys) + store.store_bytes(layer.values) for layer in cache.layers)
-    row = dict(ms=ms, ms_synced=ms_synced, kv_bytes=kvb, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+    peak = torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else 0.0
+    row = dict(ms=ms, ms_synced=ms_synced, kv_bytes=kvb, peak_gb=peak,
                first_call_s=prefill_s + first_decode_s, prefill_s=prefill_s,
                graphs_compiled=graphs_end - graphs0,
                recompiles_during_decode=graphs_end - graphs_warm, recordings_during_decode=rec_end - rec_warm,
@@ -186,6 +213,7 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     if backend is not None:
         row["cudagraphs"] = [g.get("cudagraphs") for g in backend.graphs]
         row["rewritten"] = [g["rewritten"] for g in backend.graphs]
+        row["merged_linears"] = [len(g.get("merged_linears", [])) for g in backend.graphs]
     del cache, fwd, out
     torch._dynamo.reset()
     return row
@@ -264,9 +292,9 @@ def write_outputs(res: dict, out: Path) -> None:
              f"budget {res['budget']}; ms per output token (median of {res['steps']} pipelined decode steps, "
              "CUDA events, no host sync between steps)", "",
              "| layers | batch × context | floor | StaticCache + reduce-overhead | adakv fast | adakv / static | "
-             "adakv / floor | general path | compile+DynamicCache | KV GB static / adakv | peak GB static / adakv "
+             "adakv / floor | adakv, linears not merged | general path | compile+DynamicCache | KV GB static / adakv | peak GB static / adakv "
              "| first call s static / adakv | recompiles, recordings in decode (adakv) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         m = r["methods"]
         def ms(k):
@@ -279,7 +307,7 @@ def write_outputs(res: dict, out: Path) -> None:
         fc = f"{st.get('first_call_s', 0):.0f} / {ad.get('first_call_s', 0):.0f}"
         rr = f"{ad.get('recompiles_during_decode', '—')}, {ad.get('recordings_during_decode', '—')}"
         lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
-                     f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
+                     f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_nomerge')} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
                      f"{fc} | {rr} |")
     out.with_suffix(".md").write_text(md_header(card) + "\n".join(lines) + "\n")
     try:
@@ -293,7 +321,7 @@ def write_outputs(res: dict, out: Path) -> None:
                 continue
             labels = [f"{r['batch']}×{r['context'] // 1024}k" for r in rows]
             xs = range(len(rows))
-            for key, style in (("static_ro", "o-"), ("adakv", "s-"), ("adakv_general", "^--"),
+            for key, style in (("static_ro", "o-"), ("adakv", "s-"), ("adakv_nomerge", "d-."), ("adakv_general", "^--"),
                                ("compile_dyn", "x:")):
                 ys = [r["methods"].get(key, {}).get("ms") for r in rows]
                 if any(y is not None for y in ys):
@@ -322,21 +350,27 @@ def main():
     ap.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     ap.add_argument("--profile", action="store_true", help="profile the fast path on the first shape")
     ap.add_argument("--out", default="e2e.json")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: smoke test of this script (with --small); numbers mean nothing there")
+    ap.add_argument("--small", action="store_true", help="a tiny Llama instead of Llama-3.1-8B shapes")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    card = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    res = {"device": card, "torch": torch.__version__,
            "transformers": transformers.__version__, "budget": a.budget, "steps": a.steps, "rows": []}
     if a.append and out.exists():
         res = json.loads(out.read_text())
-        if res["device"] != torch.cuda.get_device_name(0):
+        if res["device"] != card:
             sys.exit(f"{out} holds results from {res['device']}: not appending numbers from another card")
     if a.check:
         res["check"] = check_fast_path(out.parent)
         torch._dynamo.reset()
     bw = copy_bandwidth()
     res["copy_GBps"] = bw / 1e9
-    model = build(a.layers)
+    model = build(a.layers, torch.bfloat16 if DEVICE == "cuda" else torch.float32, small=a.small)
     orig_forward = model.forward
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor = wbytes / bw * 1e3
@@ -344,11 +378,11 @@ def main():
           flush=True)
     if a.profile:
         B, n = (int(x) for x in a.shapes.split(",")[0].split("x"))
-        ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+        ids = torch.randint(1, model.config.vocab_size, (B, n), device=DEVICE)
         print(profile_fast_path(model, orig_forward, ids, a.budget, out.parent), flush=True)
     for shape in a.shapes.split(","):
         B, n = (int(x) for x in shape.split("x"))
-        ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+        ids = torch.randint(1, model.config.vocab_size, (B, n), device=DEVICE)
         row = dict(device=res["device"], layers=a.layers, batch=B, context=n, budget=a.budget,
                    weight_bytes=wbytes, floor_ms=floor, methods={})
         for name in a.methods.split(","):
@@ -359,7 +393,8 @@ def main():
                 traceback.print_exc()
                 m = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 torch._dynamo.reset()
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
             row["methods"][name] = m
             if "ms" in m:
                 row[f"{name}_ms"] = m["ms"]

@@ -13,7 +13,7 @@ from . import store as kv_store
 
 
 def _triton_ok() -> bool:
-    from .ops import use_triton
+    from .dispatch import use_triton
     return use_triton()
 
 

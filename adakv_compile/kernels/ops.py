@@ -14,15 +14,13 @@ outside the rewrite (docs/design.md, "hidden mutation").
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 
 from ..config import AdaKVConfig
 from . import store as kv_store
+from .dispatch import _have_triton, use_triton  # noqa: F401  (moved; re-exported here)
 from .shard import keep_mask_tp
 from .attend import exact_attention, is_causal_mask, store_attention
 from .score import window_scores
@@ -32,16 +30,6 @@ _CONFIGS: dict[str, AdaKVConfig] = {}
 # config_key) on every eager execution: bench/quality.py uses this to capture one prefill's inputs and
 # then build each method/budget's cache from them. Empty (the default) costs one list check per layer.
 COMPRESS_OBSERVERS: list = []
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def use_triton() -> bool:
-    """Triton kernels on CUDA unless ADAKV_KERNELS=plain (or triton is missing). Called per decode step."""
-    return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and _have_triton()
 
 
 def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from ..config import AdaKVConfig
 from .allocate import _ranks, keep_mask
+from ..sizing import kept_per_head_bound, rank_kept_bound
 
 
 def resolve_group(name: str):
@@ -73,10 +74,8 @@ def cap_rows(keep: torch.Tensor, scores: torch.Tensor, cap: int, window: int) ->
 
 def worst_rank_share(config: AdaKVConfig, tp_group: str, local: int, n: int, layer: int) -> int:
     """The most tokens a prompt of n tokens can make this rank's ``local`` heads keep per row in ``layer``
-    (host arithmetic, no device read): ``cache.rank_kept_bound`` under the global allocation, the even
+    (host arithmetic, no device read): ``sizing.rank_kept_bound`` under the global allocation, the even
     share otherwise."""
-    from ..cache import kept_per_head_bound, rank_kept_bound
-
     per_head = kept_per_head_bound(config, n, layer)
     if not needs_gather(config, tp_group):
         return local * per_head

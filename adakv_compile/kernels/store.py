@@ -206,15 +206,19 @@ def _segment_slots(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return starts + within
 
 
+# Called (no arguments) before every store is built. ``guards.py`` registers the dynamic-layer guard here,
+# so that this module needs nothing from above ``kernels/`` (tests/test_layering.py).
+BUILD_HOOKS: list = []
+
+
 def build(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, reserve: int,
           logical: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the kept tokens of ``k``/``v`` [B, Hkv, n, D] (``keep`` [B, Hkv, n] bool) into new stores.
 
     Returns the two cache views ``[B, Hkv, logical, D]`` (``logical`` defaults to n).
     """
-    from ..guards import install_dynamic_layer_guard
-
-    install_dynamic_layer_guard()  # from now on the uncompiled model refuses compacted caches
+    for hook in BUILD_HOOKS:  # guards.py: from now on the uncompiled model refuses compacted caches
+        hook()
     rows, heads, n, d = k.shape
     logical = n if logical is None else logical
     counts = keep.sum(-1)  # [B, Hkv]
@@ -274,7 +278,7 @@ _SMALL: dict = {}
 
 
 def _triton_ok() -> bool:
-    from .ops import use_triton
+    from .dispatch import use_triton
     return use_triton()
 
 

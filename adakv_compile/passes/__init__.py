@@ -13,13 +13,14 @@ import torch.fx as fx
 from ..config import AdaKVConfig
 from ..kernels.ops import register_config
 from .dataflow import attention_depths
+from .fake_values import fill_fake_values
 from .detect import AttentionSite, Skipped, find_attention, val
 from .plan import PlannedSite, plan
 from .rewrite import rewrite_site
 from .shard import find_tp_group
 from .trace import CacheFlow, trace_cache
 
-PASS_UUID = "adakv-passes-v1"
+from .cache_key import PASS_UUID  # noqa: E402,F401  (the pipeline version; cache_key.py)
 
 
 @dataclass
@@ -70,6 +71,7 @@ def run_passes(gm: fx.GraphModule, config: AdaKVConfig, config_key: str | None =
     for p in planned:
         rewrite_site(graph, p, key, num_layers, tp_group, hints)
     graph.eliminate_dead_code(is_impure_node=_impure)
+    fill_fake_values(graph)  # AOTAutograd's cache needs them on the nodes we added (passes/fake_values.py)
     graph.lint()
     gm.recompile()
     dense = [p.flow.k_past.name for p in cached

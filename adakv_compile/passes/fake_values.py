@@ -1,0 +1,61 @@
+"""Fake values (``meta["example_value"]``) for the nodes our passes add to a Dynamo graph.
+
+Why: AOTAutograd's cache refuses a graph with a method call on a node it cannot tell is a tensor (one with
+no ``example_value``) — "Unsupported call_method target attention_default" — and then recompiles every
+time (no warm restart). Dynamo gives its own nodes fake values; this gives ours the same, by running each
+new node on the fake values of its inputs in the graph's fake mode. A node whose value cannot be computed is
+left without one (only the cache is lost, never correctness).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+log = logging.getLogger("adakv_compile")
+
+
+def _fake_mode(graph: fx.Graph):
+    for n in graph.nodes:
+        v = n.meta.get("example_value")
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return torch._guards.detect_fake_mode()
+
+
+def fill_fake_values(graph: fx.Graph) -> int:
+    """Give every call node without ``meta["example_value"]`` one; returns how many still lack it."""
+    mode = _fake_mode(graph)
+    if mode is None:
+        return 0
+    missing = 0
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
+            continue
+        lacking = []
+
+        def value(n):
+            if "example_value" not in n.meta:
+                lacking.append(n)
+            return n.meta.get("example_value")
+
+        args = map_arg(node.args, value)
+        kwargs = map_arg(node.kwargs, value)
+        if lacking:
+            missing += 1
+            continue
+        try:
+            with mode:
+                if node.op == "call_function":
+                    out = node.target(*args, **kwargs)
+                else:
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception as e:  # noqa: BLE001  (a value we cannot compute costs the cache, not correctness)
+            log.debug("adakv: no fake value for %s: %s", node.name, e)
+            missing += 1
+            continue
+        node.meta["example_value"] = out
+    return missing
