@@ -186,9 +186,7 @@ class AdaKVCache(Cache):
     def _plan(cls, model, config, batch_size, max_new_tokens, max_prompt_len=None, device=None, dtype=None,
               tp_size=None, tp_reserve=None) -> tuple:
         """(config, per-layer AdaKVLayer shapes) of a cache, checked, without allocating anything."""
-        from .backend import AdaKVBackend
-
-        if isinstance(config, AdaKVBackend):
+        if isinstance(getattr(config, "config", None), AdaKVConfig):  # an adakv backend (not imported: a cycle)
             config = config.config
         if not isinstance(config, AdaKVConfig):
             raise TypeError(f"AdaKVCache(config=...) needs an AdaKVConfig or an adakv backend, got "
