@@ -170,10 +170,13 @@ def _round_half_even(x: Fraction) -> int:
     return round(x)  # Fraction.__round__ without ndigits rounds half to even
 
 
-def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official") -> List[int]:
+def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official",
+                 head_floor: int = 0) -> List[int]:
     """Adaptive head budgets of one row: how many candidates each of the H heads keeps.
 
-    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). ``f = floor(alpha * Bp)``; ``c[h]`` is
+    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). ``f = floor(alpha * Bp)``, raised to
+    ``max(f, min(head_floor, Bp))`` when the head floor is above it (then the blend below uses
+    ``alpha' = f / Bp``: the same formula with the floor's own share); ``c[h]`` is
     the number of the global top ``T = H * Bp`` entries (higher score first, ties to the lower flat index
     ``h * m + j``) that belong to head h.
 
@@ -188,6 +191,10 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str
     H, m = scores_row.shape
     T = H * Bp
     f = alpha_floor(alpha, Bp)
+    a_frac = Fraction(alpha).limit_denominator(1 << 20)
+    if min(head_floor, Bp) > f:                      # the head floor (docs/algorithm.md, Head floor)
+        f = min(head_floor, Bp)
+        a_frac = Fraction(f, Bp)
     if T == 0:
         return [0] * H
     values = scores_row.tolist()
@@ -211,7 +218,6 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str
         c[h] += 1
 
     if safeguard == "official":
-        a_frac = Fraction(alpha).limit_denominator(1 << 20)
         candidates = [sum(1 for v in values[h] if v != NEG_INF) for h in range(H)]
         return [min(_round_half_even(c[h] * (1 - a_frac) + f), candidates[h]) for h in range(H)]
 
@@ -264,7 +270,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
         if config.allocation == "uniform" or config.scorer == "streaming":
             budgets = [Bp] * Hkv
         else:
-            budgets = head_budgets(row, Bp, config.alpha, config.safeguard)
+            budgets = head_budgets(row, Bp, config.alpha, config.safeguard, config.head_floor)
         for h in range(Hkv):
             for j in _top_positions(row[h].tolist(), budgets[h]):
                 keep[b, h, j] = True
