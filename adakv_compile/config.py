@@ -16,7 +16,7 @@ _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
-_SCORERS = ("snapkv", "streaming")
+_SCORERS = ("snapkv", "streaming", "critical")
 _SAFEGUARDS = ("official", "exact-total", "kvpress")
 
 

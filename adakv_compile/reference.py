@@ -129,6 +129,34 @@ def _streaming_row_scores(n: int, Hkv: int, valid_row: torch.Tensor, config: Ada
     return out
 
 
+# scorer = "critical" (docs/algorithm.md, "Scorer critical"): stage 1 keeps floor(B' * 1/2) tokens per head by
+# attention (score 1e6 * (1 + s)), the rest are ranked by (s + 1e-4) * ||v||_1.
+CRITICAL_EPS = 1e-4
+CRITICAL_STAGE1 = 1e6
+
+
+def critical_row_scores(scores_row: torch.Tensor, v_row: torch.Tensor, Bp: int) -> torch.Tensor:
+    """Value-aware scores of one row from its SnapKV candidate scores ``scores_row [Hkv, m]`` (-inf for
+    non-candidates), values ``v_row [Hkv, n, Dv]`` and selectable budget ``Bp``."""
+    H, m = scores_row.shape
+    out = torch.full((H, m), NEG_INF, dtype=torch.float32)
+    k1 = Bp // 2
+    for h in range(H):
+        s = scores_row[h].tolist()
+        order = sorted(range(m), key=lambda j: (-s[j], j))
+        first = set(order[:k1])
+        norms = v_row[h, :m].float().cpu().abs().sum(-1)                       # [m] ||v_j||_1
+        for j in range(m):
+            if s[j] == NEG_INF:
+                continue
+            sj = scores_row[h, j]
+            if j in first:
+                out[h, j] = CRITICAL_STAGE1 * (1 + sj)
+            else:
+                out[h, j] = (sj.clamp(min=0) + CRITICAL_EPS) * norms[j]
+    return out
+
+
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
                   scale: float, softcap: Optional[float] = None) -> torch.Tensor:
     """Per-KV-head pooled candidate scores ``[B, Hkv, n]`` (float32) of docs/algorithm.md, steps 1-6.
@@ -242,13 +270,17 @@ def _top_positions(head_scores: List[float], count: int) -> List[int]:
 
 
 def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int,
-           num_layers: int, scale: float, softcap: Optional[float] = None) -> torch.Tensor:
+           num_layers: int, scale: float, softcap: Optional[float] = None, v: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
     """The keep mask ``[B, Hkv, n]`` bool of attention layer ``layer`` (of ``num_layers``), window included.
 
     Rows with ``n_b <= keep_l`` (and every row in exact mode or in a skipped layer) keep exactly their valid
     tokens. Other rows keep, per KV head, the window plus the head's top ``a[h]`` candidates, where
     ``a[h] = keep_l - window`` (uniform allocation, or the streaming scorer) or :func:`head_budgets` (adaptive).
+    ``scorer="critical"`` needs the values ``v [B, Hkv, n, Dv]`` (:func:`critical_row_scores`).
     """
+    if config.scorer == "critical" and v is None:
+        raise ValueError("select(v=None): scorer='critical' weighs the scores by the values; pass v")
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
     valid = valid.bool()
@@ -267,6 +299,8 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
         m = n - w
         Bp = keep_l - w
         row = scores[b, :, :m]                                   # [Hkv, m]
+        if config.scorer == "critical":
+            row = critical_row_scores(row, v[b], Bp)
         if config.allocation == "uniform" or config.scorer == "streaming":
             budgets = [Bp] * Hkv
         else:
@@ -483,7 +517,7 @@ class ReferenceSession:
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
                                                      scale, softcap)
-            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap)
+            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap, v=value)
             positions = torch.arange(n, device=query.device)
             self._keys[layer] = [[key[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
             self._values[layer] = [[value[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
