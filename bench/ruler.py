@@ -131,6 +131,61 @@ def __getattr__(name):  # bench.ruler.AdaKVLM: built (and registered) on first u
     raise AttributeError(name)
 
 
+def make_sweep_lm():
+    """``SweepLM``: an lm-eval ``LM`` for generate_until tasks that prefills each prompt ONCE and answers it
+    for every config of the sweep (the product's ``adakv::compress`` op run on the captured prefill inputs,
+    as bench/quality.py does; greedy decode through the compiled forward). ``simple_evaluate`` is then
+    called once per config (``lm.current = name``): lm-eval builds the prompts and scores the answers; only
+    the model calls are shared. ~10x cheaper than a full prefill per config on a CPU."""
+    lm_eval, _ = _lm_eval()
+    from lm_eval.api.model import LM
+
+    from bench.quality import Engine
+    from adakv_compile.kernels.ops import register_config
+
+    class SweepLM(LM):
+        def __init__(self, model, tokenizer, configs: dict, max_new: int, window: int = 32):
+            super().__init__()
+            self.engine = Engine(model, tokenizer, window=window)
+            self.tok, self.configs, self.max_new = tokenizer, configs, max_new
+            self.answers: dict = {name: {} for name in configs}
+            self.current = next(iter(configs))
+            self.seconds = {"prefill": 0.0, "decode": 0.0}
+
+        def _answer_all(self, context: str) -> None:
+            e = self.engine
+            ids = self.tok(context, add_special_tokens=False).input_ids
+            t0 = time.time()
+            caps, logits = e.capture_prefill(ids)
+            self.seconds["prefill"] += time.time() - t0
+            t0 = time.time()
+            for name, cfg in self.configs.items():
+                if cfg is None or not cfg.compresses or cfg.budget >= len(ids):
+                    cache, fwd = e.full_cache(caps), e.full_forward
+                else:
+                    cache, fwd = e.compressed_cache(caps, register_config(cfg, "bench-ruler")), e.compiled
+                self.answers[name][context] = e.greedy(fwd, cache, logits, self.max_new)
+            self.seconds["decode"] += time.time() - t0
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            out = []
+            for i, req in enumerate(requests):
+                context = req.args[0]
+                if context not in self.answers[self.current]:
+                    self._answer_all(context)
+                    log.info("prompt %d/%d done", i + 1, len(requests))
+                out.append(self.answers[self.current][context])
+            return out
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("SweepLM answers generate_until tasks; use AdaKVLM for log-likelihoods")
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("SweepLM answers generate_until tasks; use AdaKVLM for log-likelihoods")
+
+    return SweepLM
+
+
 def tokenizer_dir(tokenizer, name: str) -> str:
     """A folder holding ``tokenizer``'s files (RULER loads its tokenizer by name; a GGUF has none)."""
     d = Path(os.environ.get("ADAKV_CACHE", Path.home() / ".cache" / "adakv")) / f"tokenizer-{name}"
@@ -177,26 +232,31 @@ def run(args) -> dict:
     lm_eval, _ = _lm_eval()
     model, tok = load_model(args.model)
     tdir = tokenizer_dir(tok, args.model if args.model in ("smollm2", "tiny") else Path(args.model).name)
-    AdaKVLM = make_adakv_lm()
-    lm = AdaKVLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=args.length + args.max_gen_toks + 64,
-                 adakv=None)
-    configs = [("full", None, None)] if "full" in args.methods else []
+    configs = {"full": None} if "full" in args.methods else {}
     for b in args.budgets:
         for m in args.methods:
             if m != "full":
-                configs.append((m, b, AdaKVConfig(budget=b, **METHODS[m])))
+                configs[f"{m}@{b}"] = AdaKVConfig(budget=b, **METHODS[m])
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+              f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+              f"{torch.get_num_threads()}")
     results = dict(command="python -m bench.ruler " + " ".join(sys.argv[1:]), model=args.model,
-                   date=_dt.datetime.now().isoformat(timespec="seconds"),
-                   device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                          f"torch threads {torch.get_num_threads()}" if not torch.cuda.is_available()
-                   else torch.cuda.get_device_name(0),
-                   torch=torch.__version__, lm_eval=lm_eval.__version__ if hasattr(lm_eval, "__version__") else "",
+                   date=_dt.datetime.now().isoformat(timespec="seconds"), device=device,
+                   torch=torch.__version__, lm_eval=getattr(lm_eval, "__version__", ""),
                    length=args.length, limit=args.limit, offset=args.offset, max_gen_toks=args.max_gen_toks,
-                   chat=args.chat, cells=[])
-    samples_arg = None
+                   chat=args.chat, harness="sweep" if not args.per_config else "hflm", cells=[])
+    if args.per_config:       # lm-eval's own HFLM generate per config (a full prefill each: slow on a CPU)
+        lm = make_adakv_lm()(pretrained=model, tokenizer=tok, batch_size=1,
+                              max_length=args.length + args.max_gen_toks + 64, adakv=None)
+    else:
+        lm = make_sweep_lm()(model, tok, configs, args.max_gen_toks)
     for task in args.tasks:
-        for method, budget, cfg in configs:
-            lm.set_config(cfg)
+        for name, cfg in configs.items():
+            method, _, budget = name.partition("@")
+            if args.per_config:
+                lm.set_config(cfg)
+            else:
+                lm.current = name
             t0 = time.time()
             kw = dict(limit=args.limit) if args.offset == 0 else \
                 dict(samples={task: list(range(args.offset, args.offset + args.limit))})
@@ -206,14 +266,111 @@ def run(args) -> dict:
                 torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0,
                 metadata={"tokenizer": tdir, "max_seq_lengths": [args.length]}, **kw)
             right, total, recs = _score(out["samples"][task])
-            cell = dict(task=task, method=method, budget=budget, right=right, n=total,
+            cell = dict(task=task, method=method, budget=int(budget) if budget else None, right=right, n=total,
                         seconds=round(time.time() - t0, 1), config=cfg.key() if cfg else "full", samples=recs)
             results["cells"].append(cell)
-            log.warning("%s %s %s: %d/%d (%.0f s)", task, method, budget, right, total, cell["seconds"])
+            log.warning("%s %s: %d/%d (%.0f s)", task, name, right, total, cell["seconds"])
             if args.out:
                 write(results, args.out, args.name)
-    del samples_arg
+    if not args.per_config:
+        results["seconds"] = {k: round(v, 1) for k, v in lm.seconds.items()}
     return results
+
+
+def prompts(task: str, tdir: str, length: int, limit: int, offset: int = 0, chat: bool = False) -> list:
+    """``[(context, gold answers)]``: the prompts lm-eval builds for ``task`` (a recording LM answers "")."""
+    lm_eval, _ = _lm_eval()
+    from lm_eval.api.model import LM
+
+    seen = []
+
+    class Recorder(LM):
+        def generate_until(self, requests, disable_tqdm=False):
+            seen.extend(r.args[0] for r in requests)
+            return [""] * len(requests)
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    kw = dict(limit=limit) if offset == 0 else dict(samples={task: list(range(offset, offset + limit))})
+    out = lm_eval.simple_evaluate(model=Recorder(), tasks=[task], log_samples=True, apply_chat_template=chat,
+                                  bootstrap_iters=0, metadata={"tokenizer": tdir, "max_seq_lengths": [length]}, **kw)
+    docs = [s["doc"] for s in out["samples"][task]]
+    return [(c, next(d["outputs"] for d in docs if d["input"] in c)) for c in seen]
+
+
+def analyse(args) -> dict:
+    """Why Ada loses at tight budgets (docs/algorithm.md, "RULER analysis"): on ``--analyse N`` prompts, per
+    layer and KV head, how many of the needle value's tokens each method keeps, and Ada's head budgets."""
+    from adakv_compile.kernels import store
+    from adakv_compile.kernels.ops import register_config
+    from bench.quality import Engine
+
+    model, tok = load_model(args.model)
+    tdir = tokenizer_dir(tok, args.model)
+    budget = args.budgets[0]
+    methods = {m: AdaKVConfig(budget=budget, **METHODS[m]) for m in ("snapkv", "ada-official", "ada", "critical")}
+    e = Engine(model, tok, window=32)
+    L = model.config.num_hidden_layers
+    H = model.config.num_key_value_heads
+    acc = {m: torch.zeros(L, H) for m in methods}
+    alloc = {m: torch.zeros(L, H) for m in methods}
+    per_prompt = []
+    items = prompts(args.tasks[0], tdir, args.length, args.analyse, args.offset, args.chat)
+    for context, gold in items:
+        gold = gold[0]
+        enc = tok(context, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc.input_ids, enc.offset_mapping
+        start = context.index(gold)                                       # the needle's value in the haystack
+        needle = [i for i, (a, b) in enumerate(offs) if a < start + len(gold) and b > start]
+        caps, logits = e.capture_prefill(ids)
+        rec = dict(gold=gold, n=len(ids), needle_tokens=len(needle), answers={})
+        for m, cfg in methods.items():
+            cache = e.compressed_cache(caps, register_config(cfg, "bench-ruler"))
+            for layer in range(L):
+                _, _, pos = store.unpack(cache.layers[layer].keys, cache.layers[layer].values, positions=True)
+                for h in range(H):
+                    p = set(pos[0][h].tolist())
+                    acc[m][layer, h] += sum(i in p for i in needle) / len(needle)
+                    alloc[m][layer, h] += len(p) - 32
+            rec["answers"][m] = e.greedy(e.compiled, cache, logits, args.max_gen_toks)
+        per_prompt.append(rec)
+        log.warning("analysis: gold %s, answers %s", gold, rec["answers"])
+    k = len(items)
+    res = dict(command="python -m bench.ruler " + " ".join(sys.argv[1:]), task=args.tasks[0], length=args.length,
+               budget=budget, prompts=per_prompt,
+               device=f"cpu: {platform.machine()}" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+               needle_kept={m: (acc[m] / k).tolist() for m in methods},
+               head_budget={m: (alloc[m] / k).tolist() for m in methods})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) / f"ruler-analysis-{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from bench.stamp import png_metadata
+        names = list(methods)
+        fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 9), sharey=True)
+        for j, m in enumerate(names):
+            im = axes[0, j].imshow(acc[m] / k, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+            axes[0, j].set_title(f"{m}: needle tokens kept")
+            im2 = axes[1, j].imshow(alloc[m] / k, aspect="auto", vmin=0, vmax=2 * (budget - 32), cmap="magma")
+            axes[1, j].set_title(f"{m}: chosen tokens per head")
+            for a in axes[:, j]:
+                a.set_xlabel("KV head")
+        axes[0, 0].set_ylabel("layer")
+        axes[1, 0].set_ylabel("layer")
+        fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8)
+        fig.colorbar(im2, ax=axes[1, :].tolist(), shrink=0.8)
+        fig.suptitle(f"{args.tasks[0]}, {args.length} tokens, budget {budget}, mean over {k} prompts")
+        fig.savefig(stem.with_suffix(".png"), dpi=80, metadata=png_metadata(res["device"]))
+    except ImportError:
+        pass
+    return res
 
 
 def table(results: dict) -> str:
@@ -257,21 +414,28 @@ def main(argv=None):
     ap.add_argument("--offset", type=int, default=0, help="first sample (held-out prompts: e.g. 20)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 1024])
     ap.add_argument("--methods", nargs="+", default=["full", *METHODS], choices=["full", *METHODS])
-    ap.add_argument("--max-gen-toks", type=int, default=32)
+    ap.add_argument("--max-gen-toks", type=int, default=16)
     ap.add_argument("--chat", action="store_true", help="apply the chat template")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--small", action="store_true", help="smoke run: tiny model, 2 samples, 1k tokens")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--analyse", type=int, default=0, metavar="N",
+                    help="needle tokens kept per layer/head on N prompts at the first budget (+ figure)")
+    ap.add_argument("--per-config", action="store_true",
+                    help="lm-eval's HFLM generate per config (AdaKVLM) instead of one prefill per prompt")
     args = ap.parse_args(argv)
     if args.small:
         args.model, args.limit, args.length, args.budgets = "tiny", 2, 1024, [128]
-        args.methods, args.max_gen_toks = ["full", "snapkv", "critical"], 4
+        args.methods, args.max_gen_toks = ["full", "snapkv", "ada", "critical"], 4
         args.name = args.name or "small"
     args.name = args.name or f"{args.model}-{args.length}"
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if args.analyse:
+        analyse(args)
+        return
     res = run(args)
     print(table(res))
 
