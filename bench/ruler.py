@@ -348,29 +348,36 @@ def analyse(args) -> dict:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"ruler-analysis-{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    plot_analysis(res, stem.with_suffix(".png"))
+    return res
+
+
+def plot_analysis(res: dict, path) -> None:
+    """Needle tokens kept (top row) and chosen tokens (bottom row) per layer x KV head, one column per method."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from bench.stamp import png_metadata
-        names = list(methods)
-        fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 9), sharey=True)
-        for j, m in enumerate(names):
-            im = axes[0, j].imshow(acc[m] / k, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-            axes[0, j].set_title(f"{m}: needle tokens kept")
-            im2 = axes[1, j].imshow(alloc[m] / k, aspect="auto", vmin=0, vmax=2 * (budget - 32), cmap="magma")
-            axes[1, j].set_title(f"{m}: chosen tokens per head")
-            for a in axes[:, j]:
-                a.set_xlabel("KV head")
-        axes[0, 0].set_ylabel("layer")
-        axes[1, 0].set_ylabel("layer")
-        fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8)
-        fig.colorbar(im2, ax=axes[1, :].tolist(), shrink=0.8)
-        fig.suptitle(f"{args.tasks[0]}, {args.length} tokens, budget {budget}, mean over {k} prompts")
-        fig.savefig(stem.with_suffix(".png"), dpi=80, metadata=png_metadata(res["device"]))
     except ImportError:
-        pass
-    return res
+        return
+    from bench.stamp import png_metadata
+    names = list(res["needle_kept"])
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names) + 1, 9), sharey=True)
+    for j, m in enumerate(names):
+        im = axes[0, j].imshow(res["needle_kept"][m], aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        axes[0, j].set_title(f"{m}\nneedle tokens kept", fontsize=9)
+        im2 = axes[1, j].imshow(res["head_budget"][m], aspect="auto", vmin=0, vmax=2 * (res["budget"] - 32),
+                                cmap="magma")
+        axes[1, j].set_title(f"{m}\nchosen tokens per head", fontsize=9)
+        for a in axes[:, j]:
+            a.set_xlabel("KV head")
+    axes[0, 0].set_ylabel("layer")
+    axes[1, 0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8)
+    fig.colorbar(im2, ax=axes[1, :].tolist(), shrink=0.8)
+    fig.suptitle(f"{res['task']}, {res['length']} tokens, budget {res['budget']}, mean over "
+                 f"{len(res['prompts'])} prompts")
+    fig.savefig(path, dpi=80, metadata=png_metadata(res["device"]))
 
 
 def table(results: dict) -> str:

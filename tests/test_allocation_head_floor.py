@@ -53,6 +53,8 @@ def test_head_budgets_with_floor_equal_reference(H, m, bp_frac, alpha, levels, p
     assert all(a >= min(floor, m - pad) for a in ours)
     if head_floor >= bp:
         assert ours == [bp] * H
+    if H == 1 and min(head_floor, bp) > alpha_floor(alpha, bp):   # one KV head (Gemma-3): SnapKV exactly
+        assert ours == [bp]
     if head_floor <= alpha_floor(alpha, bp):          # the floor changes nothing
         assert ours == reference.head_budgets(scores, bp, alpha, safeguard)
 
