@@ -16,7 +16,7 @@ _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
-_SCORERS = ("snapkv", "streaming")
+_SCORERS = ("snapkv", "streaming", "critical")
 _SAFEGUARDS = ("official", "exact-total", "kvpress")
 
 
@@ -44,7 +44,8 @@ class AdaKVConfig:
     allocation: "adaptive" (Ada-KV, one top-k over the layer's heads) or "uniform" (SnapKV).
     layer_schedule: "flat" (same budget every layer) or "pyramid" (PyramidKV, beta = ``pyramid_beta``).
     skip_layers: attention-layer indices (0-based, graph order) that keep their full cache.
-    scorer: "snapkv" (window attention) or "streaming" (StreamingLLM: sinks + most recent).
+    scorer: "snapkv" (window attention), "critical" (value-aware SnapKV, CriticalKV-like:
+        kernels/score_critical.py) or "streaming" (StreamingLLM: sinks + most recent).
     sink_tokens: sinks kept by the streaming scorer.
     decode_reserve: free slots reserved per (row, KV head) for new tokens before the store must grow.
     tp_allocation: with tensor parallelism (KV heads sharded over ranks), "global" (default: the layer's
@@ -54,6 +55,11 @@ class AdaKVConfig:
     merge_linears: merge linears that read the same input (q/k/v, gate/up) into one GEMM in the graph, the
         weights concatenated once at compile time and the parameters re-pointed to slices of the result
         (passes/merge_linears.py). Exact; False keeps the model's own GEMMs.
+    head_floor: adaptive allocation only: every head keeps at least ``min(head_floor, B')`` chosen tokens
+        (the safeguard floor becomes ``max(floor(alpha * B'), min(head_floor, B'))``, docs/algorithm.md
+        "Head floor"). The default 192 departs from the paper: with few KV heads per layer (SmolLM2: 3) the
+        paper's alpha floor at tight budgets starves heads the answer needs (issue 19); 0 = the paper's
+        semantics (``AdaKVConfig.official()``).
     """
 
     budget: Optional[int] = None
@@ -73,6 +79,7 @@ class AdaKVConfig:
     decode_reserve: int = 16
     tp_allocation: str = "global"
     merge_linears: bool = True
+    head_floor: int = 192
 
     def __post_init__(self):
         def is_int(x):
@@ -118,12 +125,19 @@ class AdaKVConfig:
             _fail("tp_allocation", self.tp_allocation, f"must be one of {_TP_ALLOC}")
         if not isinstance(self.merge_linears, bool):
             _fail("merge_linears", self.merge_linears, "must be True or False")
+        if not is_int(self.head_floor) or self.head_floor < 0:
+            _fail("head_floor", self.head_floor, "must be an integer >= 0 (tokens per KV head)")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))
             object.__setattr__(self, "skip_layers", skip)
         if not isinstance(skip, tuple) or not all(is_int(i) and i >= 0 for i in skip):
             _fail("skip_layers", self.skip_layers, "must be a collection of layer indices >= 0")
+
+    @classmethod
+    def official(cls, **changes) -> "AdaKVConfig":
+        """The paper's / official FFY0/AdaKV semantics (no head floor beyond alpha), other fields as given."""
+        return cls(**{"head_floor": 0, **changes})
 
     @property
     def compresses(self) -> bool:
@@ -152,6 +166,11 @@ def alpha_floor(alpha: float, selectable: int) -> int:
     """
     a = Fraction(alpha).limit_denominator(1 << 20)
     return (a.numerator * selectable) // a.denominator
+
+
+def head_floor_tokens(config: AdaKVConfig, selectable: int) -> int:
+    """The safeguard floor of every head, in chosen tokens: ``max(floor(alpha * B'), min(head_floor, B'))``."""
+    return max(alpha_floor(config.alpha, selectable), min(config.head_floor, selectable))
 
 
 def keep_for_row(config: AdaKVConfig, n_real: int) -> int:

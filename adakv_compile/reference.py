@@ -129,6 +129,34 @@ def _streaming_row_scores(n: int, Hkv: int, valid_row: torch.Tensor, config: Ada
     return out
 
 
+# scorer = "critical" (docs/algorithm.md, "Scorer critical"): stage 1 keeps floor(B' * 1/2) tokens per head by
+# attention (score 1e6 * (1 + s)), the rest are ranked by (s + 1e-4) * ||v||_1.
+CRITICAL_EPS = 1e-4
+CRITICAL_STAGE1 = 1e6
+
+
+def critical_row_scores(scores_row: torch.Tensor, v_row: torch.Tensor, Bp: int) -> torch.Tensor:
+    """Value-aware scores of one row from its SnapKV candidate scores ``scores_row [Hkv, m]`` (-inf for
+    non-candidates), values ``v_row [Hkv, n, Dv]`` and selectable budget ``Bp``."""
+    H, m = scores_row.shape
+    out = torch.full((H, m), NEG_INF, dtype=torch.float32)
+    k1 = Bp // 2
+    for h in range(H):
+        s = scores_row[h].tolist()
+        order = sorted(range(m), key=lambda j: (-s[j], j))
+        first = set(order[:k1])
+        norms = v_row[h, :m].float().cpu().abs().sum(-1)                       # [m] ||v_j||_1
+        for j in range(m):
+            if s[j] == NEG_INF:
+                continue
+            sj = scores_row[h, j]
+            if j in first:
+                out[h, j] = CRITICAL_STAGE1 * (1 + sj)
+            else:
+                out[h, j] = (sj.clamp(min=0) + CRITICAL_EPS) * norms[j]
+    return out
+
+
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
                   scale: float, softcap: Optional[float] = None) -> torch.Tensor:
     """Per-KV-head pooled candidate scores ``[B, Hkv, n]`` (float32) of docs/algorithm.md, steps 1-6.
@@ -170,10 +198,13 @@ def _round_half_even(x: Fraction) -> int:
     return round(x)  # Fraction.__round__ without ndigits rounds half to even
 
 
-def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official") -> List[int]:
+def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str = "official",
+                 head_floor: int = 0) -> List[int]:
     """Adaptive head budgets of one row: how many candidates each of the H heads keeps.
 
-    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). ``f = floor(alpha * Bp)``; ``c[h]`` is
+    ``scores_row [H, m]``: candidate scores (-inf for non-candidates). ``f = floor(alpha * Bp)``, raised to
+    ``max(f, min(head_floor, Bp))`` when the head floor is above it (then the blend below uses
+    ``alpha' = f / Bp``: the same formula with the floor's own share); ``c[h]`` is
     the number of the global top ``T = H * Bp`` entries (higher score first, ties to the lower flat index
     ``h * m + j``) that belong to head h.
 
@@ -188,6 +219,10 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str
     H, m = scores_row.shape
     T = H * Bp
     f = alpha_floor(alpha, Bp)
+    a_frac = Fraction(alpha).limit_denominator(1 << 20)
+    if min(head_floor, Bp) > f:                      # the head floor (docs/algorithm.md, Head floor)
+        f = min(head_floor, Bp)
+        a_frac = Fraction(f, Bp)
     if T == 0:
         return [0] * H
     values = scores_row.tolist()
@@ -211,7 +246,6 @@ def head_budgets(scores_row: torch.Tensor, Bp: int, alpha: float, safeguard: str
         c[h] += 1
 
     if safeguard == "official":
-        a_frac = Fraction(alpha).limit_denominator(1 << 20)
         candidates = [sum(1 for v in values[h] if v != NEG_INF) for h in range(H)]
         return [min(_round_half_even(c[h] * (1 - a_frac) + f), candidates[h]) for h in range(H)]
 
@@ -236,13 +270,17 @@ def _top_positions(head_scores: List[float], count: int) -> List[int]:
 
 
 def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int,
-           num_layers: int, scale: float, softcap: Optional[float] = None) -> torch.Tensor:
+           num_layers: int, scale: float, softcap: Optional[float] = None, v: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
     """The keep mask ``[B, Hkv, n]`` bool of attention layer ``layer`` (of ``num_layers``), window included.
 
     Rows with ``n_b <= keep_l`` (and every row in exact mode or in a skipped layer) keep exactly their valid
     tokens. Other rows keep, per KV head, the window plus the head's top ``a[h]`` candidates, where
     ``a[h] = keep_l - window`` (uniform allocation, or the streaming scorer) or :func:`head_budgets` (adaptive).
+    ``scorer="critical"`` needs the values ``v [B, Hkv, n, Dv]`` (:func:`critical_row_scores`).
     """
+    if config.scorer == "critical" and v is None:
+        raise ValueError("select(v=None): scorer='critical' weighs the scores by the values; pass v")
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
     valid = valid.bool()
@@ -261,10 +299,12 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
         m = n - w
         Bp = keep_l - w
         row = scores[b, :, :m]                                   # [Hkv, m]
+        if config.scorer == "critical":
+            row = critical_row_scores(row, v[b], Bp)
         if config.allocation == "uniform" or config.scorer == "streaming":
             budgets = [Bp] * Hkv
         else:
-            budgets = head_budgets(row, Bp, config.alpha, config.safeguard)
+            budgets = head_budgets(row, Bp, config.alpha, config.safeguard, config.head_floor)
         for h in range(Hkv):
             for j in _top_positions(row[h].tolist(), budgets[h]):
                 keep[b, h, j] = True
@@ -477,7 +517,7 @@ class ReferenceSession:
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
                                                      scale, softcap)
-            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap)
+            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap, v=value)
             positions = torch.arange(n, device=query.device)
             self._keys[layer] = [[key[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
             self._values[layer] = [[value[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]

@@ -36,7 +36,7 @@ def rank_kept_bound(config: AdaKVConfig, heads: int, local: int, kept_per_head: 
     far more than their even share: everything but the other heads' minimum (window + the safeguard
     floor ``floor(alpha * B')`` each). ``"per-rank"`` (or uniform budgets) keeps the even share.
     """
-    if config.tp_allocation == "per-rank" or config.allocation != "adaptive" or config.scorer != "snapkv":
+    if config.tp_allocation == "per-rank" or config.allocation != "adaptive" or config.scorer == "streaming":
         return local * kept_per_head
     w = config.window
     floor = alpha_floor(config.alpha, kept_per_head - w) \

@@ -55,9 +55,9 @@ from bench import tasks as T
 
 METHODS: Dict[str, dict] = {
     "snapkv": dict(allocation="uniform"),
-    "ada-snapkv": dict(allocation="adaptive"),
+    "ada-snapkv": dict(allocation="adaptive", head_floor=0),   # the paper's Ada-KV (AdaKVConfig.official())
     "pyramidkv": dict(allocation="uniform", layer_schedule="pyramid"),
-    "ada-pyramidkv": dict(allocation="adaptive", layer_schedule="pyramid"),
+    "ada-pyramidkv": dict(allocation="adaptive", layer_schedule="pyramid", head_floor=0),
     "streamingllm": dict(scorer="streaming", sink_tokens=4, allocation="uniform"),
 }
 MODES = ("aware", "agnostic")

@@ -189,7 +189,7 @@ def test_selection_equals_official(heads, gqa_reduce, pooling):
     cases = 0
     for alpha in (0.05, 0.2, 0.5, 1.0):
         for window, budget, kernel in ((4, 6, 7), (4, 16, 7), (8, 40, 3), (2, 30, 5)):
-            cfg = AdaKVConfig(budget=budget, window=window, kernel_size=kernel, pooling=pooling,
+            cfg = AdaKVConfig.official(budget=budget, window=window, kernel_size=kernel, pooling=pooling,
                               gqa_reduce=gqa_reduce, alpha=alpha)
             seed = zlib.crc32(repr((Hq, Hkv, gqa_reduce, pooling, alpha, budget)).encode())
             # row 0 unpadded, rows 1-2 left padded, row 3 too short to be compressed
@@ -202,7 +202,7 @@ def test_selection_equals_official(heads, gqa_reduce, pooling):
 @pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa2", "gqa4"])
 def test_pyramid_equals_official(heads):
     Hq, Hkv = heads
-    cfg = AdaKVConfig(budget=20, window=4, layer_schedule="pyramid", pyramid_beta=5, alpha=0.2)
+    cfg = AdaKVConfig.official(budget=20, window=4, layer_schedule="pyramid", pyramid_beta=5, alpha=0.2)
     q, k, valid = _inputs(7 + Hq, [90, 60, 33], Hq, Hkv, D=4)
     for layer in range(4):
         _check(q, k, valid, cfg, layer, 4)
@@ -212,7 +212,7 @@ def test_official_total_may_differ_from_h_times_budget():
     """The official rounding does not preserve the total: find such a case and check we reproduce it."""
     seen_other_total = False
     for seed in range(40):
-        cfg = AdaKVConfig(budget=12, window=2, alpha=0.5, kernel_size=1)
+        cfg = AdaKVConfig.official(budget=12, window=2, alpha=0.5, kernel_size=1)
         q, k, valid = _inputs(seed, [64], 8, 8, D=4)
         keep = _check(q, k, valid, cfg)
         seen_other_total |= int(keep[0].sum()) != 8 * 12
@@ -225,7 +225,7 @@ def test_official_total_may_differ_from_h_times_budget():
 
 def test_row_of_exactly_budget_tokens_is_kept_whole():
     """The documented difference: the official code 'compresses' a row of exactly ``budget`` tokens."""
-    cfg = AdaKVConfig(budget=9, window=2, alpha=0.5, kernel_size=1)
+    cfg = AdaKVConfig.official(budget=9, window=2, alpha=0.5, kernel_size=1)
     q, k, valid = _inputs(3, [9], 4, 4, D=4)
     ours = keep_mask(window_scores(q, k, valid, cfg, 0.5), valid, cfg, 0, 1)
     assert ours.all()
@@ -244,7 +244,7 @@ def test_row_of_exactly_budget_tokens_is_kept_whole():
        pad=st.integers(0, 30), levels=st.sampled_from([None, 3]))
 def test_selection_equals_official_property(seed, n, Hkv, G, window, extra, alpha, pooling, gqa_reduce, kernel,
                                             pad, levels):
-    cfg = AdaKVConfig(budget=window + extra, window=window, alpha=alpha, pooling=pooling,
+    cfg = AdaKVConfig.official(budget=window + extra, window=window, alpha=alpha, pooling=pooling,
                       gqa_reduce=gqa_reduce, kernel_size=kernel)
     q, k, valid = _inputs(seed, [n, max(1, n - pad)], Hkv * G, Hkv, D=4)
     if levels:                                              # coarse keys: many exact ties

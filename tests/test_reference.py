@@ -46,6 +46,7 @@ def selection_cases(draw, scorer=None, allocation=None, schedule=None):
         pyramid_beta=draw(st.sampled_from([1, 4, 20])),
         scorer=scorer or draw(st.sampled_from(["snapkv", "snapkv", "streaming"])),
         sink_tokens=draw(st.integers(0, 3)),
+        head_floor=draw(st.sampled_from([0, 0, 4, 192])),
         **budget,
     )
     layer = draw(st.integers(0, num_layers - 1))
@@ -119,7 +120,8 @@ def test_adaptive_heads_take_their_budgets(case):
     scores = window_scores(q, k, valid, config, 0.9)
     w, n = config.window, q.shape[2]
     for b, keep_l in compressed_rows(valid, config, layer, num_layers):
-        budgets = head_budgets(scores[b, :, : n - w], keep_l - w, config.alpha, config.safeguard)
+        budgets = head_budgets(scores[b, :, : n - w], keep_l - w, config.alpha, config.safeguard,
+                               config.head_floor)
         for h in range(k.shape[1]):
             s = scores[b, h, : n - w].tolist()
             order = sorted(range(n - w), key=lambda j: (-s[j], j))

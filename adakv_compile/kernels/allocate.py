@@ -50,8 +50,9 @@ def row_keep(config: AdaKVConfig, n_real: torch.Tensor, layer: int, num_layers: 
     return hi - layer * steps + w
 
 
-def _round_half_even(num: torch.Tensor, den: int) -> torch.Tensor:
-    """round(num / den), halves to even (``torch.round``'s rule), in exact integer arithmetic."""
+def _round_half_even(num: torch.Tensor, den) -> torch.Tensor:
+    """round(num / den), halves to even (``torch.round``'s rule), in exact integer arithmetic (``den`` an int
+    or a positive tensor broadcastable to ``num``)."""
     fl = torch.div(num, den, rounding_mode="floor")
     twice = 2 * (num - fl * den)
     up = (twice > den) | ((twice == den) & (fl % 2 == 1))
@@ -59,24 +60,28 @@ def _round_half_even(num: torch.Tensor, den: int) -> torch.Tensor:
 
 
 def adaptive_budgets(scores: torch.Tensor, budget: torch.Tensor, alpha: float,
-                     safeguard: str = "official") -> torch.Tensor:
+                     safeguard: str = "official", head_floor: int = 0) -> torch.Tensor:
     """Ada-KV head budgets [B, H] (int64) from candidate scores [B, H, m] (-inf = not a candidate) and the
     per-row selectable budget ``budget`` [B] (B' of each row; H*B' slots per row).
 
-    ``f = floor(alpha * B')`` (alpha an exact fraction p/q); ``c[h]`` = entries of head h among the row's
-    global top H*B' (higher score first, ties to the lower flat index h*m + j).
+    ``f = floor(alpha * B')`` (alpha an exact fraction p/q), raised to ``F = max(f, min(head_floor, B'))``
+    (docs/algorithm.md, Head floor); ``c[h]`` = entries of head h among the row's global top H*B' (higher
+    score first, ties to the lower flat index h*m + j).
     - "official": ``a = round(c * (1 - alpha) + f)`` half to even, computed exactly as
-      ``round((c*(q-p) + f*q) / q)`` in integers, clamped to the head's candidates (total ~ H*B');
-    - "exact-total": f + the largest-remainder apportionment of H*B' - H*f by c (total exactly H*B');
-    - "kvpress": each head's top f forced, the rest to the best remaining entries of all heads.
+      ``round((c*(q-p) + f*q) / q)`` in integers; where the head floor is above f, the same blend with
+      ``alpha' = F / B'``: ``round((c*(B'-F) + F*B') / B')``; clamped to the head's candidates (total ~ H*B');
+    - "exact-total": F + the largest-remainder apportionment of H*B' - H*F by c (total exactly H*B');
+    - "kvpress": each head's top F forced, the rest to the best remaining entries of all heads.
     """
     B, H, m = scores.shape
     budget = budget.long()
     p, q = _fraction(alpha)
     f = torch.div(budget * p, q, rounding_mode="floor")  # [B]
+    floor = torch.maximum(f, budget.clamp(max=head_floor))  # [B] F
+    raised = floor > f
     T = H * budget
     if safeguard == "kvpress":
-        forced = _ranks(scores) < f[:, None, None]
+        forced = _ranks(scores) < floor[:, None, None]
         scores = scores.masked_fill(forced, float("inf"))
     win = _ranks(scores.reshape(B, H * m)) < T[:, None]
     c = win.view(B, H, m).sum(-1)  # [B, H]
@@ -84,22 +89,26 @@ def adaptive_budgets(scores: torch.Tensor, budget: torch.Tensor, alpha: float,
         return c
     if safeguard == "official":
         a = _round_half_even(c * (q - p) + (f * q)[:, None], q)
+        bp = budget.clamp(min=1)[:, None]
+        a_floor = _round_half_even(c * (bp - floor[:, None]) + floor[:, None] * bp, bp)
+        a = torch.where(raised[:, None], a_floor, a)
         return torch.minimum(a, torch.isfinite(scores).sum(-1))
-    pool = (T - H * f)[:, None]
+    pool = (T - H * floor)[:, None]
     t = T.clamp(min=1)[:, None]
     num = c * pool
     share = torch.div(num, t, rounding_mode="floor")
     rem = num - share * t
     left = pool - share.sum(-1, keepdim=True)
     bonus = (_ranks(rem) < left).long()
-    return f[:, None] + share + bonus
+    return floor[:, None] + share + bonus
 
 
-def head_budgets(scores: torch.Tensor, budget: int, alpha: float, safeguard: str = "official") -> torch.Tensor:
+def head_budgets(scores: torch.Tensor, budget: int, alpha: float, safeguard: str = "official",
+                 head_floor: int = 0) -> torch.Tensor:
     """Ada-KV head budgets [H] of one row: scores [H, m] (candidates), ``budget`` = B' per head on average
     (see :func:`adaptive_budgets`)."""
     b = torch.full((1,), budget, dtype=torch.long, device=scores.device)
-    return adaptive_budgets(scores[None], b, alpha, safeguard)[0]
+    return adaptive_budgets(scores[None], b, alpha, safeguard, head_floor)[0]
 
 
 def keep_mask(scores: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int,
@@ -116,8 +125,8 @@ def keep_mask(scores: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, la
     compress = n_real > keep_l  # [B]
     bp = (keep_l - w).clamp(min=0, max=m)  # B' of each row (meaningful where compress)
     cand = scores[..., :m]
-    if config.allocation == "adaptive" and config.scorer == "snapkv":
-        budgets = adaptive_budgets(cand, bp, config.alpha, config.safeguard)
+    if config.allocation == "adaptive" and config.scorer != "streaming":
+        budgets = adaptive_budgets(cand, bp, config.alpha, config.safeguard, config.head_floor)
     else:
         budgets = bp[:, None].expand(B, H)
     chosen = _ranks(cand) < budgets[..., None]

@@ -32,13 +32,20 @@ _CONFIGS: dict[str, AdaKVConfig] = {}
 COMPRESS_OBSERVERS: list = []
 
 
-def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float]) -> torch.Tensor:
+def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float], v=None, layer: int = 0,
+                  num_layers: int = 1) -> torch.Tensor:
     """SnapKV scores of the prompt: the fused Triton scorer on CUDA (no [B, Hq, w, n] logits in memory),
-    the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py)."""
+    the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py).
+    ``scorer="critical"`` re-weights them by the values (kernels/score_critical.py; needs v and the layer)."""
     if q.is_cuda and use_triton():
         from .triton_score import window_scores_triton
-        return window_scores_triton(q, k, valid, config, scale, softcap)
-    return window_scores(q, k, valid, config, scale, softcap)
+        scores = window_scores_triton(q, k, valid, config, scale, softcap)
+    else:
+        scores = window_scores(q, k, valid, config, scale, softcap)
+    if config.scorer == "critical":
+        from .score_critical import value_aware
+        scores = value_aware(scores, v, valid, config, layer, num_layers)
+    return scores
 
 
 def register_config(config: AdaKVConfig, key: str | None = None) -> str:
@@ -129,7 +136,7 @@ def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = prompt_scores(q, k, valid, config, scale, softcap or None)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)
     return kv_store.build(k, v, keep, config.decode_reserve)
 

@@ -30,7 +30,7 @@ def resolve_group(name: str):
 def needs_gather(config: AdaKVConfig, tp_group: str) -> bool:
     """Whether the allocation must see the other ranks' heads (uniform budgets are per head already)."""
     return bool(tp_group) and config.tp_allocation == "global" and config.allocation == "adaptive" \
-        and config.scorer == "snapkv" and config.compresses
+        and config.scorer != "streaming" and config.compresses
 
 
 def keep_mask_tp(scores: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int, num_layers: int,

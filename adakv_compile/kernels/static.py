@@ -82,7 +82,7 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     config = config_for(config_key)
     B, H, n, D = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = prompt_scores(q, k, valid, config, scale, softcap or None)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)  # [B, H, n]
     cap = (pool_k.shape[0] - 1) // B - H * room                        # kept tokens a row's segments hold
     trimmed = None
