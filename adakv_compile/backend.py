@@ -108,6 +108,8 @@ class AdaKVBackend:
             def refuse(*args):
                 raise StoreError(message)
             return refuse
+        if not needs_grad:
+            self._chunked(gm, result)
         compiled = self._inner(gm, example_inputs, graphed)
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
@@ -176,6 +178,19 @@ class AdaKVBackend:
             return outs
 
         return run
+
+    def _chunked(self, gm, result) -> None:
+        """Run the prefill's position-wise regions over sequence chunks (passes/chunk.py), each region
+        compiled by the inner compiler for a chunk's rows."""
+        from .passes.chunk import chunk_regions
+        from .passes.detect import val
+
+        lengths = {val(p.site.q).shape[2] for p in result.planned if p.mode in ("exact", "compress",
+                   "static-compress") and val(p.site.q) is not None and val(p.site.k) is not None
+                   and val(p.site.q).shape[2] == val(p.site.k).shape[2]}
+        n = lengths.pop() if len(lengths) == 1 else None
+        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._inner(g, ex))
+        self.graphs[-1]["chunked_regions"] = len(regions)
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":

@@ -51,6 +51,9 @@ class AdaKVConfig:
         one top-k sees every rank's scores — the same allocation as on one GPU) or "per-rank" (each rank
         allocates ``local heads x B'`` over its own heads: no collective, equal memory per rank, a
         different selection; docs/design.md "Tensor parallelism").
+    prefill_chunk: rows per chunk of the prefill's position-wise regions (norms, projections, RoPE, the MLP:
+        passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
+        the shapes and free memory (~1 GiB of intermediates); 0: off.
     """
 
     budget: Optional[int] = None
@@ -69,6 +72,7 @@ class AdaKVConfig:
     sink_tokens: int = 4
     decode_reserve: int = 16
     tp_allocation: str = "global"
+    prefill_chunk: Optional[int] = None
 
     def __post_init__(self):
         def is_int(x):
@@ -112,6 +116,8 @@ class AdaKVConfig:
             _fail("decode_reserve", self.decode_reserve, "must be an integer >= 1")
         if self.tp_allocation not in _TP_ALLOC:
             _fail("tp_allocation", self.tp_allocation, f"must be one of {_TP_ALLOC}")
+        if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 0):
+            _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))
