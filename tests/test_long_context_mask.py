@@ -249,3 +249,34 @@ def test_equivalent_spellings_are_proven():
         verdict = mask_pass.prove(out)
         assert not isinstance(verdict, str), verdict
         assert verdict.pad is pad
+
+
+def test_static_cache_prefill_mask_is_proven_assuming_nothing_seen():
+    """With an AdaKVCache, HF offsets the query positions by the cache's ``seen`` tensor: the mask is proven
+    for seen == 0 (a prefill), which ``adakv::mask_plan`` checks at run time; same logits as the tensor
+    path, no n × n node left."""
+    from adakv_compile import AdaKVCache
+    from adakv_compile.cache import cache_kwarg
+
+    model = build("llama", attn="sdpa")
+    ids = torch.randint(3, 200, (1, 21), generator=torch.Generator().manual_seed(7))
+    outs, graphs = [], []
+    for proof_on in (True, False):
+        torch._dynamo.reset()
+        spy = _Spy(AdaKVConfig(budget=8, window=2))
+        if not proof_on:
+            real = mask_pass.proven_args
+            mask_pass.proven_args = lambda graph, site: "off"
+        try:
+            cache = AdaKVCache(model, spy.inner, batch_size=1, max_new_tokens=4)
+            with torch.no_grad():
+                outs.append(torch.compile(model.forward, backend=spy)(
+                    input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits)
+        finally:
+            if not proof_on:
+                mask_pass.proven_args = real
+        graphs.append(spy.graphs[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    assert _nxn_bool_nodes(graphs[0], ids.shape[1]) == [] and _nxn_bool_nodes(graphs[1], ids.shape[1])
+    with pytest.raises(RuntimeError, match="not 0"):
+        mask_pass.mask_plan(None, [torch.tensor([3])])

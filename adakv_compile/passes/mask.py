@@ -32,6 +32,7 @@ from .detect import val
 
 
 log = logging.getLogger("adakv_compile")
+STATS = {"proven": 0, "unproven": {}}  # masks seen by proven_args since import (benchmarks read it)
 
 
 class Unproven(Exception):
@@ -47,6 +48,7 @@ class MaskProof:
     mask: fx.Node
     pad: Optional[fx.Node]
     pad_is_bool: bool
+    zero: tuple = ()  # scalar integer inputs the proof assumes are 0 (checked at run time by mask_plan)
 
 
 _D = [sp.Symbol(f"d{i}", integer=True, nonnegative=True) for i in range(8)]
@@ -89,7 +91,10 @@ def _shape(node) -> tuple:
 def _on(s: _Sym, shape: tuple) -> object:
     """``s.expr`` re-indexed by the dims of the broadcast ``shape`` (right aligned; size-1 dims read 0)."""
     if s.leaf is not None:
-        raise Unproven("an unknown tensor is used as a value, not indexed")
+        v = val(s.leaf)
+        if v is None or v.dtype.is_floating_point or v.dtype == torch.bool or any(x != 1 for x in s.shape):
+            raise Unproven("an unknown tensor is used as a value, not indexed")
+        s = _Sym(s.shape, sp.Symbol(f"S_{s.leaf.name}", integer=True))  # one unknown integer (a count)
     off = len(shape) - len(s.shape)
     subs = {}
     for i, size in enumerate(s.shape):
@@ -151,8 +156,6 @@ class _Eval:
             if kw.get("alpha", 1) != 1:
                 raise Unproven("add/sub with alpha")
             x, y = self(a[0]), self(a[1])
-            if x.leaf is not None or y.leaf is not None:
-                raise Unproven(f"arithmetic on an unknown tensor ({n})")
             shape = _broadcast(x.shape, y.shape)
             return _Sym(shape, op(_on(x, shape), _on(y, shape)))
         if t in (operator.neg, torch.neg, "neg", "__neg__"):
@@ -345,14 +348,19 @@ def prove(mask: fx.Node, inverted: bool = False) -> MaskProof | str:
                 bb = sp.Integer(0) if ps[0] == 1 else b
                 cands.append((sp.Eq(sp.Function(name)(bb, kv), 1), node, is_bool))
         targets = [(None, None, True)] + cands
-        for atom, node, is_bool in targets:
-            env: dict = {}
-            got = _abstract(e, causal, atom, env)
-            want = sp.Symbol("C") if atom is None else sp.And(sp.Symbol("C"), sp.Symbol("P"))
-            env_syms = {"C": sp.Symbol("C"), "P": sp.Symbol("P")}
-            got = got.xreplace({env[k]: env_syms[k] for k in ("C", "P") if k in env})
-            if not sp.logic.inference.satisfiable(sp.Xor(got, want)):
-                return MaskProof(mask, node, is_bool)
+        by_name = {x.name: x for x in ev.memo if isinstance(x, fx.Node)}
+        scalars = sorted((x for x in e.free_symbols if x.name.startswith("S_")), key=str)
+        # first for every value of the scalar inputs; else assuming they are 0 (a prefill: nothing seen)
+        for zero in ((), tuple(scalars)) if scalars else ((),):
+            ez = e.xreplace({x: sp.Integer(0) for x in zero}) if zero else e
+            for atom, node, is_bool in targets:
+                env: dict = {}
+                got = _abstract(ez, causal, atom, env)
+                want = sp.Symbol("C") if atom is None else sp.And(sp.Symbol("C"), sp.Symbol("P"))
+                env_syms = {"C": sp.Symbol("C"), "P": sp.Symbol("P")}
+                got = got.xreplace({env[k]: env_syms[k] for k in ("C", "P") if k in env})
+                if not sp.logic.inference.satisfiable(sp.Xor(got, want)):
+                    return MaskProof(mask, node, is_bool, tuple(by_name[x.name[2:]] for x in zero))
         return "the mask formula is not (kv <= q) [and pad[b, kv]]: a window, prefix or other term"
     except Unproven as why:
         return f"mask construction not modelled: {why}"
@@ -378,14 +386,22 @@ def plan_rows(pad: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("adakv::mask_plan", mutates_args=())
-def mask_plan(pad: torch.Tensor) -> torch.Tensor:
-    """Per-row left-pad offsets (O(n) from the 2-D padding mask), computed once per forward."""
-    return plan_rows(pad)
+def mask_plan(pad: Optional[torch.Tensor], zero: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row left-pad offsets (O(n) from the 2-D padding mask; ``[0, 0]`` without one), computed once per
+    forward; ``zero``: the scalar inputs the mask's proof assumed 0 (a cache's count of tokens seen, at a
+    prefill) — checked here, in the same host sync."""
+    plan = plan_rows(pad) if pad is not None else torch.zeros(2, dtype=torch.int64)
+    if zero:
+        bad = torch.stack([z.reshape(()).to(torch.int64) for z in zero]).ne(0).any()
+        if bool(bad):
+            raise RuntimeError("adakv: the prefill's mask was proven causal for a cache that has seen no tokens, "
+                               "but the cache's count is not 0; reset the cache before a prefill")
+    return plan
 
 
 @mask_plan.register_fake
-def _(pad):
-    return torch.empty(pad.shape[0] + 1, dtype=torch.int64, device="cpu")
+def _(pad, zero):
+    return torch.empty((pad.shape[0] if pad is not None else 1) + 1, dtype=torch.int64, device="cpu")
 
 
 _BLOCK_ELEMENTS = 1 << 26  # mask entries per query block in the general (holes) case
@@ -433,7 +449,7 @@ def proven_attention(q, k, v, pad, plan, scale: float, softcap: float):
 
 
 @torch.library.custom_op("adakv::attention_proven", mutates_args=())
-def attention_proven(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
+def attention_proven(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Optional[torch.Tensor],
                      plan: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
     """Prompt attention under a mask proven causal(+padding) by this stage; no n × n tensor."""
     return proven_attention(q, k, v, pad, plan, scale, softcap).contiguous()
@@ -474,20 +490,28 @@ def proven_args(graph: fx.Graph, site) -> tuple | str:
     if isinstance(proof, str):
         log.info("adakv: mask %s of %s not proven causal, kept as a tensor: %s", site.mask.name,
                  site.anchor.name, proof)
+        STATS["unproven"][proof] = STATS["unproven"].get(proof, 0) + 1
         return proof
     nq, nk = val(site.q).shape[2], val(site.k).shape[2]
     mv = val(site.mask)
     if not (nq == nk == mv.shape[-1] == mv.shape[-2]):
         return "the mask's size is not the attention's"
-    if proof.pad is None:  # purely causal: is_causal=True, no mask at all
+    STATS["proven"] += 1
+    if proof.pad is None and not proof.zero:  # purely causal: is_causal=True, no mask at all
         return None, None, None
-    at = proof.pad
+    order = {x: i for i, x in enumerate(graph.nodes)}
+    deps = [x for x in (proof.pad,) + proof.zero if x is not None]
+    at = max(deps, key=order.get)
     if at.op == "placeholder":
-        at = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        at = [x for x in graph.nodes if x.op == "placeholder"][-1]
+    pad = pad4 = None
+    if proof.pad is not None:
+        with graph.inserting_after(at):
+            pad = proof.pad if proof.pad_is_bool else graph.call_function(torch.ne, (proof.pad, 0))
+        at = pad if pad is not proof.pad else at
     with graph.inserting_after(at):
-        pad = proof.pad if proof.pad_is_bool else graph.call_function(torch.ne, (proof.pad, 0))
-    with graph.inserting_after(pad if pad is not proof.pad else at):
-        plan = graph.call_function(torch.ops.adakv.mask_plan.default, (pad,))
-    with graph.inserting_after(plan):
-        pad4 = graph.call_function(operator.getitem, (pad, (slice(None), None, None, slice(None))))
+        plan = graph.call_function(torch.ops.adakv.mask_plan.default, (pad, list(proof.zero)))
+    if pad is not None:
+        with graph.inserting_after(plan):
+            pad4 = graph.call_function(operator.getitem, (pad, (slice(None), None, None, slice(None))))
     return pad, plan, pad4

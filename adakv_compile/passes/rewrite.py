@@ -99,7 +99,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             pad, plan, _ = proven
             attend = ((s.q, s.k, s.v) if p.mode == "exact" else (s.q, f.k_new, f.v_new))
             new = (graph.call_function(torch.ops.adakv.attention.default,
-                                       attend + (None, scale, True, s.softcap, None)) if pad is None else
+                                       attend + (None, scale, True, s.softcap, None)) if plan is None else
                    graph.call_function(torch.ops.adakv.attention_proven.default,
                                        attend + (pad, plan, scale, s.softcap)))
         if p.mode == "exact" and proven is not None:
