@@ -185,10 +185,12 @@ class AdaKVBackend:
         from .passes.chunk import chunk_regions
         from .passes.detect import val
 
-        lengths = {val(p.site.q).shape[2] for p in result.planned if p.mode in ("exact", "compress",
-                   "static-compress") and val(p.site.q) is not None and val(p.site.k) is not None
-                   and val(p.site.q).shape[2] == val(p.site.k).shape[2]}
-        n = lengths.pop() if len(lengths) == 1 else None
+        lengths = [(val(p.site.q).shape[2], val(p.site.k).shape[2]) for p in result.planned
+                   if p.mode in ("exact", "compress", "static-compress") and val(p.site.q) is not None
+                   and val(p.site.k) is not None]
+        static = {q for q, k in lengths if isinstance(q, int) and isinstance(k, int) and q == k}
+        n = static.pop() if len(static) == 1 and len(lengths) == sum(q == k for q, k in lengths
+                                                                       if isinstance(q, int)) else None
         regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._inner(g, ex))
         self.graphs[-1]["chunked_regions"] = len(regions)
 

@@ -106,4 +106,4 @@ def test_prefill_chunk_config():
         with pytest.raises(ValueError, match="prefill_chunk"):
             AdaKVConfig(prefill_chunk=bad)
     rows = chunk_pass.default_chunk(100_000, None)
-    assert rows >= 1024 and rows % 256 == 0
+    assert rows >= 1024 and rows & (rows - 1) == 0

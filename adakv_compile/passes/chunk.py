@@ -251,14 +251,15 @@ def _(key, inputs):
 
 
 def default_chunk(per_row_bytes: int, device: torch.device | None) -> int:
-    """Rows per chunk: a working set of ``min(1 GiB, free memory / 16)``, at least 1024 rows, a multiple of
-    256 (the chunk's matmuls stay large enough to run at full speed)."""
+    """Rows per chunk: a working set of ``min(1 GiB, free memory / 16)``, at least 1024 rows, a power of two
+    (the chunk's matmuls stay large enough to run at full speed, and power-of-two prompts need no second
+    compile for a remainder)."""
     budget = _CHUNK_BYTES
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 16)
     rows = max(1024, budget // max(1, per_row_bytes))
-    return max(256, rows // 256 * 256)
+    return 1 << (int(rows).bit_length() - 1)
 
 
 _ids = iter(range(1 << 62))

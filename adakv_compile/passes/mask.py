@@ -492,9 +492,8 @@ def proven_args(graph: fx.Graph, site) -> tuple | str:
                  site.anchor.name, proof)
         STATS["unproven"][proof] = STATS["unproven"].get(proof, 0) + 1
         return proof
-    nq, nk = val(site.q).shape[2], val(site.k).shape[2]
-    mv = val(site.mask)
-    if not (nq == nk == mv.shape[-1] == mv.shape[-2]):
+    sizes = {str(_size(x)) for x in (val(site.q).shape[2], val(site.k).shape[2], *val(site.mask).shape[-2:])}
+    if len(sizes) != 1:
         return "the mask's size is not the attention's"
     STATS["proven"] += 1
     if proof.pad is None and not proof.zero:  # purely causal: is_causal=True, no mask at all
