@@ -145,6 +145,7 @@ def _random_mask_graph(rng: random.Random, B: int, n: int):
     """An FX graph building a [B, 1, n, n] bool mask from aranges and a [B, n] int padding mask."""
     g = fx.Graph()
     pad_in = g.placeholder("pad")
+    seen = g.placeholder("seen")  # a cache's count of tokens seen: [1] int64
     padb = g.call_method("to", (pad_in,), {"dtype": torch.bool})
     idx = {}
     for name, size, where in (("b", B, (slice(None), None, None, None)), ("q", n, (None, None, slice(None), None)),
@@ -160,7 +161,9 @@ def _random_mask_graph(rng: random.Random, B: int, n: int):
 
     def atom(depth):
         q, kv, _, _ = q_kv()
-        r = rng.randrange(11)
+        r = rng.randrange(12)
+        if r == 11:  # query positions offset by the count seen (a static cache)
+            return g.call_function(operator.le, (kv, g.call_function(operator.add, (q, seen))))
         if r == 0:
             return g.call_function(operator.le, (kv, q))
         if r == 1:
@@ -213,8 +216,10 @@ def test_fuzz_a_mask_that_is_not_causal_is_never_proven_causal():
         B, n = rng.choice([(1, 6), (2, 7), (3, 5)])
         gm, out = _random_mask_graph(rng, B, n)
         pads = [torch.randint(0, 2, (B, n)) for _ in range(6)] + [torch.ones(B, n, dtype=torch.long)]
+        seens = [torch.tensor([rng.choice([0, 0, 1, 3])]) for _ in pads]
         try:
-            masks = [_Record(gm).run(p) for p in pads]
+            masks = [_Record(gm).run(p, s) for p, s in zip(pads, seens)]
+            _Record(gm).run(pads[0], torch.tensor([0]))  # the recorded example: seen = 0
         except (RuntimeError, IndexError):  # a shifted index out of range: not a mask graph
             continue
         verdict = mask_pass.prove(out)
@@ -222,7 +227,9 @@ def test_fuzz_a_mask_that_is_not_causal_is_never_proven_causal():
             continue
         proven += 1
         causal = torch.ones(n, n, dtype=torch.bool).tril()
-        for p, m in zip(pads, masks):
+        for p, m, s in zip(pads, masks, seens):
+            if verdict.zero and int(s) != 0:  # proven assuming seen == 0 (mask_plan checks it at run time)
+                continue
             want = causal[None, None] & (p.bool()[:, None, None, :] if verdict.pad is not None else True)
             if not torch.equal(m.expand(B, 1, n, n), want.expand(B, 1, n, n)):
                 wrong += 1
