@@ -180,14 +180,15 @@ def write(res: dict, out: Path) -> None:
     out.write_text(json.dumps(res, indent=1))
     rows = sorted(res["rows"], key=lambda r: (r["layers"], r["context"], METHODS.index(r["method"])))
     lines = [md_header(res["device"], torch=res.get("torch"), transformers=res.get("transformers")),
-             f"Long prompts, {res['device']} ({res.get('memory_gb', '?')} GB), Llama-3.1-8B shapes, batch 1, "
+             f"Long prompts, {res['device']} ({res.get('memory_gb') or '?'} GB), {res.get('model')}, batch 1, "
              f"budget {res.get('budget')}; weight floor per decode step: "
              + ", ".join(f"{k} layers {v:.2f} ms" for k, v in res.get("weight_floor_ms", {}).items() if v),
              "", "| layers | context | method | peak GB | prefill s | decode ms | OOM |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"| {r['layers']} | {r['context'] // K}k | {r['method']} | {f(r['peak_gb'], 1)} | "
+        ctx = f"{r['context'] // K}k" if r["context"] % K == 0 else str(r["context"])
+        lines.append(f"| {r['layers']} | {ctx} | {r['method']} | {f(r['peak_gb'], 1)} | "
                      f"{f(r['prefill_s'])} | {f(r['decode_ms'])} | {'yes' if r['oom'] else ''} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
@@ -196,26 +197,32 @@ def write(res: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len({r["layers"] for r in rows}) or 1, figsize=(11, 4.5), squeeze=False)
-    for ax, layers in zip(axes[0], sorted({r["layers"] for r in rows})):
+    layer_counts = sorted({r["layers"] for r in rows}) or [0]
+    fig, axes = plt.subplots(len(layer_counts), 2, figsize=(11, 4.2 * len(layer_counts)), squeeze=False)
+    for (ax, axt), layers in zip(axes, layer_counts):
         for m in METHODS:
-            pts = [(r["context"], r["peak_gb"]) for r in rows if r["layers"] == layers and r["method"] == m
-                   and not r["oom"] and r["peak_gb"]]
-            oom = [r["context"] for r in rows if r["layers"] == layers and r["method"] == m and r["oom"]]
+            mine = [r for r in rows if r["layers"] == layers and r["method"] == m]
+            pts = [(r["context"], r["peak_gb"]) for r in mine if not r["oom"] and r["peak_gb"]]
+            tpts = [(r["context"], r["prefill_s"]) for r in mine if not r["oom"] and r["prefill_s"]]
+            oom = [r["context"] for r in mine if r["oom"]]
+            color = f"C{METHODS.index(m)}"
             if pts:
-                line, = ax.plot(*zip(*pts), marker="o", label=m)
-                for x in oom:
-                    ax.plot([x], [res.get("memory_gb") or max(p[1] for p in pts)], marker="x",
-                            color=line.get_color(), markersize=10)
+                ax.plot(*zip(*pts), marker="o", label=m, color=color)
+            if tpts:
+                axt.plot(*zip(*tpts), marker="o", label=m, color=color)
+            for x in oom:
+                ax.plot([x], [res.get("memory_gb") or 1.0], marker="x", markersize=10, color=color)
         if res.get("memory_gb"):
             ax.axhline(res["memory_gb"], color="gray", linestyle="--", label="device memory")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("peak GB")
-        ax.set_title(f"{layers} layers (x: out of memory)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Prefill + decode peak memory, {res['device']}")
+        for a_, what in ((ax, "peak GB (x: out of memory)"), (axt, "prefill s (first call)")):
+            a_.set_xscale("log", base=2)
+            a_.set_yscale("log")
+            a_.set_xlabel("context (tokens)")
+            a_.set_ylabel(what)
+            a_.set_title(f"{layers} layers: {what}")
+            if a_.get_legend_handles_labels()[0]:
+                a_.legend(fontsize=8)
+    fig.suptitle(f"Long prompts, batch 1, {res['device']}")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110, metadata=png_metadata(res["device"]))
 
@@ -259,7 +266,7 @@ def main():
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"long-context-{short}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
-    res.update(device=card, torch=torch.__version__, transformers=transformers.__version__, budget=a.budget,
+    res.update(model="tiny Llama (--small)" if a.small else "Llama-3.1-8B shapes", device=card, torch=torch.__version__, transformers=transformers.__version__, budget=a.budget,
                memory_gb=(torch.cuda.get_device_properties(0).total_memory / 1e9 if device == "cuda" else None))
     res.setdefault("rows", [])
     res.setdefault("weight_floor_ms", {})
