@@ -170,8 +170,8 @@ def _row_local(node: fx.Node, n: int) -> str:
             if any(isinstance(i, slice) and i != slice(None) and (i.start not in (None, 0) or
                    i.stop is not None or i.step not in (None, 1)) for i in idx) and vo.shape[sd] != n:
                 return "slices the sequence"
-        if name in ("expand",) and lits and node.args[1 + sd] != n if len(node.args) > 1 + sd else False:
-            return "expand over the sequence"
+        if lits and name not in ("view", "reshape", "expand"):  # only their sizes are rewritten per chunk
+            return "the sequence length as an argument"
         return ""
     return f"{name} is not a known row-local op"
 
