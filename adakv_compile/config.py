@@ -53,7 +53,7 @@ class AdaKVConfig:
         different selection; docs/design.md "Tensor parallelism").
     prefill_chunk: rows per chunk of the prefill's position-wise regions (norms, projections, RoPE, the MLP:
         passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
-        the shapes and free memory (~1 GiB of intermediates); 0: off.
+        the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
     """
 
     budget: Optional[int] = None

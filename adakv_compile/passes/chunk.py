@@ -52,7 +52,7 @@ _LAYOUT = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "norm", "softmax", "log_softmax"}
 _REDUCE_FN = {torch.mean, torch.sum, torch.amax, torch.softmax, torch.nn.functional.softmax,
               torch.nn.functional.log_softmax, torch.nn.functional.normalize}
-_CHUNK_BYTES = 1 << 30  # default working set of one chunk: rows × per-row intermediate bytes
+_CHUNK_BYTES = 4 << 30  # default working set of one chunk: rows × per-row intermediate bytes
 
 
 def _is_int_size(x) -> bool:
@@ -251,7 +251,7 @@ def _(key, inputs):
 
 
 def default_chunk(per_row_bytes: int, device: torch.device | None) -> int:
-    """Rows per chunk: a working set of ``min(1 GiB, free memory / 16)``, at least 1024 rows, a power of two
+    """Rows per chunk: a working set of ``min(4 GiB, free memory / 16)``, at least 1024 rows, a power of two
     (the chunk's matmuls stay large enough to run at full speed, and power-of-two prompts need no second
     compile for a remainder)."""
     budget = _CHUNK_BYTES
