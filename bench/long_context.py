@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -262,7 +263,8 @@ def main():
             raise SystemExit(f"--methods: unknown method {m!r} (choose from {METHODS})")
     import transformers
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    short = "cpu" if device == "cpu" else card.split()[-1].lower().replace(" ", "")
+    model_no = re.search(r"\b([A-Z]+\d{2,}[A-Za-z]*)\b", card)  # "NVIDIA H200 NVL" -> h200
+    short = "cpu" if device == "cpu" else (model_no.group(1) if model_no else card.split()[-1]).lower()
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"long-context-{short}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
