@@ -120,6 +120,8 @@ class AdaKVBackend:
             def refuse(*args):
                 raise StoreError(message)
             return refuse
+        if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
+            self._chunked(gm, result)
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
         self.graphs[-1]["merged_linears"] = merged.merged
@@ -190,6 +192,21 @@ class AdaKVBackend:
             return outs
 
         return run
+
+    def _chunked(self, gm, result) -> None:
+        """Run the prefill's position-wise regions over sequence chunks (passes/chunk.py), each region
+        compiled by the inner compiler for a chunk's rows."""
+        from .passes.chunk import chunk_regions
+        from .passes.detect import val
+
+        lengths = [(val(p.site.q).shape[2], val(p.site.k).shape[2]) for p in result.planned
+                   if p.mode in ("exact", "compress", "static-compress") and val(p.site.q) is not None
+                   and val(p.site.k) is not None]
+        static = {q for q, k in lengths if isinstance(q, int) and isinstance(k, int) and q == k}
+        n = static.pop() if len(static) == 1 and len(lengths) == sum(q == k for q, k in lengths
+                                                                       if isinstance(q, int)) else None
+        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._inner(g, ex))
+        self.graphs[-1]["chunked_regions"] = len(regions)
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":

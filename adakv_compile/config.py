@@ -60,6 +60,9 @@ class AdaKVConfig:
         "Head floor"). The default 192 departs from the paper: with few KV heads per layer (SmolLM2: 3) the
         paper's alpha floor at tight budgets starves heads the answer needs (issue 19); 0 = the paper's
         semantics (``AdaKVConfig.official()``).
+    prefill_chunk: rows per chunk of the prefill's position-wise regions (norms, projections, RoPE, the MLP:
+        passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
+        the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
     """
 
     budget: Optional[int] = None
@@ -80,6 +83,7 @@ class AdaKVConfig:
     tp_allocation: str = "global"
     merge_linears: bool = True
     head_floor: int = 192
+    prefill_chunk: Optional[int] = None
 
     def __post_init__(self):
         def is_int(x):
@@ -127,6 +131,8 @@ class AdaKVConfig:
             _fail("merge_linears", self.merge_linears, "must be True or False")
         if not is_int(self.head_floor) or self.head_floor < 0:
             _fail("head_floor", self.head_floor, "must be an integer >= 0 (tokens per KV head)")
+        if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 0):
+            _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

@@ -68,6 +68,8 @@ def test_one_mask_check_per_forward_not_per_layer(monkeypatch):
             calls[kind] += 1
             return real(*a)
         return check
+    from adakv_compile.passes import mask as mask_pass  # HF's mask is proven from its construction now:
+    monkeypatch.setattr(mask_pass, "proven_args", lambda graph, site: "off")  # test the tensor path
     monkeypatch.setattr(ops, "is_causal_mask", counted("hint"))
     monkeypatch.setattr(attend, "is_causal_mask", counted("per_layer"))
     torch.manual_seed(int(torch.randint(0, 10**6, ())))

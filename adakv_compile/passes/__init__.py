@@ -95,6 +95,8 @@ def _impure(node: fx.Node) -> bool:
     """FX's purity test, plus in-place tensor methods (``y.add_(1)`` with no users is still a write)."""
     if node.is_impure():
         return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_ / or_ (a mask's construction) are pure despite their trailing "_"
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
         and not name.startswith("_")

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops as adakv_ops  # noqa: F401  (registers torch.ops.adakv)
+from . import mask as mask_proof
 from .detect import ScaleExpr, val
 from .plan import PlannedSite
 from .trace import SHAPE_ONLY, output_node
@@ -31,7 +32,12 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
     if site.mask is None:
         return None, None
     key = (site.mask, site.mask_is_bool_inverted)
-    if key not in hints:
+    if key not in hints:  # proven causal(+padding) from its construction: the n × n tensor is not read
+        proven = mask_proof.proven_args(graph, site)
+        if not isinstance(proven, str):
+            hints[key] = ("proven",) + proven
+            return hints[key][:2]
+        hints.setdefault("unproven", {})[site.mask] = proven
         at = site.mask
         if at.op == "placeholder":  # a mask passed in: after the last input (inputs stay first)
             at = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -44,7 +50,7 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
             with graph.inserting_after(arg if arg is not site.mask else at):
                 hint = graph.call_function(torch.ops.adakv.causal_hint.default, (arg,))
         hints[key] = (arg, hint)
-    return hints[key]
+    return hints[key][:2]
 
 
 def _scale_arg(graph: fx.Graph, site):
@@ -80,25 +86,41 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         return
     out = output_node(graph)
     mask = hint = None  # decode/extend attend over the store: the model's mask is not theirs to read
+    proven = None
     if p.mode in ("exact", "compress", "static-compress"):  # exact attention over a whole prompt
-        mask, hint = _prompt_mask(graph, s, {} if hints is None else hints)
+        hints = {} if hints is None else hints
+        mask, hint = _prompt_mask(graph, s, hints)
+        if mask == "proven":
+            proven = hints[(s.mask, s.mask_is_bool_inverted)][1:]
+            mask, hint = proven[2], None  # compress reads the valid keys from the mask's last row
     with graph.inserting_before(s.anchor):
         scale = _scale_arg(graph, s)
-        if p.mode == "exact":
+        if proven is not None:  # the mask's construction is not read: no n × n tensor (passes/mask.py)
+            pad, plan, _ = proven
+            attend = ((s.q, s.k, s.v) if p.mode == "exact" else (s.q, f.k_new, f.v_new))
+            new = (graph.call_function(torch.ops.adakv.attention.default,
+                                       attend + (None, scale, True, s.softcap, None)) if plan is None else
+                   graph.call_function(torch.ops.adakv.attention_proven.default,
+                                       attend + (pad, plan, scale, s.softcap)))
+        if p.mode == "exact" and proven is not None:
+            pass
+        elif p.mode == "exact":
             k, v = s.k, s.v
             new = graph.call_function(torch.ops.adakv.attention.default,
                                       (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
         elif p.mode == "compress":
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            if proven is None:
+                new = graph.call_function(torch.ops.adakv.attention.default,
+                                          (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
             pair = graph.call_function(torch.ops.adakv.compress.default,
                                        (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
                                         num_layers, config_key, tp_group))
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            if proven is None:
+                new = graph.call_function(torch.ops.adakv.attention.default,
+                                          (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
                                  config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,))

@@ -1,0 +1,357 @@
+"""Stage 'chunk': run the position-wise regions of a prefill graph over chunks of the sequence.
+
+Between two attentions, everything a transformer does is position-wise along the sequence: norms,
+projections, RoPE, residuals, the MLP. Run over the whole prompt at once, its intermediates are O(n)
+(the MLP's ``[n, 14336]`` activations are 28.7 GB each at 1M tokens in bf16); run over chunks of ``c``
+rows they are O(c), and the result is the same up to float reassociation.
+
+Found by dataflow, not by module names: a node is *position-wise* when it is a known row-local op
+(elementwise, linear, embedding, reductions over other dims, views that keep the sequence dim) whose
+output has exactly one dim of size n (the sequence) and whose sequence inputs line up with it; a region is
+a connected set of such nodes at one *level* (the number of non-position-wise nodes, e.g. attentions,
+crossed on the way from the inputs), which makes every region convex. Each region is cut out of the graph
+as its own GraphModule, compiled once by the backend's inner compiler for ``c`` rows (and once for the
+remainder), and called through ``adakv::chunked``, which loops over the chunks and writes its outputs'
+rows in place. Only static-shape prefill graphs are chunked (the chunk's shape arguments are rewritten
+from n to c); anything else is left as it was, with the reason logged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .dataflow import to_digraph
+from .detect import val
+
+log = logging.getLogger("adakv_compile")
+
+_ELEMENTWISE = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.floordiv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.exp,
+    torch.tanh, torch.sigmoid, torch.sin, torch.cos, torch.abs, torch.where, torch.clamp, torch.erf,
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu, torch.relu,
+    torch.nn.functional.dropout, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+    torch.nn.functional.softplus, torch.nn.functional.mish, torch.nn.functional.hardswish,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "sin", "cos", "abs",
+    "float", "half", "bfloat16", "to", "type_as", "contiguous", "clone", "__add__", "__mul__", "__sub__",
+    "__truediv__", "__neg__", "__rsub__", "__radd__", "__rmul__", "clamp", "masked_fill", "relu", "silu",
+    "gelu", "square", "reciprocal", "erf", "log", "type",
+}
+_LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten"}
+_LAYOUT = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten,
+           operator.getitem}
+_REDUCE = {"mean", "sum", "amax", "amin", "var", "norm", "softmax", "log_softmax"}
+_REDUCE_FN = {torch.mean, torch.sum, torch.amax, torch.softmax, torch.nn.functional.softmax,
+              torch.nn.functional.log_softmax, torch.nn.functional.normalize}
+_CHUNK_BYTES = 4 << 30  # default working set of one chunk: rows × per-row intermediate bytes
+
+
+def _is_int_size(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _seq_dim(node, n: int) -> Optional[int]:
+    """The one dim of size ``n`` of a node's tensor value; None for none or an ambiguous value."""
+    v = val(node)
+    if v is None:
+        return None
+    dims = [i for i, s in enumerate(v.shape) if _is_int_size(s) and s == n]
+    return dims[0] if len(dims) == 1 else None
+
+
+def _flat(args) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _flat(a)
+        elif isinstance(a, dict):
+            out += _flat(list(a.values()))
+        else:
+            out.append(a)
+    return out
+
+
+def _norm_dims(dims, rank: int) -> list[int]:
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [d + rank if d < 0 else d for d in dims]
+
+
+def _row_local(node: fx.Node, n: int) -> str:
+    """'' when ``node`` is position-wise along the sequence dim, else why not."""
+    if node.op not in ("call_function", "call_method"):
+        return "not a call"
+    t = node.target
+    sd = _seq_dim(node, n)
+    if sd is None:
+        return "no unique sequence dim"
+    ins = [a for a in node.all_input_nodes]
+    seq_ins = [(a, _seq_dim(a, n)) for a in ins if val(a) is not None and _seq_dim(a, n) is not None]
+    if not seq_ins:
+        return "no sequence input"
+    if any(val(a) is None for a in ins):
+        return "reads a non-tensor node"
+    for a in ins:
+        va = val(a)
+        if any(_is_int_size(s) and s == n for s in va.shape) and _seq_dim(a, n) is None:
+            return "an input with an ambiguous sequence dim"
+    rank = val(node).dim()
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    # n as a literal argument is only understood as a size of a layout op at the sequence position
+    lits = [a for a in _flat(list(node.args) + list(node.kwargs.values())) if _is_int_size(a) and a == n]
+    if t in _ELEMENTWISE or (node.op == "call_method" and t in _ELEMENTWISE_METHODS):
+        if lits:
+            return "the sequence length as an argument"
+        for a, asd in seq_ins:
+            if val(a).dim() - asd != rank - sd:
+                return "sequence dims do not line up"
+        return ""
+    if t is torch._C._nn.linear or t is torch.nn.functional.linear:
+        x = node.args[0]
+        if len(seq_ins) != 1 or seq_ins[0][0] is not x or seq_ins[0][1] == val(x).dim() - 1 or lits:
+            return "linear over the sequence"
+        return ""
+    if t is torch.nn.functional.embedding:
+        if len(seq_ins) != 1 or seq_ins[0][0] is not node.args[0] or lits:
+            return "embedding of a sequence table"
+        return ""
+    if t in (torch.nn.functional.layer_norm, torch.nn.functional.rms_norm, torch.layer_norm):
+        x = node.args[0]
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        if len(seq_ins) != 1 or seq_ins[0][0] is not x or lits or \
+                seq_ins[0][1] >= val(x).dim() - len(tuple(shape)):
+            return "a norm over the sequence"
+        return ""
+    if t in _REDUCE_FN or (node.op == "call_method" and t in _REDUCE):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or len(seq_ins) != 1 or lits:
+            return "a reduction over every dim"
+        a, asd = seq_ins[0]
+        if asd in _norm_dims(dims, val(a).dim()):
+            return "a reduction over the sequence"
+        return ""
+    if t is torch.cat or t is torch.concat:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if any(asd != _norm_dims(dim, val(a).dim())[0] and val(a).dim() - asd == rank - sd for a, asd in seq_ins) \
+                and all(_norm_dims(dim, val(a).dim())[0] != asd for a, asd in seq_ins) and not lits and \
+                len(seq_ins) == len(ins):
+            return ""
+        return "cat along the sequence (or of non-sequence parts)"
+    if t is torch.matmul or t is operator.matmul:
+        a, b = node.args[:2]
+        sa, sb = _seq_dim(a, n), _seq_dim(b, n)
+        if sa is not None and sb is None and sa < val(a).dim() - 1 and not lits:
+            return ""
+        if sb is not None and sa is None and sb == val(b).dim() - 1 and not lits:
+            return ""
+        return "matmul mixing positions"
+    if t in _LAYOUT or (node.op == "call_method" and t in _LAYOUT_METHODS):
+        if len(seq_ins) != 1 or node.args[0] is not seq_ins[0][0]:
+            return "layout op of several sequence tensors"
+        a, asd = seq_ins[0]
+        va, vo = val(a), val(node)
+        if name in ("view", "reshape", "flatten"):
+            before_in = math.prod(int(s) for s in va.shape[:asd])
+            before_out = math.prod(int(s) for s in vo.shape[:sd])
+            if before_in != before_out:
+                return "a reshape that moves the sequence dim"
+        if t is operator.getitem:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx):
+                return "advanced indexing"
+            if any(isinstance(i, slice) and i != slice(None) and (i.start not in (None, 0) or
+                   i.stop is not None or i.step not in (None, 1)) for i in idx) and vo.shape[sd] != n:
+                return "slices the sequence"
+        if lits and name not in ("view", "reshape", "expand"):  # only their sizes are rewritten per chunk
+            return "the sequence length as an argument"
+        return ""
+    return f"{name} is not a known row-local op"
+
+
+@dataclass
+class Region:
+    """One chunked region: its sub-GraphModule (built per chunk size) and how to slice its I/O."""
+    key: str
+    n: int
+    chunk: int
+    members: list
+    inputs: list
+    in_dims: list  # the sequence dim of each input, None for inputs read whole
+    out_nodes: list
+    out_dims: list
+    out_meta: list  # (shape, dtype) of each output
+    compile_fn: Callable
+    template: Optional[fx.Graph] = None  # the region cut out for n rows (the outer graph's nodes go)
+    compiled: dict = field(default_factory=dict)
+
+    def cut(self) -> None:
+        g = fx.Graph()
+        env = {}
+        for i, x in enumerate(self.inputs):
+            env[x] = g.placeholder(f"in_{i}")
+        for node in self.members:
+            env[node] = g.node_copy(node, lambda a: env[a])
+        g.output(tuple(env[o] for o in self.out_nodes))
+        self.template = g
+
+    def build(self, rows: int) -> fx.GraphModule:
+        """The region as a GraphModule for ``rows`` sequence rows (shape literals n → rows)."""
+        g = fx.Graph()
+        out = g.graph_copy(self.template, {})
+        g.output(out)
+        for node in g.nodes:
+            if node.op == "call_method" and node.target in ("view", "reshape", "expand") or \
+                    node.target is torch.reshape:
+                node.args = tuple(_resize(a, self.n, rows) for a in node.args)
+        return fx.GraphModule(torch.nn.Module(), g)
+
+    def run(self, inputs: list) -> list:
+        outs = [torch.empty(shape, dtype=dtype, device=inputs[0].device) for shape, dtype in self.out_meta]
+        for s in range(0, self.n, self.chunk):
+            rows = min(self.chunk, self.n - s)
+            args = [x.narrow(d, s, rows) if d is not None else x for x, d in zip(inputs, self.in_dims)]
+            fn = self.compiled.get(rows)
+            if fn is None:
+                fn = self.compiled[rows] = self.compile_fn(self.build(rows), args)
+            res = fn(*args)
+            for o, r, d in zip(outs, res, self.out_dims):
+                o.narrow(d, s, rows).copy_(r)
+        return outs
+
+
+def _resize(a, n: int, rows: int):
+    if _is_int_size(a) and a == n:
+        return rows
+    if isinstance(a, (list, tuple)):
+        return type(a)(_resize(x, n, rows) for x in a)
+    return a
+
+
+REGIONS: dict[str, Region] = {}
+
+
+@torch.library.custom_op("adakv::chunked", mutates_args=())
+def chunked(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run region ``key`` over sequence chunks (see Region.run); outputs are new contiguous tensors."""
+    return REGIONS[key].run(list(inputs))
+
+
+@chunked.register_fake
+def _(key, inputs):
+    r = REGIONS[key]
+    return [inputs[0].new_empty(shape, dtype=dtype) for shape, dtype in r.out_meta]
+
+
+def default_chunk(per_row_bytes: int, device: torch.device | None) -> int:
+    """Rows per chunk: a working set of ``min(4 GiB, free memory / 16)``, at least 1024 rows, a power of two
+    (the chunk's matmuls stay large enough to run at full speed, and power-of-two prompts need no second
+    compile for a remainder)."""
+    budget = _CHUNK_BYTES
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 16)
+    rows = max(1024, budget // max(1, per_row_bytes))
+    return 1 << (int(rows).bit_length() - 1)
+
+
+_ids = iter(range(1 << 62))
+
+
+def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
+                  compile_fn: Callable) -> list[Region]:
+    """Replace every position-wise region of ``gm`` (sequence length ``n``) by an ``adakv::chunked`` call.
+
+    ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off). Returns the regions made."""
+    if chunk == 0 or n is None or n <= 1:
+        return []
+    graph = gm.graph
+    if any(isinstance(s, torch.SymInt) for node in graph.nodes if val(node) is not None for s in val(node).shape):
+        log.info("adakv: chunk: dynamic shapes, the prefill graph is not chunked")
+        return []
+    members = set()
+    for node in graph.nodes:
+        if not _impure_like(node) and _row_local(node, n) == "":
+            members.add(node)
+    g = to_digraph(graph)
+    level: dict = {}
+    for node in nx.topological_sort(g):
+        level[node] = max((level[p] + (p not in members and bool(p.all_input_nodes)) for p in g.predecessors(node)),
+                          default=0)
+    sub = nx.Graph()
+    sub.add_nodes_from(members)
+    sub.add_edges_from((a, b) for a, b in g.edges if a in members and b in members and level[a] == level[b])
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    regions = []
+    for comp in nx.connected_components(sub):
+        if len(comp) < 3:
+            continue
+        r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order)
+        if r is not None:
+            regions.append(r)
+    if regions:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return regions
+
+
+def _impure_like(node: fx.Node) -> bool:
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+
+
+def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, order) -> Optional[Region]:
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}  # earlier regions added nodes
+    mset = set(members)
+    inputs = []
+    for node in members:
+        for a in node.all_input_nodes:
+            if a not in mset and a not in inputs:
+                inputs.append(a)
+    outs = [node for node in members if any(u not in mset for u in node.users)]
+    if not outs or not inputs:
+        return None
+    per_row = sum(val(m).numel() // n * val(m).element_size() for m in members)
+    device = val(outs[0]).device
+    rows = chunk if chunk is not None else default_chunk(per_row, device)
+    if rows >= n:
+        return None
+    last_input = max(inputs, key=order.get)
+    first_user = min((u for o in outs for u in o.users if u not in mset), key=order.get)
+    if order[last_input] >= order[first_user]:
+        log.info("adakv: chunk: region at %s not chunked: an input is computed after an output is read",
+                 members[0].name)
+        return None
+    # tensors only: every input is a tensor (checked by _row_local), the region's first input leads
+    key = f"region-{next(_ids)}"
+    seq_first = sorted(inputs, key=lambda x: _seq_dim(x, n) is None)
+    region = Region(key, n, rows, members, seq_first, [_seq_dim(x, n) for x in seq_first], outs,
+                    [_seq_dim(o, n) for o in outs],
+                    [(tuple(int(s) for s in val(o).shape), val(o).dtype) for o in outs], compile_fn)
+    region.cut()
+    REGIONS[key] = region
+    with graph.inserting_after(last_input):
+        call = graph.call_function(torch.ops.adakv.chunked.default, (key, list(seq_first)))
+    for i, o in enumerate(outs):
+        with graph.inserting_after(call):
+            get = graph.call_function(operator.getitem, (call, i))
+        get.meta["example_value"] = val(o)
+        for u in list(o.users):
+            if u not in mset:
+                u.replace_input_with(o, get)
+    log.info("adakv: chunk: region of %d nodes (%s … %s) runs over chunks of %d rows", len(members),
+             members[0].name, members[-1].name, rows)
+    return region
