@@ -55,7 +55,7 @@ def test_compressed_fast_path_same_tokens_as_unmerged():
     cfg = AdaKVConfig(budget=24, window=8)
     outs, graphs = [], []
     for merge in (True, False):
-        model = build("llama")
+        model = build("llama", num_hidden_layers=1)
         backend = compile_model(model, cfg.replace(merge_linears=merge), inner="aot_eager")
         cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=6)
         with torch.no_grad():
@@ -78,26 +78,26 @@ def test_inductor_matches_plain_compile():
 
 
 def test_weight_updates_in_place_seen_replaced_refused():
-    model = build("llama")
+    model = build("llama", num_hidden_layers=1)
     compile_model(model, AdaKVConfig(), inner="aot_eager")
-    other = build("llama", seed=1)
+    other = build("llama", seed=1, num_hidden_layers=1)
     with torch.no_grad():
         model(PROMPT)
         model.load_state_dict(other.state_dict())  # copies into the merged buffers' slices
         torch.testing.assert_close(model(PROMPT).logits, other(PROMPT).logits, rtol=1e-5, atol=1e-5)
-        q = model.model.layers[1].self_attn.q_proj.weight
+        q = model.model.layers[0].self_attn.q_proj.weight
         q.data = q.data.clone()  # a new tensor the compiled graph would not read: refused
         with pytest.raises(RuntimeError, match="merge_linears"):
             model(PROMPT)
 
 
 def test_off_and_with_grad_leave_linears_alone():
-    model = build("llama")
+    model = build("llama", num_hidden_layers=1)
     backend = compile_model(model, AdaKVConfig(merge_linears=False), inner="aot_eager")
     with torch.no_grad():
         model(PROMPT)
     assert backend.graphs[0]["merged_linears"] == []
-    model = build("llama").train()
+    model = build("llama", num_hidden_layers=1).train()
     backend = compile_model(model, AdaKVConfig(), inner="aot_eager")
     model(PROMPT).logits.sum().backward()  # gradients reach every parameter: nothing was re-pointed
     assert backend.graphs[0]["merged_linears"] == []
