@@ -459,8 +459,7 @@ class ReferenceSession:
     # -- the attention function ----------------------------------------------------------------------------
     def _attend(self, module, query, key, value, scaling, kwargs):
         layer = module.layer_idx
-        if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError("sliding-window attention layers are not supported by the reference")
+        window = kwargs.get("sliding_window")  # a sliding-window layer: exact, every valid token kept
         softcap = kwargs.get("softcap")
         B, Hq, t, D = query.shape
         Hkv = key.shape[1]
@@ -472,12 +471,18 @@ class ReferenceSession:
             n = t
             valid = self._valid
             causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            if window is not None:  # HF's sliding mask: kv_idx > q_idx - W
+                idx = torch.arange(n, device=query.device)
+                causal = causal & (idx[None, :] > idx[:, None] - int(window))
             for b in range(B):
                 allowed = causal & valid[b][None, :]
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
                                                      scale, softcap)
-            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap)
+            if window is not None:
+                keep = valid[:, None, :].expand(B, Hkv, n)
+            else:
+                keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap)
             positions = torch.arange(n, device=query.device)
             self._keys[layer] = [[key[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
             self._values[layer] = [[value[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
@@ -497,6 +502,9 @@ class ReferenceSession:
                     s = past_k.shape[0]
                     allowed = torch.ones(t, s + t, dtype=torch.bool, device=query.device)
                     allowed[:, s:] = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+                    if window is not None:
+                        kpos = torch.cat([self._positions[layer][b][hk], new_positions])
+                        allowed &= kpos[None, :] > new_positions[:, None] - int(window)
                     for g in range(G):
                         h = hk * G + g
                         out[b, :, h] = _masked_attention(query[b, h], all_k, all_v, allowed, scale, softcap)

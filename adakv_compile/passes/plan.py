@@ -16,7 +16,8 @@ _LAYER_RE = re.compile(r"layers?[_.](?:modules_)?(\d+)|h_(\d+)|layer_(\d+)|block
 @dataclass
 class PlannedSite:
     """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) |
-    static-compress | static-store (the same on an AdaKVCache) | none."""
+    static-compress | static-store (the same on an AdaKVCache) | window-fill | window-attend (an
+    AdaKVCache's sliding-window ring, prefill / decode; exact) | none."""
     site: AttentionSite | Skipped
     flow: CacheFlow | None
     ordinal: int        # attention depth (dataflow.attention_depths): the layer index schedules use
@@ -92,5 +93,9 @@ def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVC
         why = flow.reason
     if why:
         return PlannedSite(site, flow, ordinal, layer, "none", why)
+    if flow.window:
+        mode = "window-fill" if flow.phase == "prefill" else "window-attend"
+        return PlannedSite(site, flow, ordinal, layer, mode, "sliding-window layer: a ring of its window, exact "
+                           "(not compressed)")
     mode = "static-compress" if flow.phase == "prefill" else "static-store"
     return PlannedSite(site, flow, ordinal, layer, mode)

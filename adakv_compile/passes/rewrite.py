@@ -9,6 +9,9 @@ store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.static_compress`` writing the
            kept K/V into the AdaKVCache layer's tensors (declared mutations).
 static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
+window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
+           sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
+           ``adakv.window_write`` (declared mutations). See kernels/window.py.
 The ``adakv.cache_slot`` marker of a static layer is left without users and removed as dead code.
 """
 from __future__ import annotations
@@ -80,7 +83,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         return
     out = output_node(graph)
     mask = hint = None  # decode/extend attend over the store: the model's mask is not theirs to read
-    if p.mode in ("exact", "compress", "static-compress"):  # exact attention over a whole prompt
+    if p.mode in ("exact", "compress", "static-compress", "window-fill"):  # exact attention over a whole prompt
         mask, hint = _prompt_mask(graph, s, {} if hints is None else hints)
     with graph.inserting_before(s.anchor):
         scale = _scale_arg(graph, s)
@@ -109,6 +112,15 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,
                                       (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len))
+        elif p.mode == "window-fill":
+            new = graph.call_function(torch.ops.adakv.attention.default,
+                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            keys, values, wpos, _ = f.window_tensors()
+            graph.call_function(torch.ops.adakv.window_fill.default, (f.k_new, f.v_new, mask, keys, values, wpos))
+        elif p.mode == "window-attend":
+            new = graph.call_function(torch.ops.adakv.window_attend.default,
+                                      (s.q, f.k_new, f.v_new) + f.window_tensors() + (scale, s.softcap))
+            graph.call_function(torch.ops.adakv.window_write.default, (f.k_new, f.v_new) + f.window_tensors())
         elif p.mode == "store":
             new = graph.call_function(torch.ops.adakv.attend_append.default,
                                       (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap))
@@ -122,7 +134,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         else:
             return
     s.anchor.replace_all_uses_with(new)
-    if p.mode in ("static-compress", "static-store"):  # shape reads of the marker's K/V: same shapes
+    if p.mode in ("static-compress", "static-store", "window-fill", "window-attend"):  # shape reads of the marker's K/V: same shapes
         for g in list(f.static.users):
             fresh = f.k_new if g.args[1] == 0 else f.v_new
             for user in list(g.users):
