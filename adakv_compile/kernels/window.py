@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .attend import exact_attention
+from .attend import exact_attention, sink_attention
 from .ops import valid_from_mask
 from .static import _EAGER_MESSAGE
 from .store import StoreError
@@ -77,13 +77,15 @@ def window_allowed(wpos: torch.Tensor, seen: torch.Tensor, t: int, window: int) 
 @triton_op("adakv::window_attend", mutates_args=())
 def window_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                   values: torch.Tensor, wpos: torch.Tensor, seen: torch.Tensor, scale: float,
-                  softcap: float) -> torch.Tensor:
+                  softcap: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of q [B, Hq, t, D] (positions seen..seen+t-1) over the ring (before the chunk is written)
     and the chunk."""
     t, W = q.shape[2], keys.shape[2]
     k = torch.cat([keys, k_new.to(keys.dtype)], 2)
     v = torch.cat([values, v_new.to(values.dtype)], 2)
     allowed = window_allowed(wpos, seen, t, W)
+    if sinks is not None:
+        return sink_attention(q, k, v, allowed, scale, False, softcap, sinks).to(q.dtype).contiguous()
     return exact_attention(q, k.to(q.dtype), v.to(q.dtype), allowed, scale, False, softcap).contiguous()
 
 

@@ -87,43 +87,51 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         mask, hint = _prompt_mask(graph, s, {} if hints is None else hints)
     with graph.inserting_before(s.anchor):
         scale = _scale_arg(graph, s)
+        sinks = getattr(s, "sinks", None)
+        if sinks is not None:  # one logit per query head, [Hq]
+            sinks = graph.call_method("reshape", (sinks, -1))
+        tail = () if sinks is None else (sinks,)  # the ops' optional last argument
+
+        def prompt_attention(k, v):
+            """Exact attention over a whole prompt (with the sink column when the model has one)."""
+            if sinks is not None:
+                return graph.call_function(torch.ops.adakv.sink_attention.default,
+                                           (s.q, k, v, mask, scale, s.is_causal, s.softcap, sinks))
+            return graph.call_function(torch.ops.adakv.attention.default,
+                                       (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
+
         if p.mode == "exact":
-            k, v = s.k, s.v
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(s.k, s.v)
         elif p.mode == "compress":
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(f.k_new, f.v_new)
             pair = graph.call_function(torch.ops.adakv.compress.default,
                                        (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
-                                        num_layers, config_key, tp_group))
+                                        num_layers, config_key, tp_group) + tail)
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(f.k_new, f.v_new)
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
-                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,))
+                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
         elif p.mode == "static-store":
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
             graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,
-                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len))
+                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail)
         elif p.mode == "window-fill":
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(f.k_new, f.v_new)
             keys, values, wpos, _ = f.window_tensors()
             graph.call_function(torch.ops.adakv.window_fill.default, (f.k_new, f.v_new, mask, keys, values, wpos))
         elif p.mode == "window-attend":
             new = graph.call_function(torch.ops.adakv.window_attend.default,
-                                      (s.q, f.k_new, f.v_new) + f.window_tensors() + (scale, s.softcap))
+                                      (s.q, f.k_new, f.v_new) + f.window_tensors() + (scale, s.softcap) + tail)
             graph.call_function(torch.ops.adakv.window_write.default, (f.k_new, f.v_new) + f.window_tensors())
         elif p.mode == "store":
             new = graph.call_function(torch.ops.adakv.attend_append.default,
-                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap))
+                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap) + tail)
             views = []
             for past, fresh in ((f.k_past, f.k_new), (f.v_past, f.v_new)):
                 length = graph.call_function(operator.add,
