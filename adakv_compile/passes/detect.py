@@ -69,6 +69,9 @@ class AttentionSite:
     # attention sinks (gpt-oss): a node holding one logit per query head that joins the softmax as an extra
     # column, dropped after it; None for plain attention
     sinks: Optional[fx.Node] = None
+    # per-head additive terms (ALiBi, relative-position biases): (node, folded [B·H, ·, ·] layout, factor);
+    # the rewritten attention adds Σ factor·node to the logits, mask included; never compressed
+    bias: list = field(default_factory=list)
 
 
 @dataclass
@@ -254,12 +257,17 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Skipped:
     mask = a["attn_mask"]
     if mask is not None and not isinstance(mask, fx.Node):
         return Skipped(node, pattern, "attn_mask is not a tensor")
+    bias = []
     if mask is not None:
         why = _per_head(mask)
-        if why:
+        mv = val(mask)
+        if why and mv is not None and mv.is_floating_point():  # a per-head additive mask (ALiBi folded in)
+            bias, mask, pattern = [(a["attn_mask"], False, 1.0)], None, pattern + "+bias"
+        elif why:
             return Skipped(node, pattern, why)
     scale = scale if isinstance(scale, fx.Node) else float(scale)
-    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], scale, 0.0, ik + iv)
+    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], scale, 0.0, ik + iv,
+                         bias=bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -809,6 +817,7 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
     stage = "scale"             # scale → (tanh) capped → (mask) masked → (softmax) weights
     mask_op = None
     sink = None                 # the per-head sink logits, when the scores get a sink column
+    biases = []                 # [node, folded, factor]: per-head additive terms (ALiBi)
     dropped = False
     post_scale = 1.0            # positive constant scales after a boolean mask
     layout4 = not folded
@@ -819,7 +828,12 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         if a is None or a[0] != "const" or not isinstance(beta, (int, float)):
             raise _Reject("baddbmm with alpha/beta that are not constants", qk)
         const *= a[1]
-        if beta == 1:
+        iv = val(inp)
+        if beta == 1 and iv is not None and iv.is_floating_point() and iv.dim() == 3 and _int(Hq) not in (None, 1) \
+                and _same(iv.shape[0], B * Hq):  # per (batch, head): ALiBi (bloom)
+            biases.append([inp, True, 1.0])
+            stage = "biased"
+        elif beta == 1:
             mask_op = _Op("mask", qk, mask=inp)
             stage = "masked"
         elif beta != 0:
@@ -858,6 +872,10 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
                     terms.append((op.how, f))
             elif stage == "capped" and kind == "const":
                 cap = op.how(cap, f)
+            elif stage == "biased" and kind == "const" and not cap:  # (s + bias)·c: both scaled (falcon)
+                const = op.how(const, f)
+                for b in biases:
+                    b[2] = op.how(b[2], f)
             elif stage == "masked" and kind == "const" and mask_op.fill is not None:
                 post_scale = op.how(post_scale, f)
                 const = op.how(const, f)
@@ -872,7 +890,15 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
             stage, cap = "capped", 1.0
             continue
         if op.kind == "mask":
-            if stage not in ("scale", "capped"):
+            mv = val(op.mask)
+            if op.fill is None and mv is not None and mv.is_floating_point() and _per_head(op.mask) \
+                    and stage in ("scale", "capped", "biased", "masked"):
+                if not layout4 and not (mv.dim() == 3 and _int(Hq) not in (None, 1) and _same(mv.shape[0], B * Hq)):
+                    raise _Reject("a per-head additive term in the [batch·heads] layout of another shape", op.node)
+                biases.append([op.mask, not layout4, 1.0])  # ALiBi / relative-position bias
+                stage = "biased" if stage != "masked" else stage
+                continue
+            if stage not in ("scale", "capped", "biased"):
                 raise _Reject("more than one mask (or a mask after the softmax)", op.node)
             if mask_op is not None:
                 raise _Reject("more than one mask", op.node)
@@ -920,13 +946,15 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         (k, ik), (v, iv), gk = (k4, []), (v4, []), 1
         if not _same(kv.shape[1], vv.shape[1]):
             raise _Reject("keys and values have different numbers of heads", pv)
-    pattern = "eager" + ("+sink" if sink is not None else "") + ("+softcap" if cap else "") \
+    pattern = "eager" + ("+sink" if sink is not None else "") + ("+bias" if biases else "") \
+        + ("+softcap" if cap else "") \
         + ("+repeat_kv" if gk > 1 else "") \
         + ("+bmm" if folded else "") + ("+einsum" if _is_call(qk, *_EINSUM) else "")
     scale = ScaleExpr(const, terms) if terms else const
     site = AttentionSite(pattern, pv, q4, k, v, mask, inverted, False, scale, cap,
                          internal + ik + iv,
-                         mask_fill=mask_op.fill if mask_op is not None else None, sinks=sink)
+                         mask_fill=mask_op.fill if mask_op is not None else None, sinks=sink,
+                         bias=[tuple(b) for b in biases])
     if out_folded:
         site.anchor = _unfolded_output(pv, Hq, q4)
         site.internal.append(pv)

@@ -50,6 +50,26 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
     return hints[key]
 
 
+def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
+    """One additive mask [.., q, k] in the query's dtype: the site's per-head terms (ALiBi), each times its
+    factor, plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
+    qv = val(site.q)
+    H, dt = qv.shape[1], qv.dtype
+    total = None
+    for node, folded, factor in site.bias:
+        b = graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
+        b = graph.call_method("to", (b, torch.float32))
+        if factor != 1.0:
+            b = graph.call_function(operator.mul, (b, float(factor)))
+        total = b if total is None else graph.call_function(operator.add, (total, b))
+    if mask is not None and val(site.mask) is not None and val(site.mask).dtype != torch.bool:
+        total = graph.call_function(operator.add, (total, graph.call_method("to", (mask, torch.float32))))
+    total = graph.call_method("to", (total, dt))
+    if mask is not None and val(site.mask) is not None and val(site.mask).dtype == torch.bool:
+        total = graph.call_function(torch.where, (mask, total, torch.finfo(dt).min))
+    return total
+
+
 def _scale_arg(graph: fx.Graph, site):
     """The scale as an op argument: a float, or FX nodes computing it (SymFloat under dynamic=True)."""
     if not isinstance(site.scale, ScaleExpr):
@@ -91,6 +111,9 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         if sinks is not None:  # one logit per query head, [Hq]
             sinks = graph.call_method("reshape", (sinks, -1))
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
+
+        if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
+            mask, hint = _bias_mask(graph, s, mask), None
 
         def prompt_attention(k, v):
             """Exact attention over a whole prompt (with the sink column when the model has one)."""
