@@ -830,7 +830,8 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         const *= a[1]
         iv = val(inp)
         if beta == 1 and iv is not None and iv.is_floating_point() and iv.dim() == 3 and _int(Hq) not in (None, 1) \
-                and _same(iv.shape[0], B * Hq):  # per (batch, head): ALiBi (bloom)
+                and _same(iv.shape[0], B * Hq) and not _mask_like(_Op("mask", qk, mask=inp), False, B, Hq):
+            # per (batch, head), not a broadcast of one mask: ALiBi (bloom)
             biases.append([inp, True, 1.0])
             stage = "biased"
         elif beta == 1:
@@ -891,7 +892,7 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
             continue
         if op.kind == "mask":
             mv = val(op.mask)
-            if op.fill is None and mv is not None and mv.is_floating_point() and _per_head(op.mask) \
+            if op.fill is None and mv is not None and mv.is_floating_point() and not _mask_like(op, layout4, B, Hq) \
                     and stage in ("scale", "capped", "biased", "masked"):
                 if not layout4 and not (mv.dim() == 3 and _int(Hq) not in (None, 1) and _same(mv.shape[0], B * Hq)):
                     raise _Reject("a per-head additive term in the [batch·heads] layout of another shape", op.node)
@@ -959,6 +960,14 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         site.anchor = _unfolded_output(pv, Hq, q4)
         site.internal.append(pv)
     return site
+
+
+def _mask_like(op: _Op, layout4: bool, B, H) -> bool:
+    """Whether an additive term is one mask for every head (else a per-head bias such as ALiBi)."""
+    try:
+        return not _per_head(_with_layout(op, layout4, B, H).mask)
+    except _Reject:
+        return False
 
 
 def _check_cast(dtype, dt, node):
