@@ -63,8 +63,13 @@ def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
         if causal:
             attn_mask, is_causal = None, True
     if not softcap:
+        if attn_mask is not None and q.is_cuda and Hq != Hkv:
+            # a mask that is not causal (padding, a sliding window): SDPA's GQA path with a mask is the math
+            # kernel ([B, Hq, n, n] logits: tens of GB at 32k); repeated K/V take the memory-efficient one
+            k = k.repeat_interleave(Hq // Hkv, dim=1)
+            v = v.repeat_interleave(Hq // Hkv, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=scale, enable_gqa=Hq != Hkv)
+                                              scale=scale, enable_gqa=k.shape[1] != Hq)
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
