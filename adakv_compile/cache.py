@@ -313,6 +313,11 @@ class AdaKVCache(Cache):
             raise ValueError(f"AdaKVCache.{what}: not supported for hybrid models (sliding-window or "
                              "linear-attention layers) yet; prefill such requests as one batch")
 
+    def holds_prompt(self) -> bool:
+        """Whether a prompt was prefilled (every compacted store and sliding ring filled; state layers have
+        no such flag)."""
+        return all(getattr(layer, "compressed", getattr(layer, "filled", True)) for layer in self.layers)
+
     @property
     def compressed_layers(self) -> list:
         """The layers holding a compacted store (full attention); a hybrid model has others beside them."""
@@ -357,7 +362,7 @@ class AdaKVCache(Cache):
 
     def _slot_list(self, slots, what: str) -> list[int]:
         self._full_attention_only(what)
-        B = self.layers[0].batch_size
+        B = self.batch_size
         out = [int(r) for r in torch.as_tensor(slots, dtype=torch.int64).reshape(-1).tolist()]
         bad = [r for r in out if not 0 <= r < B]
         if bad:
@@ -369,7 +374,7 @@ class AdaKVCache(Cache):
     def _enter_slots(self, loading=()) -> None:
         if self._free is None:  # first use in slots: every other row becomes a free row with its own room
             self._free = set()
-            rest = [r for r in range(self.layers[0].batch_size) if r not in set(loading)]
+            rest = [r for r in range(self.batch_size) if r not in set(loading)]
             if rest:
                 self.free_rows(rest)
             for layer in self.layers:
@@ -402,7 +407,7 @@ class AdaKVCache(Cache):
         slots = self._slot_list(slots, "load_rows")
         if not isinstance(src, AdaKVCache):
             raise TypeError(f"AdaKVCache.load_rows(src=...) needs an AdaKVCache, got {type(src).__name__}")
-        n = src.layers[0].batch_size
+        n = src.batch_size
         if len(slots) != n:
             raise ValueError(f"AdaKVCache.load_rows: {len(slots)} slots for a source cache of {n} rows")
         _check_compatible(src, self, "AdaKVCache.load_rows: src", "this cache")
@@ -438,7 +443,7 @@ class AdaKVCache(Cache):
 
     def live_rows(self) -> list[int]:
         """Rows holding a request (fixed-slot use); every row before the cache is used in slots."""
-        rows = range(self.layers[0].batch_size)
+        rows = range(self.batch_size)
         return list(rows) if self._free is None else [r for r in rows if r not in self._free]
 
     def room_left(self) -> int:
@@ -544,7 +549,7 @@ class AdaKVCache(Cache):
             raise ValueError(f"AdaKVCache.join(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
         seen = [int(c.layers[0].seen) for c in caches]
         L = max(seen)
-        B = sum(c.layers[0].batch_size for c in caches)
+        B = sum(c.batch_size for c in caches)
         room = max_new_tokens
         shapes = []
         for j, lay in enumerate(L0):
@@ -591,7 +596,7 @@ class AdaKVCache(Cache):
         Same sizes per row, same logical length and appended count: the kept rows decode on exactly as
         before (select the same rows of the attention mask / position ids). ``self`` is not modified."""
         self._full_attention_only("select_rows")
-        B = self.layers[0].batch_size
+        B = self.batch_size
         idx = torch.as_tensor(rows).reshape(-1).cpu()
         if idx.dtype == torch.bool:
             if idx.numel() != B:
@@ -623,7 +628,7 @@ class AdaKVCache(Cache):
 
     def drop_rows(self, rows) -> "AdaKVCache":
         """A new cache without ``rows`` (e.g. finished requests); the others keep their order."""
-        B = self.layers[0].batch_size
+        B = self.batch_size
         drop = {int(r) for r in torch.as_tensor(rows, dtype=torch.int64).reshape(-1).tolist()}
         bad = sorted(r for r in drop if not -B <= r < B)
         if bad:
