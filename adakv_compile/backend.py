@@ -162,7 +162,7 @@ class AdaKVBackend:
         if self.cudagraphs is False or self.inner != "inductor":
             return False
         static_only = result.static is not None and result.static.phase == "append" and all(
-            p.mode in ("static-store", "exact", "none") for p in result.planned)
+            p.mode in ("static-store", "window-attend", "exact", "none") for p in result.planned)
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         return bool(static_only and on_cuda)
 

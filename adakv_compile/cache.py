@@ -44,7 +44,15 @@ class RequestError(StoreError, ValueError):
 def _cache_bytes(shapes: list, batch_size: int) -> int:
     """Bytes of an AdaKVCache of ``batch_size`` rows with these per-layer shapes (as ``nbytes()`` counts)."""
     total = 0
-    for heads, head_dim, kept, room, dtype, _ in shapes:
+    for shape in shapes:
+        if shape[0] == "window":  # a sliding-window ring (hybrid.AdaKVWindowLayer): K, V and positions
+            _, heads, head_dim, window, dtype, _ = shape
+            esize = torch.empty((), dtype=dtype).element_size()
+            total += batch_size * window * (2 * heads * head_dim * esize + 4)
+            continue
+        if shape[0] == "state":  # transformers' own static state layer: allocated by it, not counted
+            continue
+        heads, head_dim, kept, room, dtype, _ = shape
         slots = heads * kept + (heads + 1) // 2 + heads * room          # AdaKVLayer.slots_per_row
         n = batch_size * slots + 1
         esize = torch.empty((), dtype=dtype).element_size()
@@ -210,28 +218,43 @@ class AdaKVCache(Cache):
                 raise ValueError("AdaKVCache(model=<config>): pass device= and dtype= with a config")
             device = torch.device(device)
         text = mconf.get_text_config() if hasattr(mconf, "get_text_config") else mconf
-        layer_types = getattr(text, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError("AdaKVCache: the model has non-full-attention layers "
-                             f"({sorted(set(layer_types) - {'full_attention'})}); use a DynamicCache (general "
-                             "path), which keeps such layers in full")
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        from .hybrid import check_supported, layer_specs
+
+        specs = layer_specs(text)  # hybrid models: per layer its type, heads and head_dim (hybrid.py)
+        check_supported(specs)
+        full = [h for t, _, h, _ in specs if t == "full_attention"]
+        heads = full[0] if full else specs[0][2]
         if tp_size is None:  # a transformers model sharded with tp_plan: this rank holds heads / tp_size
             tp_size = getattr(model, "tp_size", None) or 1 if isinstance(model, torch.nn.Module) else 1
-        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or heads % tp_size:
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or heads % tp_size \
+                or any(h % tp_size for _, _, h, _ in specs):
             raise ValueError(f"AdaKVCache(tp_size={tp_size!r}): must be an integer >= 1 dividing the model's "
                              f"{heads} KV heads")
-        local = heads // tp_size
-        kept = [kept_per_head_bound(config, max_prompt_len, i) for i in range(text.num_hidden_layers)]
+        if tp_size > 1 and any(t != "full_attention" for t, _, _, _ in specs):
+            raise ValueError(f"AdaKVCache(tp_size={tp_size}): tensor parallelism with sliding-window or "
+                             "linear-attention layers is not supported on the fast path; use a DynamicCache")
+        # attention layers in order (the index compress sees, for skip_layers and the pyramid schedule)
+        attn = [i for i, (t, _, _, _) in enumerate(specs) if t in ("full_attention", "sliding_attention")]
+        kept = {i: kept_per_head_bound(config, max_prompt_len, a) for a, i in enumerate(attn)}
         if tp_reserve is not None and (isinstance(tp_reserve, bool) or not isinstance(tp_reserve, (int, float))
                                        or not tp_reserve >= 1):
             raise ValueError(f"AdaKVCache(tp_reserve={tp_reserve!r}): must be a number >= 1 (times this rank's "
                              "even share of the kept tokens), or None for the worst case")
         if tp_size > 1:
-            worst = [-(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local) for k in kept]
-            kept = worst if tp_reserve is None else [min(w, math.ceil(tp_reserve * k)) for w, k in zip(worst, kept)]
-        return config, [(local, head_dim, k, max_new_tokens, dtype, device) for k in kept]
+            local = heads // tp_size
+            worst = {i: -(-rank_kept_bound(config, heads, local, k, max_prompt_len) // local)
+                     for i, k in kept.items()}
+            kept = worst if tp_reserve is None else {i: min(w, math.ceil(tp_reserve * kept[i]))
+                                                     for i, w in worst.items()}
+        shapes = []
+        for i, (t, kw, h, d) in enumerate(specs):
+            if t == "full_attention":
+                shapes.append((h // tp_size, d, kept[i], max_new_tokens, dtype, device))
+            elif t == "sliding_attention":
+                shapes.append(("window", h, d, int(kw["sliding_window"]), dtype, device))
+            else:
+                shapes.append(("state", t, kw, device))
+        return config, shapes
 
     @classmethod
     def bytes_per_row(cls, model, config, max_new_tokens: int, **kwargs) -> int:
@@ -266,13 +289,42 @@ class AdaKVCache(Cache):
             device = torch.device(shape[-1])
             seen.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
         self._seen = list(seen.values())
-        super().__init__(layers=[AdaKVLayer(self, batch_size, *shape, seen=seen[torch.device(shape[-1])])
-                                 for shape in shapes])
+        super().__init__(layers=[self._layer(batch_size, shape, seen[torch.device(shape[-1])]) for shape in shapes])
         self.max_prompt_len = None
         # fixed-slot serving (load_rows / free_rows): per row, tokens appended since it was loaded or freed;
         # ``_free`` is None until the cache is used in slots, then the set of rows holding no request
         self._row_appended = [0] * batch_size
         self._free: Optional[set] = None
+
+
+    def _layer(self, batch_size: int, shape: tuple, seen: torch.Tensor):
+        """A layer from its ``shape``: AdaKVLayer arguments, ("window", heads, head_dim, W, dtype, device) or
+        ("state", layer type, HF kwargs, device) (hybrid.py)."""
+        from .hybrid import AdaKVWindowLayer, state_layer
+
+        if shape[0] == "window":
+            return AdaKVWindowLayer(self, batch_size, *shape[1:], seen=seen)
+        if shape[0] == "state":
+            return state_layer(shape[1], shape[2])
+        return AdaKVLayer(self, batch_size, *shape, seen=seen)
+
+    def _full_attention_only(self, what: str) -> None:
+        if len(self.compressed_layers) != len(self.layers):
+            raise ValueError(f"AdaKVCache.{what}: not supported for hybrid models (sliding-window or "
+                             "linear-attention layers) yet; prefill such requests as one batch")
+
+    def holds_prompt(self) -> bool:
+        """Whether a prompt was prefilled (every compacted store and sliding ring filled; state layers have
+        no such flag)."""
+        return all(getattr(layer, "compressed", getattr(layer, "filled", True)) for layer in self.layers)
+
+    @property
+    def compressed_layers(self) -> list:
+        """The layers holding a compacted store (full attention); a hybrid model has others beside them."""
+        return [layer for layer in self.layers if isinstance(layer, AdaKVLayer)]
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self._seen[0]  # one count for every layer type (a 0-d tensor: positions computed in-graph)
 
     def reset(self):
         super().reset()
@@ -286,7 +338,7 @@ class AdaKVCache(Cache):
             raise StoreError("AdaKVCache was sized for another AdaKVConfig than the backend compresses with "
                              f"(cache: {self.config}, backend: {config}); build it from the backend: "
                              "AdaKVCache(model, backend, ...)")
-        if any(layer.compressed for layer in self.layers):
+        if any(getattr(layer, "compressed", False) or getattr(layer, "filled", False) for layer in self.layers):
             raise StoreError("AdaKVCache already holds a compressed prompt; call cache.reset() (or make a new "
                              "cache) before prefilling another one")
         self.appended = 0
@@ -299,6 +351,9 @@ class AdaKVCache(Cache):
             raise StoreError(f"AdaKVCache(max_new_tokens={self.max_new_tokens}) is full: {self.appended} tokens "
                              f"were appended after the prompt and {t} more do not fit; size the cache for all "
                              "tokens generated or appended after the prefill")
+        if self.appended == 0:
+            from .hybrid import mark_states_static
+            mark_states_static(self.layers)
         self.appended += t
 
     # -- fixed-slot serving: one cache of max-batch rows for the server's life, rows filled and freed in place ---
@@ -306,7 +361,8 @@ class AdaKVCache(Cache):
     # every request; nothing is compiled or recorded again when requests come and go.
 
     def _slot_list(self, slots, what: str) -> list[int]:
-        B = self.layers[0].batch_size
+        self._full_attention_only(what)
+        B = self.batch_size
         out = [int(r) for r in torch.as_tensor(slots, dtype=torch.int64).reshape(-1).tolist()]
         bad = [r for r in out if not 0 <= r < B]
         if bad:
@@ -318,7 +374,7 @@ class AdaKVCache(Cache):
     def _enter_slots(self, loading=()) -> None:
         if self._free is None:  # first use in slots: every other row becomes a free row with its own room
             self._free = set()
-            rest = [r for r in range(self.layers[0].batch_size) if r not in set(loading)]
+            rest = [r for r in range(self.batch_size) if r not in set(loading)]
             if rest:
                 self.free_rows(rest)
             for layer in self.layers:
@@ -351,7 +407,7 @@ class AdaKVCache(Cache):
         slots = self._slot_list(slots, "load_rows")
         if not isinstance(src, AdaKVCache):
             raise TypeError(f"AdaKVCache.load_rows(src=...) needs an AdaKVCache, got {type(src).__name__}")
-        n = src.layers[0].batch_size
+        n = src.batch_size
         if len(slots) != n:
             raise ValueError(f"AdaKVCache.load_rows: {len(slots)} slots for a source cache of {n} rows")
         _check_compatible(src, self, "AdaKVCache.load_rows: src", "this cache")
@@ -387,7 +443,7 @@ class AdaKVCache(Cache):
 
     def live_rows(self) -> list[int]:
         """Rows holding a request (fixed-slot use); every row before the cache is used in slots."""
-        rows = range(self.layers[0].batch_size)
+        rows = range(self.batch_size)
         return list(rows) if self._free is None else [r for r in rows if r not in self._free]
 
     def room_left(self) -> int:
@@ -419,7 +475,7 @@ class AdaKVCache(Cache):
     def tp_trimmed(self) -> int:
         """Tokens the last prefill dropped on this rank because the global allocation gave its heads more
         than ``tp_reserve`` (0 with the default reserve, or without tensor parallelism). Reads the device."""
-        return int(sum(int(layer.pos[-1]) for layer in self.layers))
+        return int(sum(int(layer.pos[-1]) for layer in self.compressed_layers))
 
     def kept_positions(self, layer: int) -> list[list[torch.Tensor]]:
         """Per row and KV head, the positions (in the padded prompt + appended tokens) a layer holds."""
@@ -429,7 +485,16 @@ class AdaKVCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by all layers' tensors (what the cache costs, independent of what is used)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        total = 0
+        for layer in self.layers:
+            if hasattr(layer, "tensors"):
+                ts = layer.tensors()
+            else:  # a linear-attention / conv layer: the model's own states
+                ts = [t for d in (getattr(layer, "conv_states", None) or {}, getattr(layer, "recurrent_states",
+                                                                                    None) or {})
+                      for t in d.values() if isinstance(t, torch.Tensor)]
+            total += sum(t.numel() * t.element_size() for t in ts)
+        return total
 
     # -- many long requests: prefill apart, decode together, drop finished rows ------------------------------
     # New caches (load_rows / free_rows above edit rows in place instead, for a server's one cache): every
@@ -468,6 +533,8 @@ class AdaKVCache(Cache):
                 raise TypeError(f"AdaKVCache.join: caches[{i}] is a {type(c).__name__}, not an AdaKVCache")
         first = caches[0]
         L0 = first.layers
+        for c in caches:
+            c._full_attention_only("join")
         for i, c in enumerate(caches):
             _check_compatible(c, first, f"AdaKVCache.join: caches[{i}]", "caches[0]")
             if not all(layer.compressed for layer in c.layers):
@@ -482,7 +549,7 @@ class AdaKVCache(Cache):
             raise ValueError(f"AdaKVCache.join(max_new_tokens={max_new_tokens!r}): must be an integer >= 1")
         seen = [int(c.layers[0].seen) for c in caches]
         L = max(seen)
-        B = sum(c.layers[0].batch_size for c in caches)
+        B = sum(c.batch_size for c in caches)
         room = max_new_tokens
         shapes = []
         for j, lay in enumerate(L0):
@@ -528,7 +595,8 @@ class AdaKVCache(Cache):
 
         Same sizes per row, same logical length and appended count: the kept rows decode on exactly as
         before (select the same rows of the attention mask / position ids). ``self`` is not modified."""
-        B = self.layers[0].batch_size
+        self._full_attention_only("select_rows")
+        B = self.batch_size
         idx = torch.as_tensor(rows).reshape(-1).cpu()
         if idx.dtype == torch.bool:
             if idx.numel() != B:
@@ -560,7 +628,7 @@ class AdaKVCache(Cache):
 
     def drop_rows(self, rows) -> "AdaKVCache":
         """A new cache without ``rows`` (e.g. finished requests); the others keep their order."""
-        B = self.layers[0].batch_size
+        B = self.batch_size
         drop = {int(r) for r in torch.as_tensor(rows, dtype=torch.int64).reshape(-1).tolist()}
         bad = sorted(r for r in drop if not -B <= r < B)
         if bad:
@@ -620,15 +688,16 @@ def decode_batch(model, cache: AdaKVCache, first_tokens: torch.Tensor, attention
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"decode_batch(steps={steps!r}): must be an integer >= 1")
-    B = cache.layers[0].batch_size
+    lay = next(layer for layer in cache.layers if hasattr(layer, "seen"))  # hybrid: any layer with a count
+    B = lay.batch_size
     tok = torch.as_tensor(first_tokens).reshape(-1, 1)
-    seen = int(cache.layers[0].seen)
+    seen = int(lay.seen)
     if tok.shape[0] != B:
         raise ValueError(f"decode_batch: {tok.shape[0]} first tokens for a cache of {B} rows")
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, seen):
         raise ValueError(f"decode_batch: attention_mask of shape {tuple(attention_mask.shape)}, expected "
                          f"({B}, {seen}) (rows x tokens the cache has seen)")
-    device = cache.layers[0].pool_k.device
+    device = lay.seen.device
     tok = tok.to(device)
     # The compressed attention never reads the mask after the prefill; only the position ids matter (each
     # row continues its own count, as HF generate's cumsum of the mask gives). No mask is passed, so every

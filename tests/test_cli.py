@@ -125,7 +125,7 @@ def test_demo_on_tiny_model_writes_png_and_json(tmp_path):
     forward_before = model.forward
     r = run_demo(AdaKVConfig(budget=40, window=8, decode_reserve=8), context_tokens=240, out_dir=tmp_path,
                  max_new_tokens=3, model=model, tokenizer=CharTokenizer(), model_name="tiny", progress=False,
-                 sweep=(8, 24, 64))
+                 sweep=(8, 24, 64), prompts=2)
     png, js = tmp_path / "allocation.png", tmp_path / "demo.json"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(js.read_text())
@@ -152,3 +152,7 @@ def test_demo_on_tiny_model_writes_png_and_json(tmp_path):
     assert data["sweep"][1]["answer"] == data["compressed"]["answer"]
     summary = format_summary(r)
     assert "budget sweep" in summary and "full" in summary
+    # --prompts 2: right answers out of 2 per budget, beside the full cache's
+    assert [a["label"] for a in data["accuracy"]] == ["24", "40", "64", "full"]
+    assert all(a["of"] == 2 and 0 <= a["right"] <= 2 for a in data["accuracy"])
+    assert "pass-key accuracy over 2 prompts" in summary

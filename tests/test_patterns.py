@@ -127,9 +127,9 @@ def spelled_attention(mod, f, q, k, v, mask, g, scale):
 
 SPELLED = {"in_place": "eager+repeat_kv", "div_mul_": "eager+repeat_kv", "bmm": "eager+repeat_kv+bmm",
            "baddbmm": "eager+repeat_kv+bmm", "einsum_where": "eager+repeat_kv+einsum",
-           "fp32_softmax": "eager+repeat_kv"}
+           "fp32_softmax": "eager+repeat_kv", "alibi": "eager+bias+repeat_kv"}  # ALiBi: exact (issue 18)
 UNTOUCHED = {"head_mask": "attention weights pass through mul", "train_dropout": "dropout is active",
-             "alibi": "differs per head", "weights_used": "also read by other ops",
+             "weights_used": "also read by other ops",
              "scale_after_mask": "a scale after the mask"}
 
 

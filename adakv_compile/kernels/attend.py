@@ -63,8 +63,13 @@ def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
         if causal:
             attn_mask, is_causal = None, True
     if not softcap:
+        if attn_mask is not None and q.is_cuda and Hq != Hkv:
+            # a mask that is not causal (padding, a sliding window): SDPA's GQA path with a mask is the math
+            # kernel ([B, Hq, n, n] logits: tens of GB at 32k); repeated K/V take the memory-efficient one
+            k = k.repeat_interleave(Hq // Hkv, dim=1)
+            v = v.repeat_interleave(Hq // Hkv, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=scale, enable_gqa=Hq != Hkv)
+                                              scale=scale, enable_gqa=k.shape[1] != Hq)
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
@@ -83,8 +88,40 @@ def exact_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
     return torch.matmul(p, v)
 
 
+SINK_BLOCK = 512  # queries per step of sink_attention: [B, Hq, 512, n] fp32 logits at a time
+
+
+def sink_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float, sinks: torch.Tensor):
+    """Attention with a per-head sink logit (gpt-oss): softmax over [scores, sink], the sink's column
+    dropped: ``out = Σ_j p_j v_j`` with ``p = softmax([s_1..s_n, sink])[:n]``. Queries in blocks of
+    ``SINK_BLOCK`` (the logits of a 32k prompt are never whole in memory); fp32 softmax.
+    ``sinks``: [Hq] logits (not scaled)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    sink = sinks.float().reshape(1, Hq, 1, 1)
+    outs = []
+    for t0 in range(0, T, SINK_BLOCK):
+        qb = q[:, :, t0:t0 + SINK_BLOCK]
+        tb = qb.shape[2]
+        logits = torch.matmul(qb.float(), k.float().transpose(-1, -2)) * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        if is_causal:
+            rows = torch.arange(t0, t0 + tb, device=q.device)[:, None] + (S - T)
+            logits = logits.masked_fill(torch.arange(S, device=q.device)[None, :] > rows, float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask[..., t0:t0 + tb, :] if attn_mask.shape[-2] == T else attn_mask
+            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        p = torch.softmax(torch.cat([logits, sink.expand(B, Hq, tb, 1)], -1), dim=-1)[..., :S]
+        outs.append(torch.matmul(p.to(v.dtype), v))
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+
+
 def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, scale: float,
-                    softcap: float):
+                    softcap: float, sinks: torch.Tensor | None = None):
     """Attention of q [B, Hq, t, D] over the store *after* the chunk's t tokens were appended.
 
     ``offsets``/``lengths`` [B, Hkv]: each segment's first slot and used length; ``max_len`` bounds
@@ -105,6 +142,10 @@ def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, s
         logits = torch.tanh(logits / softcap) * softcap
     allowed = allowed[:, :, None].expand(B, Hkv, G, t, max_len).reshape(B, Hkv, G * t, max_len)
     logits = logits.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(logits, dim=-1)
+    if sinks is not None:  # a per-query-head sink logit joins the softmax, its column dropped (gpt-oss)
+        col = sinks.float().reshape(1, Hkv, G, 1, 1).expand(B, Hkv, G, t, 1).reshape(B, Hkv, G * t, 1)
+        p = torch.softmax(torch.cat([logits, col], -1), dim=-1)[..., :max_len]
+    else:
+        p = torch.softmax(logits, dim=-1)
     out = torch.matmul(p, vals.float())
     return out.reshape(B, Hq, t, D).to(q.dtype)

@@ -22,7 +22,7 @@ from ..config import AdaKVConfig
 from . import store as kv_store
 from .dispatch import _have_triton, use_triton  # noqa: F401  (moved; re-exported here)
 from .shard import keep_mask_tp
-from .attend import exact_attention, is_causal_mask, store_attention
+from .attend import exact_attention, is_causal_mask, sink_attention as _sink_attention, store_attention
 from .score import window_scores
 
 _CONFIGS: dict[str, AdaKVConfig] = {}
@@ -33,11 +33,14 @@ COMPRESS_OBSERVERS: list = []
 
 
 def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float], v=None, layer: int = 0,
-                  num_layers: int = 1) -> torch.Tensor:
+                  num_layers: int = 1, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SnapKV scores of the prompt: the fused Triton scorer on CUDA (no [B, Hq, w, n] logits in memory),
     the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py).
-    ``scorer="critical"`` re-weights them by the values (kernels/score_critical.py; needs v and the layer)."""
-    if q.is_cuda and use_triton():
+    ``scorer="critical"`` re-weights them by the values (kernels/score_critical.py; needs v and the layer).
+    Attention sinks: the plain scorer (the fused one has no sink column)."""
+    if sinks is not None:
+        scores = window_scores(q, k, valid, config, scale, softcap, sinks)
+    elif q.is_cuda and use_triton():
         from .triton_score import window_scores_triton
         scores = window_scores_triton(q, k, valid, config, scale, softcap)
     else:
@@ -125,10 +128,22 @@ def _attention_backward(ctx, grad):
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+@torch.library.custom_op("adakv::sink_attention", mutates_args=())
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                   scale: float, is_causal: bool, softcap: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Exact attention with a per-head sink logit in the softmax, its column dropped (gpt-oss)."""
+    return _sink_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks).to(q.dtype).contiguous()
+
+
+@sink_attention.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, softcap, sinks):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
 @torch.library.custom_op("adakv::compress", mutates_args=())
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-             scale: float, softcap: float, layer: int, num_layers: int, config_key: str, tp_group: str = ""
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             scale: float, softcap: float, layer: int, num_layers: int, config_key: str, tp_group: str = "",
+             sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``tp_group``: name of the tensor-parallel group whose ranks hold the layer's other KV heads ("" =
     none): the allocation then sees every rank's scores (kernels/shard.py)."""
     for observe in COMPRESS_OBSERVERS:
@@ -136,13 +151,13 @@ def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)
     return kv_store.build(k, v, keep, config.decode_reserve)
 
 
 @compress.register_fake
-def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_group=""):
+def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_group="", sinks=None):
     B, Hkv, n, D = k.shape
     vk = k.new_empty((D,)).as_strided((B, Hkv, n, D), (0, 0, 0, 1))
     vv = v.new_empty((v.shape[-1],)).as_strided((B, Hkv, n, v.shape[-1]), (0, 0, 0, 1))
@@ -151,18 +166,19 @@ def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_grou
 
 @torch.library.custom_op("adakv::attend_append", mutates_args=())
 def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+                  v_cache: torch.Tensor, scale: float, softcap: float, sinks: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     if k_new.shape[-1] != v_new.shape[-1]:
         raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
     pool_k, pool_v, offsets, lengths, meta = kv_store.append(k_cache, v_cache, k_new, v_new)
     t = k_new.shape[2]
-    if q.is_cuda and use_triton():
+    if q.is_cuda and use_triton() and sinks is None:
         from .triton_attend import store_attention_triton  # lazy: CPU installs need no triton
         return store_attention_triton(q, pool_k, pool_v, offsets, lengths, t, scale, softcap,
                                       max_len_hint=meta.max_len)
-    return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, t, scale, softcap)
+    return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, t, scale, softcap, sinks)
 
 
 @attend_append.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, scale, softcap):
+def _(q, k_new, v_new, k_cache, v_cache, scale, softcap, sinks=None):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v_new.shape[-1])

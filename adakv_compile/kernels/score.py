@@ -8,13 +8,14 @@ from ..config import AdaKVConfig
 
 
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
-                  scale: float, softcap: float | None = None) -> torch.Tensor:
+                  scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV scores [B, Hkv, n] (fp32), in the official order: window attention, mean over the window
     queries, GQA reduction over each KV group, then pooling of the reduced scores.
 
     Columns that are not candidates (window positions, padding) are -inf. The queries of a KV group are
     stacked (``[B, Hkv, G*w, D]``) against the group's keys: K is never repeated to the query heads.
-    No host synchronisation.
+    No host synchronisation. ``sinks`` ([Hq] logits, gpt-oss): the probabilities the model computes, the
+    sink's column in the softmax (docs/algorithm.md, "Attention sinks").
     """
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
@@ -35,7 +36,11 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
     # the lowest finite value, not -inf: a window query with no visible key (a padding query of a row too
     # short to be compressed) then gives finite weights instead of NaN; elsewhere exp() of it is exactly 0.
     logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    p = torch.softmax(logits, dim=-1)
+    if sinks is not None:
+        col = sinks.float().reshape(1, Hkv, G, 1, 1).expand(B, Hkv, G, w, 1)
+        p = torch.softmax(torch.cat([logits, col], -1), dim=-1)[..., :n]
+    else:
+        p = torch.softmax(logits, dim=-1)
     s = p.mean(dim=3)[..., :m]  # [B, Hkv, G, m]
     red = s.mean(dim=2) if config.gqa_reduce == "mean" else s.amax(dim=2)  # [B, Hkv, m]
     flat = red.reshape(B * Hkv, 1, m)

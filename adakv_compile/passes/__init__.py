@@ -103,15 +103,15 @@ def _impure(node: fx.Node) -> bool:
 
 
 def _static_use(graph: fx.Graph, planned: list[PlannedSite]) -> StaticUse | None:
-    sites = [p for p in planned if p.mode in ("static-compress", "static-store")]
+    sites = [p for p in planned if p.mode in ("static-compress", "static-store", "window-fill", "window-attend")]
     if not sites:
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     first = sites[0].flow
-    pool = first.static_arg("pool_k")
+    pool = first.static_arg("keys" if first.window else "pool_k")
     if pool not in placeholders:
         return None
-    phase = "prefill" if sites[0].mode == "static-compress" else "append"
+    phase = "prefill" if sites[0].mode in ("static-compress", "window-fill") else "append"
     t = val(first.k_new).shape[2]
     if isinstance(t, int):
         return StaticUse(placeholders.index(pool), phase, int(t))

@@ -66,6 +66,12 @@ class AttentionSite:
     # the value the model writes at masked positions (eager masked_fill / where): a query row with no
     # allowed key gets SDPA's output (zeros) after the rewrite, not the eager uniform average / NaN
     mask_fill: Optional[float] = None
+    # attention sinks (gpt-oss): a node holding one logit per query head that joins the softmax as an extra
+    # column, dropped after it; None for plain attention
+    sinks: Optional[fx.Node] = None
+    # per-head additive terms (ALiBi, relative-position biases): (node, folded [B·H, ·, ·] layout, factor);
+    # the rewritten attention adds Σ factor·node to the logits, mask included; never compressed
+    bias: list = field(default_factory=list)
 
 
 @dataclass
@@ -251,12 +257,17 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Skipped:
     mask = a["attn_mask"]
     if mask is not None and not isinstance(mask, fx.Node):
         return Skipped(node, pattern, "attn_mask is not a tensor")
+    bias = []
     if mask is not None:
         why = _per_head(mask)
-        if why:
+        mv = val(mask)
+        if why and mv is not None and mv.is_floating_point():  # a per-head additive mask (ALiBi folded in)
+            bias, mask, pattern = [(a["attn_mask"], False, 1.0)], None, pattern + "+bias"
+        elif why:
             return Skipped(node, pattern, why)
     scale = scale if isinstance(scale, fx.Node) else float(scale)
-    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], scale, 0.0, ik + iv)
+    return AttentionSite(pattern, node, a["query"], k, v, mask, False, a["is_causal"], scale, 0.0, ik + iv,
+                         bias=bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,9 +448,67 @@ def _scalar(x):
     return None
 
 
+_CAT = (torch.cat, torch.concat, torch.concatenate, "cat")
+_MAX = ("max", torch.max, "amax", torch.amax)
+_CLAMP = (torch.max, torch.maximum, "max", "maximum", torch.clamp_min, "clamp_min", torch.clamp, "clamp")
+_SUB = (operator.sub, torch.sub, "sub")
+
+
+def _sink_of(other) -> Optional[fx.Node]:
+    """The per-head logits node when ``other`` (concatenated after the scores) is one logit per head,
+    broadcast over batch and queries: ``p.reshape(1, -1, 1, 1).expand(B, -1, q, -1)`` (gpt-oss)."""
+    if not isinstance(other, fx.Node):
+        return None
+    base = _peel_expand(other)
+    bv, ov = val(base), val(other)
+    if bv is None or ov is None or ov.dim() != 4 or not _same(ov.shape[-1], 1) or bv.dim() != 4:
+        return None
+    if not (_same(bv.shape[0], 1) and _same(bv.shape[2], 1) and _same(bv.shape[3], 1)):
+        return None
+    return base
+
+
+def _shift(pending: list, alias: set):
+    """(the subtraction node, the max nodes) when the scores' readers are ``x - x.max(-1, keepdim=True)``
+    (a value-neutral shift before a softmax, gpt-oss), else None."""
+    if len(pending) != 2:
+        return None
+    mx = next((n for n in pending if _is_call(n, *_MAX)), None)
+    sb = next((n for n in pending if _is_call(n, *_SUB)), None)
+    if mx is None or sb is None or mx.args[0] not in alias:
+        return None
+    dim = _arg(mx, 1, "dim")
+    keep = _arg(mx, 2, "keepdim", False)
+    xv = val(mx.args[0])
+    if xv is None or dim not in (-1, xv.dim() - 1) or keep is not True:
+        return None
+    red = mx
+    if mx.target in ("max", torch.max):
+        users = list(mx.users)
+        if len(users) != 1 or not (_is_call(users[0], operator.getitem) and users[0].args[1] == 0
+                                   or _is_call(users[0], getattr) and users[0].args[1] == "values"):
+            return None
+        red = users[0]
+    if sb.args[0] not in alias or (sb.args[1] if len(sb.args) > 1 else None) is not red or len(red.users) != 1:
+        return None
+    return sb, [mx] + ([red] if red is not mx else [])
+
+
+def _drops_last(u: fx.Node) -> bool:
+    """``x[..., :-1]`` (or ``x[:, :, :, :-1]``): the sink's column dropped after the softmax."""
+    if not _is_call(u, operator.getitem) or not isinstance(u.args[1], tuple):
+        return False
+    idx = u.args[1]
+    last = idx[-1] if idx else None
+    if not (isinstance(last, slice) and last.start in (None, 0) and last.stop == -1 and last.step in (None, 1)):
+        return False
+    head = idx[:-1]
+    return head == (Ellipsis,) or (len(head) == 3 and all(isinstance(i, slice) and i == slice(None) for i in head))
+
+
 @dataclass
 class _Op:
-    kind: str            # scale | tanh | mask | cast | identity | layout | softmax | pv
+    kind: str            # scale | tanh | mask | cast | identity | layout | softmax | pv | sink | drop
     node: fx.Node
     factor: object = None       # scale: ('const', c) / ('sym', node), with op mul|div in `how`
     how: object = None
@@ -518,6 +587,9 @@ def _classify(u: fx.Node, alias: set, after_softmax: bool) -> _Op:
                 or not _same(math.prod(vu.shape[:-2]), math.prod(src.shape[:-2])):
             raise _Reject(f"{_name(u)} on the {what} is not a [batch·heads] ↔ [batch, heads] reshape", u)
         return _Op("layout", u)
+    if after_softmax and _drops_last(u):
+        _which(u, alias, [u.args[0]])
+        return _Op("drop", u)
     if after_softmax:
         raise _Reject(f"the attention weights pass through {_name(u)} before meeting V", u)
     # scales
@@ -538,6 +610,25 @@ def _classify(u: fx.Node, alias: set, after_softmax: bool) -> _Op:
     if _is_call(u, *_TANH, *_ITANH):
         _which(u, alias, [u.args[0]])
         return _Op("tanh", u)
+    if _is_call(u, *_CAT) and not inplace:
+        parts = _arg(u, 0, "tensors")
+        dim = _arg(u, 1, "dim", 0)
+        sv = val(parts[0]) if isinstance(parts, (list, tuple)) and parts else None
+        if isinstance(parts, (list, tuple)) and len(parts) == 2 and parts[0] in alias and sv is not None \
+                and dim in (-1, sv.dim() - 1):
+            sink = _sink_of(parts[1])
+            if sink is not None and parts[1] not in alias:
+                return _Op("sink", u, mask=sink)
+        raise _Reject("the scores are concatenated with something that is not one logit per head (a sink)", u)
+    if _is_call(u, *_CLAMP) and not inplace:  # max(scores, finfo.min) and the like: value-neutral (xglm)
+        a, b = u.args[0], (u.args[1] if len(u.args) > 1 else u.kwargs.get("other", u.kwargs.get("min")))
+        if _is_call(u, torch.clamp, "clamp") and (len(u.args) > 2 or u.kwargs.get("max") is not None):
+            raise _Reject("the scores are clamped from above", u)
+        i = _which(u, alias, [a, b])
+        bound = _const(b if i == 0 else a)
+        if bound is None or bound > MASK_FILL_MAX:
+            raise _Reject(f"the scores pass through {_name(u)} with a bound that is not a mask value", u)
+        return _Op("identity", u)
     # masks
     if _is_call(u, *_ADD, *_IADD):
         a, b = u.args[0], _arg(u, 1, "other")
@@ -581,6 +672,13 @@ def _walk(qk: fx.Node, order: dict) -> list:
         if not pending:
             raise _Reject("the attention weights are not multiplied by V" if after_softmax
                           else "the scores are not passed to a softmax")
+        shift = None if after_softmax else _shift(pending, alias)
+        if shift is not None:  # x - x.max(-1, keepdim=True): the softmax does not see it
+            sb, extra = shift
+            ops.append(_Op("identity", sb))
+            ops.extend(_Op("identity", n) for n in extra)
+            alias, done = {sb}, set()
+            continue
         u = pending[0]
         op = _classify(u, alias, after_softmax)
         if _is_inplace(u):
@@ -718,6 +816,9 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
     const, terms, cap = 1.0, [], 0.0
     stage = "scale"             # scale → (tanh) capped → (mask) masked → (softmax) weights
     mask_op = None
+    sink = None                 # the per-head sink logits, when the scores get a sink column
+    biases = []                 # [node, folded, factor]: per-head additive terms (ALiBi)
+    dropped = False
     post_scale = 1.0            # positive constant scales after a boolean mask
     layout4 = not folded
     internal = [qk] + q_nodes + k_nodes + v_nodes
@@ -727,7 +828,13 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         if a is None or a[0] != "const" or not isinstance(beta, (int, float)):
             raise _Reject("baddbmm with alpha/beta that are not constants", qk)
         const *= a[1]
-        if beta == 1:
+        iv = val(inp)
+        if beta == 1 and iv is not None and iv.is_floating_point() and iv.dim() == 3 and _int(Hq) not in (None, 1) \
+                and _same(iv.shape[0], B * Hq) and not _mask_like(_Op("mask", qk, mask=inp), False, B, Hq):
+            # per (batch, head), not a broadcast of one mask: ALiBi (bloom)
+            biases.append([inp, True, 1.0])
+            stage = "biased"
+        elif beta == 1:
             mask_op = _Op("mask", qk, mask=inp)
             stage = "masked"
         elif beta != 0:
@@ -735,6 +842,16 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
     for op in ops[:-1]:
         internal.append(op.node)
         if op.kind in ("identity",):
+            continue
+        if op.kind == "sink":
+            if stage not in ("scale", "capped", "masked") or sink is not None:
+                raise _Reject("a sink column after the softmax or a second one", op.node)
+            sink, stage = op.mask, "sinked"
+            continue
+        if op.kind == "drop":
+            if sink is None or stage != "weights" or dropped:
+                raise _Reject("a column dropped after the softmax that is not a sink's", op.node)
+            dropped = True
             continue
         if op.kind == "layout":
             layout4 = val(op.node).dim() == 4
@@ -756,6 +873,10 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
                     terms.append((op.how, f))
             elif stage == "capped" and kind == "const":
                 cap = op.how(cap, f)
+            elif stage == "biased" and kind == "const" and not cap:  # (s + bias)·c: both scaled (falcon)
+                const = op.how(const, f)
+                for b in biases:
+                    b[2] = op.how(b[2], f)
             elif stage == "masked" and kind == "const" and mask_op.fill is not None:
                 post_scale = op.how(post_scale, f)
                 const = op.how(const, f)
@@ -766,11 +887,19 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
             continue
         if op.kind == "tanh":
             if stage != "scale":
-                raise _Reject("tanh after the mask or a second tanh", op.node)
+                raise _Reject("tanh after the mask, the sink or a second tanh", op.node)
             stage, cap = "capped", 1.0
             continue
         if op.kind == "mask":
-            if stage not in ("scale", "capped"):
+            mv = val(op.mask)
+            if op.fill is None and mv is not None and mv.is_floating_point() and not _mask_like(op, layout4, B, Hq) \
+                    and stage in ("scale", "capped", "biased", "masked"):
+                if not layout4 and not (mv.dim() == 3 and _int(Hq) not in (None, 1) and _same(mv.shape[0], B * Hq)):
+                    raise _Reject("a per-head additive term in the [batch·heads] layout of another shape", op.node)
+                biases.append([op.mask, not layout4, 1.0])  # ALiBi / relative-position bias
+                stage = "biased" if stage != "masked" else stage
+                continue
+            if stage not in ("scale", "capped", "biased"):
                 raise _Reject("more than one mask (or a mask after the softmax)", op.node)
             if mask_op is not None:
                 raise _Reject("more than one mask", op.node)
@@ -780,6 +909,12 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         raise _Reject(f"unexpected {op.kind}", op.node)
     if not (post_scale > 0):
         raise _Reject("a scale ≤ 0 after the mask", pv)
+    if sink is not None and not dropped:
+        raise _Reject("the sink's column is not dropped after the softmax", pv)
+    if sink is not None:
+        hv = val(sink)
+        if hv is None or not _same(hv.shape[1], Hq) or folded:
+            raise _Reject("sink logits that are not one per query head of [batch, heads, q, k] scores", pv)
     if mask_op is not None and mask_op.fill is not None and mask_op.fill != float("-inf") \
             and mask_op.fill * post_scale > MASK_FILL_MAX:
         raise _Reject("the masked value is scaled back into range", pv)
@@ -812,16 +947,27 @@ def _fit(qk: fx.Node, ops: list, order: dict) -> AttentionSite:
         (k, ik), (v, iv), gk = (k4, []), (v4, []), 1
         if not _same(kv.shape[1], vv.shape[1]):
             raise _Reject("keys and values have different numbers of heads", pv)
-    pattern = "eager" + ("+softcap" if cap else "") + ("+repeat_kv" if gk > 1 else "") \
+    pattern = "eager" + ("+sink" if sink is not None else "") + ("+bias" if biases else "") \
+        + ("+softcap" if cap else "") \
+        + ("+repeat_kv" if gk > 1 else "") \
         + ("+bmm" if folded else "") + ("+einsum" if _is_call(qk, *_EINSUM) else "")
     scale = ScaleExpr(const, terms) if terms else const
     site = AttentionSite(pattern, pv, q4, k, v, mask, inverted, False, scale, cap,
                          internal + ik + iv,
-                         mask_fill=mask_op.fill if mask_op is not None else None)
+                         mask_fill=mask_op.fill if mask_op is not None else None, sinks=sink,
+                         bias=[tuple(b) for b in biases])
     if out_folded:
         site.anchor = _unfolded_output(pv, Hq, q4)
         site.internal.append(pv)
     return site
+
+
+def _mask_like(op: _Op, layout4: bool, B, H) -> bool:
+    """Whether an additive term is one mask for every head (else a per-head bias such as ALiBi)."""
+    try:
+        return not _per_head(_with_layout(op, layout4, B, H).mask)
+    except _Reject:
+        return False
 
 
 def _check_cast(dtype, dt, node):

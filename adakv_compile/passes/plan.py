@@ -16,7 +16,8 @@ _LAYER_RE = re.compile(r"layers?[_.](?:modules_)?(\d+)|h_(\d+)|layer_(\d+)|block
 @dataclass
 class PlannedSite:
     """One attention and its fate. ``mode``: exact | compress (prefill) | store (decode/extend) |
-    static-compress | static-store (the same on an AdaKVCache) | none."""
+    static-compress | static-store (the same on an AdaKVCache) | window-fill | window-attend (an
+    AdaKVCache's sliding-window ring, prefill / decode; exact) | none."""
     site: AttentionSite | Skipped
     flow: CacheFlow | None
     ordinal: int        # attention depth (dataflow.attention_depths): the layer index schedules use
@@ -60,6 +61,8 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
             continue
         if flow.static is not None:
             planned.append(_plan_static(site, flow, ordinal, layer, config, needs_grad))
+        elif site.bias and config.compresses and flow.phase != "no-cache":
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact", f"cache kept in full: {BIAS_REASON}"))
         elif not config.compresses or flow.phase == "no-cache":
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
         elif needs_grad:
@@ -80,11 +83,17 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
     return planned
 
 
+BIAS_REASON = ("a per-head additive bias (ALiBi / relative positions) is added to the scores; the compacted "
+               "store's decode attention applies no bias")
+
+
 def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVConfig,
                  needs_grad: bool) -> PlannedSite:
     """An AdaKVCache layer: compressed or left alone (its marker then raises when run: never dense)."""
     why = ""
-    if not config.compresses:
+    if site.bias:
+        why = BIAS_REASON
+    elif not config.compresses:
         why = "an AdaKVCache needs a compressing config (budget or compression_ratio)"
     elif needs_grad:
         why = "an AdaKVCache is for inference: call under torch.no_grad() or torch.inference_mode()"
@@ -92,5 +101,9 @@ def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVC
         why = flow.reason
     if why:
         return PlannedSite(site, flow, ordinal, layer, "none", why)
+    if flow.window:
+        mode = "window-fill" if flow.phase == "prefill" else "window-attend"
+        return PlannedSite(site, flow, ordinal, layer, mode, "sliding-window layer: a ring of its window, exact "
+                           "(not compressed)")
     mode = "static-compress" if flow.phase == "prefill" else "static-store"
     return PlannedSite(site, flow, ordinal, layer, mode)

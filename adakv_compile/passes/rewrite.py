@@ -9,6 +9,9 @@ store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.static_compress`` writing the
            kept K/V into the AdaKVCache layer's tensors (declared mutations).
 static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
+window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
+           sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
+           ``adakv.window_write`` (declared mutations). See kernels/window.py.
 The ``adakv.cache_slot`` marker of a static layer is left without users and removed as dead code.
 """
 from __future__ import annotations
@@ -25,15 +28,16 @@ from .plan import PlannedSite
 from .trace import SHAPE_ONLY, output_node
 
 
-def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
+def _prompt_mask(graph: fx.Graph, site, hints: dict, allow_proof: bool = True) -> tuple:
     """(mask argument, its ``adakv.causal_hint`` node or None) of an attention over a whole prompt, made once
     per mask node of the graph and placed right after it: every attention sharing HF's mask shares one
-    causal check (one sync per forward). A masked_fill-style mask is inverted here, once."""
+    causal check (one sync per forward). A masked_fill-style mask is inverted here, once. ``allow_proof``
+    False (sinks, ALiBi, sliding-window fills: attention that needs the mask's values) always materialises it."""
     if site.mask is None:
         return None, None
-    key = (site.mask, site.mask_is_bool_inverted)
+    key = (site.mask, site.mask_is_bool_inverted) + (() if allow_proof else ("materialised",))
     if key not in hints:  # proven causal(+padding) from its construction: the n × n tensor is not read
-        proven = mask_proof.proven_args(graph, site)
+        proven = mask_proof.proven_args(graph, site) if allow_proof else "the attention reads the mask's values"
         if not isinstance(proven, str):
             hints[key] = ("proven",) + proven
             return hints[key][:2]
@@ -51,6 +55,26 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict) -> tuple:
                 hint = graph.call_function(torch.ops.adakv.causal_hint.default, (arg,))
         hints[key] = (arg, hint)
     return hints[key][:2]
+
+
+def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
+    """One additive mask [.., q, k] in the query's dtype: the site's per-head terms (ALiBi), each times its
+    factor, plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
+    qv = val(site.q)
+    H, dt = qv.shape[1], qv.dtype
+    total = None
+    for node, folded, factor in site.bias:
+        b = graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
+        b = graph.call_method("to", (b, torch.float32))
+        if factor != 1.0:
+            b = graph.call_function(operator.mul, (b, float(factor)))
+        total = b if total is None else graph.call_function(operator.add, (total, b))
+    if mask is not None and val(site.mask) is not None and val(site.mask).dtype != torch.bool:
+        total = graph.call_function(operator.add, (total, graph.call_method("to", (mask, torch.float32))))
+    total = graph.call_method("to", (total, dt))
+    if mask is not None and val(site.mask) is not None and val(site.mask).dtype == torch.bool:
+        total = graph.call_function(torch.where, (mask, total, torch.finfo(dt).min))
+    return total
 
 
 def _scale_arg(graph: fx.Graph, site):
@@ -87,53 +111,71 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
     out = output_node(graph)
     mask = hint = None  # decode/extend attend over the store: the model's mask is not theirs to read
     proven = None
-    if p.mode in ("exact", "compress", "static-compress"):  # exact attention over a whole prompt
+    if p.mode in ("exact", "compress", "static-compress", "window-fill"):  # exact attention over a whole prompt
         hints = {} if hints is None else hints
-        mask, hint = _prompt_mask(graph, s, hints)
+        plain = getattr(s, "sinks", None) is None and not getattr(s, "bias", None) and p.mode != "window-fill"
+        mask, hint = _prompt_mask(graph, s, hints, allow_proof=plain)
         if mask == "proven":
             proven = hints[(s.mask, s.mask_is_bool_inverted)][1:]
             mask, hint = proven[2], None  # compress reads the valid keys from the mask's last row
     with graph.inserting_before(s.anchor):
         scale = _scale_arg(graph, s)
-        if proven is not None:  # the mask's construction is not read: no n × n tensor (passes/mask.py)
-            pad, plan, _ = proven
-            attend = ((s.q, s.k, s.v) if p.mode == "exact" else (s.q, f.k_new, f.v_new))
-            new = (graph.call_function(torch.ops.adakv.attention.default,
-                                       attend + (None, scale, True, s.softcap, None)) if plan is None else
-                   graph.call_function(torch.ops.adakv.attention_proven.default,
-                                       attend + (pad, plan, scale, s.softcap)))
-        if p.mode == "exact" and proven is not None:
-            pass
-        elif p.mode == "exact":
-            k, v = s.k, s.v
-            new = graph.call_function(torch.ops.adakv.attention.default,
-                                      (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
+        sinks = getattr(s, "sinks", None)
+        if sinks is not None:  # one logit per query head, [Hq]
+            sinks = graph.call_method("reshape", (sinks, -1))
+        tail = () if sinks is None else (sinks,)  # the ops' optional last argument
+
+        if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
+            mask, hint = _bias_mask(graph, s, mask), None
+
+        def prompt_attention(k, v):
+            """Exact attention over a whole prompt (with the sink column when the model has one; without an
+            n × n mask when its construction was proven causal(+padding), passes/mask.py)."""
+            if sinks is not None:
+                return graph.call_function(torch.ops.adakv.sink_attention.default,
+                                           (s.q, k, v, mask, scale, s.is_causal, s.softcap, sinks))
+            if proven is not None:
+                pad, plan, _ = proven
+                if plan is None:
+                    return graph.call_function(torch.ops.adakv.attention.default,
+                                               (s.q, k, v, None, scale, True, s.softcap, None))
+                return graph.call_function(torch.ops.adakv.attention_proven.default,
+                                           (s.q, k, v, pad, plan, scale, s.softcap))
+            return graph.call_function(torch.ops.adakv.attention.default,
+                                       (s.q, k, v, mask, scale, s.is_causal, s.softcap, hint))
+
+        if p.mode == "exact":
+            new = prompt_attention(s.k, s.v)
         elif p.mode == "compress":
-            if proven is None:
-                new = graph.call_function(torch.ops.adakv.attention.default,
-                                          (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(f.k_new, f.v_new)
             pair = graph.call_function(torch.ops.adakv.compress.default,
                                        (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal,
-                                        num_layers, config_key, tp_group))
+                                        num_layers, config_key, tp_group) + tail)
             kview = graph.call_function(operator.getitem, (pair, 0))
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
-            if proven is None:
-                new = graph.call_function(torch.ops.adakv.attention.default,
-                                          (s.q, f.k_new, f.v_new, mask, scale, s.is_causal, s.softcap, hint))
+            new = prompt_attention(f.k_new, f.v_new)
             graph.call_function(torch.ops.adakv.static_compress.default,
                                 (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
-                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,))
+                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
         elif p.mode == "static-store":
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
             graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,
-                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len))
+                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail)
+        elif p.mode == "window-fill":
+            new = prompt_attention(f.k_new, f.v_new)
+            keys, values, wpos, _ = f.window_tensors()
+            graph.call_function(torch.ops.adakv.window_fill.default, (f.k_new, f.v_new, mask, keys, values, wpos))
+        elif p.mode == "window-attend":
+            new = graph.call_function(torch.ops.adakv.window_attend.default,
+                                      (s.q, f.k_new, f.v_new) + f.window_tensors() + (scale, s.softcap) + tail)
+            graph.call_function(torch.ops.adakv.window_write.default, (f.k_new, f.v_new) + f.window_tensors())
         elif p.mode == "store":
             new = graph.call_function(torch.ops.adakv.attend_append.default,
-                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap))
+                                      (s.q, f.k_new, f.v_new, f.k_past, f.v_past, scale, s.softcap) + tail)
             views = []
             for past, fresh in ((f.k_past, f.k_new), (f.v_past, f.v_new)):
                 length = graph.call_function(operator.add,
@@ -144,7 +186,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         else:
             return
     s.anchor.replace_all_uses_with(new)
-    if p.mode in ("static-compress", "static-store"):  # shape reads of the marker's K/V: same shapes
+    if p.mode in ("static-compress", "static-store", "window-fill", "window-attend"):  # shape reads of the marker's K/V: same shapes
         for g in list(f.static.users):
             fresh = f.k_new if g.args[1] == 0 else f.v_new
             for user in list(g.users):

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..kernels import window as _window  # noqa: F401  (registers torch.ops.adakv.window_slot)
 from .detect import AttentionSite, val
 
 SHAPE_ONLY = {"size", "dim", torch.ops.aten.sym_size.int}
@@ -36,11 +37,17 @@ class CacheFlow:
     v_past: Optional[fx.Node] = None
     compressible: bool = False
     reason: str = ""
-    static: Optional[fx.Node] = None  # the adakv::cache_slot marker (AdaKVCache), else None
+    static: Optional[fx.Node] = None  # the adakv::cache_slot / adakv::window_slot marker (AdaKVCache)
+    window: bool = False              # the marker is a sliding-window layer's (hybrid.AdaKVWindowLayer)
 
     def static_arg(self, name: str):
-        """An argument of the cache_slot marker by name (pool_k, pool_v, off, lens, pos, seen, room)."""
-        return self.static.args[_SLOT_ARGS.index(name)]
+        """An argument of the marker by name (cache_slot: pool_k, pool_v, off, lens, pos, seen, room;
+        window_slot: keys, values, wpos, seen)."""
+        return self.static.args[(_WINDOW_ARGS if self.window else _SLOT_ARGS).index(name)]
+
+    def window_tensors(self) -> tuple:
+        """A window layer's ring: (keys, values, wpos, seen)."""
+        return tuple(self.static_arg(a) for a in ("keys", "values", "wpos", "seen"))
 
     def static_tensors(self) -> tuple:
         """The layer's static tensors: (pool_k, pool_v, off, lens, pos, seen), the ops' argument order."""
@@ -48,6 +55,12 @@ class CacheFlow:
 
 
 _SLOT_ARGS = ("k_new", "v_new", "pool_k", "pool_v", "off", "lens", "pos", "seen", "room", "compressed")
+_WINDOW_ARGS = ("k_new", "v_new", "keys", "values", "wpos", "seen", "filled")
+_MARKERS = ("cache_slot", "window_slot")
+
+
+def _is_marker(target) -> bool:
+    return any(target in (getattr(torch.ops.adakv, m), getattr(torch.ops.adakv, m).default) for m in _MARKERS)
 
 
 def output_node(graph: fx.Graph) -> fx.Node:
@@ -123,19 +136,20 @@ def _slot_of(node):
     """(marker, output index) when ``node`` is ``getitem(adakv::cache_slot(...), i)``."""
     if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
             and isinstance(node.args[0], fx.Node)
-            and node.args[0].target in (torch.ops.adakv.cache_slot, torch.ops.adakv.cache_slot.default)):
+            and _is_marker(node.args[0].target)):
         return node.args[0], node.args[1]
     return None, None
 
 
 def _static_flow(site: AttentionSite, marker: fx.Node, site_nodes: set) -> CacheFlow:
     k_new, v_new = marker.args[0], marker.args[1]
-    compressed = marker.args[_SLOT_ARGS.index("compressed")]
+    window = marker.target in (torch.ops.adakv.window_slot, torch.ops.adakv.window_slot.default)
+    compressed = marker.args[-1] if window else marker.args[_SLOT_ARGS.index("compressed")]
     phase = _decode_or_extend("prefill" if not compressed else "decode", site.q)
     others = [u for g in marker.users for u in _others(g, site_nodes)]
     others += [g for g in marker.users if g.target is not operator.getitem]
     reason = _read_elsewhere(others, "the static cache's K/V are")
-    return CacheFlow(phase, k_new, v_new, compressible=not reason, reason=reason, static=marker)
+    return CacheFlow(phase, k_new, v_new, compressible=not reason, reason=reason, static=marker, window=window)
 
 
 def trace_cache(site: AttentionSite, graph: fx.Graph) -> CacheFlow:
