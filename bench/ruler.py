@@ -144,8 +144,9 @@ def make_sweep_lm():
     from adakv_compile.kernels.ops import register_config
 
     class SweepLM(LM):
-        def __init__(self, model, tokenizer, configs: dict, max_new: int, window: int = 32):
+        def __init__(self, model, tokenizer, configs: dict, max_new: int, window: int = 32, journal=None):
             super().__init__()
+            self.journal = journal      # JSONL: every prompt's answers as soon as they exist (partial runs)
             self.engine = Engine(model, tokenizer, window=window)
             self.tok, self.configs, self.max_new = tokenizer, configs, max_new
             self.answers: dict = {name: {} for name in configs}
@@ -166,6 +167,10 @@ def make_sweep_lm():
                     cache, fwd = e.compressed_cache(caps, register_config(cfg, "bench-ruler")), e.compiled
                 self.answers[name][context] = e.greedy(fwd, cache, logits, self.max_new)
             self.seconds["decode"] += time.time() - t0
+            if self.journal:
+                with open(self.journal, "a") as f:
+                    f.write(json.dumps(dict(context=context, n=len(ids),
+                                            answers={k: v[context] for k, v in self.answers.items()})) + "\n")
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             out = []
@@ -249,7 +254,11 @@ def run(args) -> dict:
         lm = make_adakv_lm()(pretrained=model, tokenizer=tok, batch_size=1,
                               max_length=args.length + args.max_gen_toks + 64, adakv=None)
     else:
-        lm = make_sweep_lm()(model, tok, configs, args.max_gen_toks)
+        journal = Path(args.out) / f"ruler-{args.name}.jsonl" if args.out else None
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal.write_text("")
+        lm = make_sweep_lm()(model, tok, configs, args.max_gen_toks, journal=journal)
     for task in args.tasks:
         for name, cfg in configs.items():
             method, _, budget = name.partition("@")
@@ -352,6 +361,24 @@ def analyse(args) -> dict:
     return res
 
 
+def journal_cells(path: str) -> dict:
+    """``{config name: (right, n)}`` from a (possibly partial) SweepLM journal of a niah task: the gold is
+    the value of the needle whose key the question names; scored with RULER's string_match_all."""
+    import re
+    from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+    cells: dict = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        ctx = r["context"]
+        key = re.findall(r"special magic \w+ for (\S+) mentioned", ctx)[-1]
+        gold = re.findall(r"special magic \w+ for " + re.escape(key) + r" is: (\S+?)\.", ctx)
+        for name, ans in r["answers"].items():
+            ok = string_match_all(postprocess_pred([ans]), [gold]) == 1.0
+            right, n = cells.get(name, (0, 0))
+            cells[name] = (right + ok, n + 1)
+    return cells
+
+
 def plot_analysis(res: dict, path) -> None:
     """Needle tokens kept (top row) and chosen tokens (bottom row) per layer x KV head, one column per method."""
     try:
@@ -429,6 +456,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--analyse", type=int, default=0, metavar="N",
                     help="needle tokens kept per layer/head on N prompts at the first budget (+ figure)")
+    ap.add_argument("--journal", default=None, help="print the table of a (partial) SweepLM journal and exit")
     ap.add_argument("--per-config", action="store_true",
                     help="lm-eval's HFLM generate per config (AdaKVLM) instead of one prefill per prompt")
     args = ap.parse_args(argv)
@@ -442,6 +470,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     if args.analyse:
         analyse(args)
+        return
+    if args.journal:
+        _lm_eval()
+        for name, (right, n) in journal_cells(args.journal).items():
+            print(f"{name}: {right}/{n}")
         return
     res = run(args)
     print(table(res))
