@@ -169,4 +169,7 @@ def _write_matrix():
         why = "; ".join(comp["why_not"]) if comp else ""
         lines.append(f"| {fam} | {'yes' if 'eager' in r else '-'} | {'yes' if 'sdpa' in r else '-'} | "
                      f"{', '.join(pats)} | {comp_s} | {why} |")
-    Path(__file__).resolve().parents[1].joinpath("docs", "supported-models.md").write_text("\n".join(lines) + "\n")
+    path = Path(__file__).resolve().parents[1].joinpath("docs", "supported-models.md")
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index("\n## "):] if "\n## " in old else ""  # hand-written sections after the matrix stay
+    path.write_text("\n".join(lines) + "\n" + kept)
