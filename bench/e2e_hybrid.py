@@ -84,20 +84,11 @@ def build(arch: str, layers: int, dtype, device, small: bool = False):
 
 
 def copy_bandwidth(device) -> float:
+    """The card's copy bandwidth (bytes/s, bench/e2e.py's measurement); NaN off CUDA."""
     if device.type != "cuda":
         return float("nan")
-    x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for i in range(13):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(s.elapsed_time(e) / 1e3)
-    return 2 * x.numel() / statistics.median(times)
+    import e2e
+    return e2e.copy_bandwidth()
 
 
 def _sync(device):

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (also as bench.soak)
+from e2e import Recordings, unique_graphs  # noqa: E402  (one CUDA-graph recorder for the benches)
+
 
 def build(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,33 +51,6 @@ def build(args, device, dtype):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
-
-
-class Recordings:
-    """Counts CUDA-graph recordings (Inductor cudagraph trees) while active."""
-
-    def __init__(self):
-        self.n = 0
-
-    def __enter__(self):
-        from torch._inductor import cudagraph_trees as ct
-        self._cls, self._orig = ct.CUDAGraphNode, ct.CUDAGraphNode.__init__
-        rec = self
-
-        def init(node, *a, **k):
-            rec.n += 1
-            return rec._orig(node, *a, **k)
-
-        ct.CUDAGraphNode.__init__ = init
-        return self
-
-    def __exit__(self, *exc):
-        self._cls.__init__ = self._orig
-
-
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
 
 
 def memory(device) -> int:
