@@ -257,7 +257,7 @@ def run(args) -> dict:
         journal = Path(args.out) / f"ruler-{args.name}.jsonl" if args.out else None
         if journal is not None:
             journal.parent.mkdir(parents=True, exist_ok=True)
-            journal.write_text("")
+            journal.write_text(json.dumps({"device": device}) + "\n")  # first line: where it ran
         lm = make_sweep_lm()(model, tok, configs, args.max_gen_toks, journal=journal)
     for task in args.tasks:
         for name, cfg in configs.items():
@@ -369,6 +369,8 @@ def journal_cells(path: str) -> dict:
     cells: dict = {}
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
+        if "context" not in r:  # the header line ({"device": ...})
+            continue
         ctx = r["context"]
         key = re.findall(r"special magic \w+ for (\S+) mentioned", ctx)[-1]
         gold = re.findall(r"special magic \w+ for " + re.escape(key) + r" is: (\S+?)\.", ctx)
