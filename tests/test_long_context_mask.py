@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from adakv_compile import AdaKVConfig, adakv_backend
 from adakv_compile.passes import mask as mask_pass
+from tests.prompts import assert_same_kept
 from tests.zoo import build
 
 
@@ -110,10 +111,7 @@ def test_compressed_prefill_same_kept_positions_as_the_mask_tensor(monkeypatch):
     want, kept_want = run()
     real = am.bool()
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=2e-5)
-    for a, b in zip(kept, kept_want):
-        for ra, rb in zip(a, b):
-            for ha, hb in zip(ra, rb):
-                assert torch.equal(ha.sort().values, hb.sort().values)
+    assert_same_kept(kept, kept_want)
 
 
 @pytest.mark.parametrize("B,n", [(1, 9), (3, 17)])

@@ -12,14 +12,7 @@ from adakv_compile.kernels.allocate import head_budgets, keep_mask, row_keep
 from adakv_compile.kernels.score import window_scores
 
 
-def _inputs(seed, B, Hq, Hkv, n, D, pad):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, n, D, generator=g) * 2
-    k = torch.randn(B, Hkv, n, D, generator=g) * 2
-    valid = torch.ones(B, n, dtype=torch.bool)
-    for b, p in enumerate(pad[:B]):
-        valid[b, :p] = False
-    return q, k, valid
+from tests.prompts import scoring_inputs as _inputs
 
 
 SETTINGS = [
