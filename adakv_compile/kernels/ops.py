@@ -37,14 +37,12 @@ def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optio
     """SnapKV scores of the prompt: the fused Triton scorer on CUDA (no [B, Hq, w, n] logits in memory),
     the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py).
     ``scorer="critical"`` re-weights them by the values (kernels/score_critical.py; needs v and the layer).
-    Attention sinks: the plain scorer (the fused one has no sink column)."""
-    if sinks is not None:
-        scores = window_scores(q, k, valid, config, scale, softcap, sinks)
-    elif q.is_cuda and use_triton():
+    Attention sinks: both scorers add the sink column."""
+    if q.is_cuda and use_triton():
         from .triton_score import window_scores_triton
-        scores = window_scores_triton(q, k, valid, config, scale, softcap)
+        scores = window_scores_triton(q, k, valid, config, scale, softcap, sinks=sinks)
     else:
-        scores = window_scores(q, k, valid, config, scale, softcap)
+        scores = window_scores(q, k, valid, config, scale, softcap, sinks)
     if config.scorer == "critical":
         from .score_critical import value_aware
         scores = value_aware(scores, v, valid, config, layer, num_layers)
@@ -172,10 +170,10 @@ def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
         raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
     pool_k, pool_v, offsets, lengths, meta = kv_store.append(k_cache, v_cache, k_new, v_new)
     t = k_new.shape[2]
-    if q.is_cuda and use_triton() and sinks is None:
+    if q.is_cuda and use_triton():
         from .triton_attend import store_attention_triton  # lazy: CPU installs need no triton
         return store_attention_triton(q, pool_k, pool_v, offsets, lengths, t, scale, softcap,
-                                      max_len_hint=meta.max_len)
+                                      max_len_hint=meta.max_len, sinks=sinks)
     return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, t, scale, softcap, sinks)
 
 

@@ -149,8 +149,9 @@ def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, o
     split-K choice and the plain path's padding, never the result.
     """
     t = q.shape[2]
-    if q.device.type == "cuda" and use_triton() and sinks is None:
+    if q.device.type == "cuda" and use_triton():
         from .triton_attend import store_attention_triton
-        return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len)
+        return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len,
+                                      sinks=sinks)
     return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
                            sinks)

@@ -39,8 +39,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _join_sink(SINKS, qh, row_ok, m_i, l_i, acc):
+    """Add the query head's sink logit (gpt-oss) to a row's online-softmax state (base-2 units): one more
+    softmax column with no value, so it grows the denominator only. The logit is neither scaled nor
+    soft-capped (as ``attend.store_attention``). Called once per row: after the single pass, or after the
+    split-K merge — never per piece."""
+    sk = tl.load(SINKS + qh, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sk)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.exp2(sk - m_use)
+    acc = acc * alpha[:, None]
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _store_attn_fwd(
-    Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L,
+    Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L, SINKS,
     sqb, sqh, sqt, sqd,
     sob, soh, sot, sod,
     HKV, G, T, ROWS,
@@ -48,7 +63,7 @@ def _store_attn_fwd(
     NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    CHUNK: tl.constexpr = 0,
+    CHUNK: tl.constexpr = 0, HAS_SINK: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -132,6 +147,8 @@ def _store_attn_fwd(
         tl.store(WS_L + ws_row, l_i, mask=ws_ok)
         tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=ws_ok[:, None] & d_ok[None, :])
     else:
+        if HAS_SINK:
+            m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
         l_use = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_use[:, None]
         o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
@@ -141,10 +158,11 @@ def _store_attn_fwd(
 
 @triton.jit
 def _store_attn_merge(
-    WS_ACC, WS_M, WS_L, OUT, LEN,
+    WS_ACC, WS_M, WS_L, OUT, LEN, SINKS,
     sob, soh, sot, sod,
     HKV, G, T, ROWS, NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr = 0,
+    HAS_SINK: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -177,9 +195,11 @@ def _store_attn_merge(
         acc = acc * alpha[:, None] + a_s * beta[:, None]
         m_t = m_new
 
+    qh = (h * G + g).to(tl.int64)
+    if HAS_SINK:  # once per row, after all pieces
+        m_t, l_t, acc = _join_sink(SINKS, qh, row_ok, m_t, l_t, acc)
     l_use = tl.where(l_t == 0.0, 1.0, l_t)
     out = acc / l_use[:, None]
-    qh = (h * G + g).to(tl.int64)
     o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
               + d[None, :] * sod)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -257,7 +277,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            softcap: float = 0.0, max_len_hint: int | None = None,
                            num_splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           max_len_bound: int | None = None, split_tokens: int | None = None) -> torch.Tensor:
+                           max_len_bound: int | None = None, split_tokens: int | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -269,6 +290,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     ``max_len_bound`` (a host int no segment can exceed, e.g. a static cache's slots per row) switches to
     fixed-size pieces of ``split_tokens`` tokens (default: ``choose_chunk``): every program then does the
     same work however skewed the head lengths are, and empty pieces cost only their launch.
+    ``sinks`` (optional [Hq] logits, gpt-oss): a per-query-head softmax column with no value, not scaled
+    (docs/algorithm.md, "Attention sinks"); None compiles the kernels without it (no cost).
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -282,6 +305,12 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported by the Triton store attention")
     G = Hq // Hkv
+    if sinks is not None:
+        if sinks.numel() != Hq:
+            raise ValueError(f"sinks must hold one logit per query head ({Hq}), got shape {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}")
+        sinks = sinks.reshape(-1).contiguous()
     if q.device.type == "cpu" and not is_interpreted():
         raise RuntimeError(
             "store_attention_triton got CPU tensors but its kernels were compiled for the GPU: set "
@@ -330,7 +359,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     else:
         ws_acc = ws_m = ws_l = out  # unused
     launcher(_store_attn_fwd, q)[(n_bh, n_mblk, num_splits)](
-        q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l,
+        q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         Hkv, G, t, rows,
@@ -338,13 +367,13 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         num_splits,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device), CHUNK=chunk,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_SINK=sinks is not None and not split, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         launcher(_store_attn_merge, q)[(n_bh, n_mblk)](
-            ws_acc, ws_m, ws_l, out, lengths,
+            ws_acc, ws_m, ws_l, out, lengths, q if sinks is None else sinks,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,
-            D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, num_warps=4,
+            D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, HAS_SINK=sinks is not None, num_warps=4,
         )
     return out

@@ -151,7 +151,7 @@ def _score_merge(WS_M, WS_L, ST_M, ST_L, R, NUM_SPLITS, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _score_reduce(
-    Q, K, VALID, ST_M, ST_L, RED,
+    Q, K, VALID, ST_M, ST_L, RED, SINKS,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svn,
@@ -159,6 +159,7 @@ def _score_reduce(
     scale, softcap,
     D: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, GQA_MAX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_SINK: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -187,10 +188,16 @@ def _score_reduce(
                       + (Q_OFF + i.to(tl.int64))[:, None] * sqn + d[None, :] * sqd)
             q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             st = pid_bh.to(tl.int64) * R + g * W + i
+            m_r = tl.load(ST_M + st, mask=row_ok, other=float("-inf"))
+            l_r = tl.load(ST_L + st, mask=row_ok, other=0.0)
+            if HAS_SINK:  # the head's sink logit joins each row's softmax: one more column, never a score
+                sk = tl.load(SINKS + h * G + g.to(tl.int64), mask=row_ok, other=0.0).to(tl.float32)
+                m_s = tl.maximum(m_r, sk)
+                m_su = tl.where(m_s == float("-inf"), 0.0, m_s)
+                l_r = l_r * tl.exp(m_r - m_su) + tl.exp(sk - m_su)
+                m_r = m_s
             # rows with no visible key (max -inf, sum 0) exist only in rows without valid candidates
-            m_r = tl.load(ST_M + st, mask=row_ok, other=0.0)
             m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-            l_r = tl.load(ST_L + st, mask=row_ok, other=1.0)
             l_r = tl.where(l_r == 0.0, 1.0, l_r)
             s = _logits(q, kt, scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
             p = tl.exp(s - m_r[:, None]) / l_r[:, None]
@@ -267,14 +274,17 @@ def choose_splits(programs: int, n: int, block_n: int, device: torch.device, min
 def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
                          scale: float, softcap: float | None = None, *, block_n: int | None = None,
                          num_warps: int | None = None, num_stages: int | None = None,
-                         num_splits: int | None = None, row_tile: int = 128) -> torch.Tensor:
+                         num_splits: int | None = None, row_tile: int = 128,
+                         sinks: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV scores [B, Hkv, n] (fp32), as ``score.window_scores``, without the [B, Hq, w, n] logits.
 
     ``q`` [B, Hq, tq, D] with ``tq >= window``: its last ``window`` rows are the window queries (the full
     prompt's q, as ``window_scores`` takes, or just ``q[:, :, -window:]``); ``k`` [B, Hkv, n, D] (any
     strides); ``valid`` [B, n] bool. ``block_n`` / ``num_warps`` / ``num_stages`` / ``num_splits`` /
     ``row_tile`` (most query rows per ``tl.dot`` tile) override the heuristics (tests, benchmarks).
-    No host synchronisation.
+    ``sinks`` (optional [Hq] logits, gpt-oss): each window query's softmax gets its head's sink column
+    (not scaled, not soft-capped), dropped before the mean (docs/algorithm.md, "Attention sinks"); it
+    enters pass B only, as one more term of each row's (max, sum). No host synchronisation.
     """
     B, Hq, tq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
@@ -294,6 +304,12 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
             "window_scores_triton got CPU tensors but its kernels were compiled for the GPU: set "
             "TRITON_INTERPRET=1 before triton is first imported to run them on CPU")
     G = Hq // Hkv
+    if sinks is not None:
+        if sinks.numel() != Hq:
+            raise ValueError(f"sinks must hold one logit per query head ({Hq}), got shape {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}")
+        sinks = sinks.reshape(-1).contiguous()
     R = G * w
     n_bh = B * Hkv
     dev = q.device
@@ -337,9 +353,9 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     # pass B: normalised probabilities of the candidate columns, window mean, GQA reduction
     red = torch.empty((B, Hkv, m), dtype=torch.float32, device=dev)
     launcher(_score_reduce, q)[(n_bh, triton.cdiv(m, block_n))](
-        q, k, valid, st_m, st_l, red, *strides,
+        q, k, valid, st_m, st_l, red, q if sinks is None else sinks, *strides,
         Hkv, G, w, m, tq - w, R, n_hs, n_wc,
-        float(scale), cap, GQA_MAX=config.gqa_reduce == "max", **common,
+        float(scale), cap, GQA_MAX=config.gqa_reduce == "max", HAS_SINK=sinks is not None, **common,
         num_warps=num_warps, num_stages=num_stages,
     )
 
