@@ -16,7 +16,7 @@ from adakv_compile import reference  # noqa: E402
 from adakv_compile.config import AdaKVConfig  # noqa: E402
 from adakv_compile.kernels.attend import store_attention  # noqa: E402
 from adakv_compile.kernels.score import window_scores  # noqa: E402
-from adakv_compile.kernels.triton_attend import store_attention_triton  # noqa: E402
+from adakv_compile.kernels.triton_attend import _semaphores, store_attention_triton  # noqa: E402
 from adakv_compile.kernels.triton_score import window_scores_triton  # noqa: E402
 
 test_in_interpreter_subprocess = interpreter_subprocess_test(__file__)
@@ -67,10 +67,13 @@ def _close(out, ref, dtype):
 LENGTHS = [[0, 1, 70], [130, 5, 64]]
 
 
+CASES = [(torch.float32, G, t, cap) for G, t in [(1, 1), (3, 1), (2, 4)] for cap in (0.0, 5.0)] + [
+    (torch.bfloat16, 3, 1, 0.0), (torch.bfloat16, 2, 4, 5.0)]
+
+
 @needs_device
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G,t", [(1, 1), (3, 1), (2, 4)], ids=["mha-t1", "gqa3-t1", "gqa2-t4"])
-@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("dtype,G,t,softcap", CASES,
+                         ids=[f"{str(c[0])[6:]}-G{c[1]}-t{c[2]}-cap{c[3]:g}" for c in CASES])
 def test_store_attention_with_sinks(dtype, G, t, softcap):
     D = 32
     g, pool_k, pool_v, off, lens = _segments(LENGTHS, D, dtype, seed=G * 10 + t + int(softcap))
@@ -89,10 +92,18 @@ def test_store_attention_with_sinks(dtype, G, t, softcap):
         "split3": dict(num_splits=3),
         "fixed64": dict(max_len_bound=max_len + 70, split_tokens=64),
     }
+    if dtype == torch.float32:  # the fused merge (benchmarks): the last piece to arrive merges
+        runs["split3-fused"] = dict(num_splits=3, fused_merge=True)
+        runs["fixed64-fused"] = dict(max_len_bound=max_len + 70, split_tokens=64, fused_merge=True)
     for name, kw in runs.items():
         out = store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, sinks=sinks, **kw)
         assert out.dtype == dtype, name
         _close(out, plain, dtype)
+    if dtype == torch.float32:
+        fused = store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, num_splits=3,
+                                       fused_merge=True)
+        _close(fused, without, dtype)
+        assert not _semaphores(1, q.device).any()  # the mergers left their arrival counters zeroed
 
 
 @needs_device

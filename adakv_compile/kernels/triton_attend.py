@@ -55,7 +55,7 @@ def _join_sink(SINKS, qh, row_ok, m_i, l_i, acc):
 
 @triton.jit
 def _store_attn_fwd(
-    Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L, SINKS,
+    Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L, SINKS, SEM,
     sqb, sqh, sqt, sqd,
     sob, soh, sot, sod,
     HKV, G, T, ROWS,
@@ -63,7 +63,7 @@ def _store_attn_fwd(
     NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    CHUNK: tl.constexpr = 0, HAS_SINK: tl.constexpr = False,
+    CHUNK: tl.constexpr = 0, HAS_SINK: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -146,6 +146,22 @@ def _store_attn_fwd(
         tl.store(WS_M + ws_row, m_i, mask=ws_ok)
         tl.store(WS_L + ws_row, l_i, mask=ws_ok)
         tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=ws_ok[:, None] & d_ok[None, :])
+        if FUSED_MERGE:
+            # the last piece of this (row, head) x row block to finish merges them all: it counts arrivals
+            # on SEM (zero between launches: the merger resets it). Pieces that hold tokens take part, and
+            # piece 0 always (an empty head's output is still written).
+            n_pieces = NUM_SPLITS
+            if CHUNK > 0:
+                n_pieces = tl.maximum(1, tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK)))
+            if pid_s < n_pieces:
+                sem = SEM + pid_bh * tl.num_programs(1) + pid_m
+                tl.debug_barrier()  # every thread's workspace stores are issued before the arrival
+                arrived = tl.atomic_add(sem, 1, sem="acq_rel")
+                if arrived == n_pieces - 1:
+                    tl.atomic_xchg(sem, 0)
+                    _merge_pieces(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, pid_bh, rows, row_ok, b, h, g, i, d,
+                                  d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK,
+                                  HAS_SINK)
     else:
         if HAS_SINK:
             m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
@@ -154,6 +170,43 @@ def _store_attn_fwd(
         o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
                   + d[None, :] * sod)
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_pieces(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, pid_bh, rows, row_ok, b, h, g, i, d, d_ok,
+                  sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                  HAS_SINK: tl.constexpr):
+    """Merge the split-K pieces of one (row, KV head) x row block and write the output (``.cg`` loads: in
+    the fused merge the pieces were written by other programs, so they are read from L2, not L1)."""
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_pieces = NUM_SPLITS
+    if CHUNK > 0:  # only the pieces that hold tokens of this head
+        n_pieces = tl.minimum(NUM_SPLITS, tl.cdiv(tl.load(LEN + pid_bh).to(tl.int32), CHUNK))
+    for s in range(0, n_pieces):
+        ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
+        m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                      other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_t, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_t - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_t = l_t * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_t = m_new
+
+    qh = (h * G + g).to(tl.int64)
+    if HAS_SINK:  # once per row, after all pieces
+        m_t, l_t, acc = _join_sink(SINKS, qh, row_ok, m_t, l_t, acc)
+    l_use = tl.where(l_t == 0.0, 1.0, l_t)
+    out = acc / l_use[:, None]
+    o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
+              + d[None, :] * sod)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -174,40 +227,27 @@ def _store_attn_merge(
     i = rows % T
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-
-    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_pieces = NUM_SPLITS
-    if CHUNK > 0:  # only the pieces that hold tokens of this head
-        n_pieces = tl.minimum(NUM_SPLITS, tl.cdiv(tl.load(LEN + pid_bh).to(tl.int32), CHUNK))
-    for s in range(0, n_pieces):
-        ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
-        m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0)
-        a_s = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0)
-        m_new = tl.maximum(m_t, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_t - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_t = l_t * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m_t = m_new
-
-    qh = (h * G + g).to(tl.int64)
-    if HAS_SINK:  # once per row, after all pieces
-        m_t, l_t, acc = _join_sink(SINKS, qh, row_ok, m_t, l_t, acc)
-    l_use = tl.where(l_t == 0.0, 1.0, l_t)
-    out = acc / l_use[:, None]
-    o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
-              + d[None, :] * sod)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _merge_pieces(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, pid_bh, rows, row_ok, b, h, g, i, d, d_ok,
+                  sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK)
 
 
 _SM_COUNT: dict[int, int] = {}
 # Without a max_len_hint the longest segment is assumed to be SKEW x the mean (Ada-KV head budgets are skewed)
 SKEW = 4.0
+
+
+_SEMAPHORES: dict[str, torch.Tensor] = {}
+
+
+def _semaphores(n: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter per program row for the fused merge, kept per device (the kernel leaves it
+    zeroed). Eager use only: a tensor made outside the traced graph (not for the triton_op path)."""
+    key = str(device)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = buf
+    return buf
 
 
 def launcher(kernel, probe: torch.Tensor):
@@ -278,7 +318,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            num_splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            max_len_bound: int | None = None, split_tokens: int | None = None,
-                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           sinks: torch.Tensor | None = None, fused_merge: bool = False) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -292,6 +332,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     same work however skewed the head lengths are, and empty pieces cost only their launch.
     ``sinks`` (optional [Hq] logits, gpt-oss): a per-query-head softmax column with no value, not scaled
     (docs/algorithm.md, "Attention sinks"); None compiles the kernels without it (no cost).
+    ``fused_merge`` (benchmarks; eager launches only): with split-K, the last piece of each (row, head) to
+    finish merges the pieces (an arrival counter per program row, kept zeroed between launches) instead of
+    a second kernel launch.
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -358,8 +401,10 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         ws_l = torch.empty_like(ws_m)
     else:
         ws_acc = ws_m = ws_l = out  # unused
+    fused = split and fused_merge
+    sem = _semaphores(n_bh * n_mblk, q.device) if fused else out  # (unused when not fused)
     launcher(_store_attn_fwd, q)[(n_bh, n_mblk, num_splits)](
-        q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks,
+        q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks, sem,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         Hkv, G, t, rows,
@@ -367,9 +412,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         num_splits,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device), CHUNK=chunk,
-        HAS_SINK=sinks is not None and not split, num_warps=num_warps, num_stages=num_stages,
+        HAS_SINK=sinks is not None, FUSED_MERGE=fused, num_warps=num_warps, num_stages=num_stages,
     )
-    if split:
+    if split and not fused:
         launcher(_store_attn_merge, q)[(n_bh, n_mblk)](
             ws_acc, ws_m, ws_l, out, lengths, q if sinks is None else sinks,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
