@@ -12,13 +12,15 @@ against the plain path once (max relative error). Swept:
 * ``piece`` tokens per piece (``split_tokens``; ``auto`` = ``choose_chunk``, the launcher's default),
   ``BLOCK_N`` (64, 128), ``num_stages`` (2, 3), 4 warps (``--wide``: also 8 warps and 4 stages; the
   H200 sweep of bench/kernels.py found 4 warps best at every shape);
+* ``grid`` (row bound only): ``gridKx`` launches K x (a mean head's pieces) programs per head, each looping
+  over its head's pieces (``grid_pieces``), instead of one program per piece of the bound;
 * ``fused``: the split-K merge done by the last piece to finish (``fused_merge=True``) vs a second launch.
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
 the ceiling bench/kernels.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
 bytes (read + write = the live K+V bytes), the realistic ceiling for a transfer this small.
 
-GPU (H200, ~3 min, 80 configs x 2 batches):  python bench/attend_sweep.py --out bench/results/attend-sweep-h200.json
+GPU (H200, ~4 min, 128 configs x 2 batches):  python bench/attend_sweep.py --out bench/results/attend-sweep-h200.json
 CPU smoke:             python bench/attend_sweep.py --cpu-smoke   (interpreter, tiny shapes, correctness only)
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +44,7 @@ import triton.testing  # noqa: E402
 
 from bench.kernels import copy_ceiling, make_case, rel_err  # noqa: E402
 from adakv_compile.kernels.attend import store_attention  # noqa: E402
-from adakv_compile.kernels.triton_attend import store_attention_triton  # noqa: E402
+from adakv_compile.kernels.triton_attend import choose_chunk, store_attention_triton  # noqa: E402
 
 
 def graph_ms(fn, rep: int) -> float | None:
@@ -61,18 +64,31 @@ def same_size_copy_ms(nbytes: int, device, rep: int) -> float | None:
     return ms
 
 
+def grid_pieces(cfg, kw, pool_k, n_bh: int, D: int, device) -> int:
+    """Programs per (row, head) for ``grid = k``: k x the pieces of a head of mean capacity (the pool's slots
+    / heads, host-known), each program looping over its head's pieces (``grid_pieces``)."""
+    mean_cap = (pool_k.numel() // D) / n_bh
+    block_n = kw["block_n"] or 64
+    piece = kw.get("split_tokens") or choose_chunk(n_bh * mean_cap, device, block_n)
+    piece = -(-piece // block_n) * block_n
+    return max(1, math.ceil(cfg["grid"] * mean_cap / piece))
+
+
 def configs(args, smoke: bool):
     if smoke:
-        return [dict(bound=b, piece=p, block_n=None, num_warps=None, num_stages=None, fused=f)
-                for b, p, f in [("row", 32, False), ("row", 32, True), ("head", "auto", True)]]
-    pieces = ["auto", 256, 512, 1024, 2048]
+        return [dict(bound=b, grid=gp, piece=p, block_n=None, num_warps=None, num_stages=None, fused=f)
+                for b, gp, p, f in [("row", None, 32, False), ("row", 1, 32, True), ("head", None, "auto", True)]]
+    pieces = ["auto", 256, 512, 1024]
     warps, stages = ((4, 8), (2, 3, 4)) if args.wide else ((4,), (2, 3))
-    grid = itertools.product(("row", "head"), pieces, (64, 128), warps, stages, (False, True))
-    return [dict(bound=b, piece=p, block_n=bn, num_warps=w, num_stages=s, fused=f) for b, p, bn, w, s, f in grid]
+    bounds = (("row", None), ("row", 1), ("row", 2), ("head", None))
+    grid = itertools.product(bounds, pieces, (64, 128), warps, stages, (False, True))
+    return [dict(bound=b, grid=gp, piece=p, block_n=bn, num_warps=w, num_stages=s, fused=f)
+            for (b, gp), p, bn, w, s, f in grid]
 
 
 def cfg_name(c) -> str:
-    return (f"{c['bound']}/piece{c['piece']}/bn{c['block_n'] or '-'}/w{c['num_warps'] or '-'}"
+    grid = "" if c["grid"] is None else f"/grid{c['grid']}x"
+    return (f"{c['bound']}{grid}/piece{c['piece']}/bn{c['block_n'] or '-'}/w{c['num_warps'] or '-'}"
             f"/s{c['num_stages'] or '-'}/{'fused' if c['fused'] else 'merge'}")
 
 
@@ -118,6 +134,8 @@ def run(args) -> dict:
                       num_stages=cfg["num_stages"], fused_merge=cfg["fused"])
             if cfg["piece"] != "auto":
                 kw["split_tokens"] = cfg["piece"]
+            if cfg["grid"] is not None:
+                kw["grid_pieces"] = grid_pieces(cfg, kw, pk, B * Hkv, D, device)
             fn = lambda kw=kw: store_attention_triton(q, pk, pv, off, lens, t, scale, **kw)  # noqa: E731
             row = dict(cfg=cfg_name(cfg), **cfg, rel_err=rel_err(fn(), ref))
             if not smoke:
@@ -131,14 +149,16 @@ def run(args) -> dict:
         if timed:
             best = min(timed, key=lambda r: r["ms"])
             case["best"] = best
-            default = next(r for r in case["rows"] if r["bound"] == "row" and r["piece"] == "auto"
-                           and r["block_n"] == 64 and r["num_warps"] == 4 and r["num_stages"] == 3
-                           and not r["fused"])
+            default = next(r for r in case["rows"] if r["bound"] == "row" and r["grid"] is None
+                           and r["piece"] == "auto" and r["block_n"] == 64 and r["num_warps"] == 4
+                           and r["num_stages"] == 3 and not r["fused"])
             case["default"] = default  # the launcher's choice in the static cache today
             kw = dict(max_len_bound=bounds[best["bound"]], block_n=best["block_n"], num_warps=best["num_warps"],
                       num_stages=best["num_stages"], fused_merge=best["fused"])
             if best["piece"] != "auto":
                 kw["split_tokens"] = best["piece"]
+            if best["grid"] is not None:
+                kw["grid_pieces"] = grid_pieces(best, kw, pk, B * Hkv, D, device)
             fs = lambda: store_attention_triton(q, pk, pv, off, lens, t, scale, sinks=sinks, **kw)  # noqa: E731
             case["best_with_sinks"] = dict(rel_err=rel_err(fs(), ref_sink), ms=graph_ms(fs, args.rep))
             print(f"{'config':<42} {'us':>7} {'GB/s':>6} {'%copy':>6} {'%same':>6} {'relerr':>8}")

@@ -95,6 +95,10 @@ def test_store_attention_with_sinks(dtype, G, t, softcap):
     if dtype == torch.float32:  # the fused merge (benchmarks): the last piece to arrive merges
         runs["split3-fused"] = dict(num_splits=3, fused_merge=True)
         runs["fixed64-fused"] = dict(max_len_bound=max_len + 70, split_tokens=64, fused_merge=True)
+        # fewer programs than pieces: each loops over pieces s, s + 2, ... (with and without the fused merge)
+        runs["fixed64-grid2"] = dict(max_len_bound=max_len + 70, split_tokens=64, grid_pieces=2)
+        runs["fixed64-grid1-fused"] = dict(max_len_bound=max_len + 70, split_tokens=64, grid_pieces=1,
+                                           fused_merge=True)
     for name, kw in runs.items():
         out = store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, sinks=sinks, **kw)
         assert out.dtype == dtype, name

@@ -64,6 +64,7 @@ def _store_attn_fwd(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     CHUNK: tl.constexpr = 0, HAS_SINK: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False,
+    STRIDED: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -87,27 +88,58 @@ def _store_attn_fwd(
     q_ptrs = Q + b.to(tl.int64) * sqb + qh[:, None] * sqh + i[:, None].to(tl.int64) * sqt + d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
 
-    # this program's piece of the segment (BLOCK_N-aligned; the whole segment when not split)
-    if SPLIT:
-        if CHUNK > 0:  # fixed-size pieces: every program the same work, whatever the head's length
-            per = CHUNK
-        else:
-            per = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = pid_s * per
-        hi = tl.minimum(lo + per, length)
-    else:
-        lo = 0
-        hi = length
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Inductor passes Python floats as fp64 scalars: compute in fp32 whatever the caller's typing
     scale = tl.cast(scale, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
-    qk_scale = scale * 1.4426950408889634
-
     kv_base = off * D
+
+    if STRIDED:  # fixed pieces, fewer programs than pieces: program s takes pieces s, s + P, ... of its head
+        n_cover = tl.maximum(1, tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK)))
+        for ps in range(pid_s, n_cover, tl.num_programs(2)):
+            lo = ps * CHUNK
+            hi = tl.minimum(lo + CHUNK, length)
+            m_i, l_i, acc = _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
+                                          D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32)
+            _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, hi - lo, length,
+                         m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
+                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE)
+    else:
+        # this program's piece of the segment (BLOCK_N-aligned; the whole segment when not split)
+        if SPLIT:
+            if CHUNK > 0:  # fixed-size pieces: every program the same work, whatever the head's length
+                per = CHUNK
+            else:
+                per = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            lo = pid_s * per
+            hi = tl.minimum(lo + per, length)
+        else:
+            lo = 0
+            hi = length
+        m_i, l_i, acc = _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
+                                      D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32)
+        if SPLIT:
+            _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, pid_s, hi - lo, length,
+                         m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
+                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE)
+        else:
+            if HAS_SINK:
+                m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
+            l_use = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_use[:, None]
+            o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
+                      + d[None, :] * sod)
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax of the rows over slots [lo, hi) of the segment: (max, sum, unnormalised acc), base 2."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
@@ -135,41 +167,40 @@ def _store_attn_fwd(
         else:
             acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PREC)
         m_i = m_new
+    return m_i, l_i, acc
 
-    if SPLIT:
-        ws_row = (pid_bh * NUM_SPLITS + pid_s).to(tl.int64) * ROWS + rows
-        # with fixed pieces the merge reads only the pieces that hold tokens: empty ones write nothing
-        if CHUNK > 0:
-            ws_ok = row_ok & ((tl.zeros([BLOCK_M], tl.int32) + (hi - lo)) > 0)
-        else:
-            ws_ok = row_ok
-        tl.store(WS_M + ws_row, m_i, mask=ws_ok)
-        tl.store(WS_L + ws_row, l_i, mask=ws_ok)
-        tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=ws_ok[:, None] & d_ok[None, :])
-        if FUSED_MERGE:
-            # the last piece of this (row, head) x row block to finish merges them all: it counts arrivals
-            # on SEM (zero between launches: the merger resets it). Pieces that hold tokens take part, and
-            # piece 0 always (an empty head's output is still written).
-            n_pieces = NUM_SPLITS
-            if CHUNK > 0:
-                n_pieces = tl.maximum(1, tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK)))
-            if pid_s < n_pieces:
-                sem = SEM + pid_bh * tl.num_programs(1) + pid_m
-                tl.debug_barrier()  # every thread's workspace stores are issued before the arrival
-                arrived = tl.atomic_add(sem, 1, sem="acq_rel")
-                if arrived == n_pieces - 1:
-                    tl.atomic_xchg(sem, 0)
-                    _merge_pieces(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, pid_bh, rows, row_ok, b, h, g, i, d,
-                                  d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK,
-                                  HAS_SINK)
+
+@triton.jit
+def _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, n_tokens, length,
+                 m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                 HAS_SINK: tl.constexpr, FUSED_MERGE: tl.constexpr):
+    """Piece ``ps``'s (max, sum, acc) to the split-K workspace; with ``FUSED_MERGE``, the last piece of the
+    (row, head) x row block to arrive merges them all."""
+    ws_row = (pid_bh * NUM_SPLITS + ps).to(tl.int64) * ROWS + rows
+    # with fixed pieces the merge reads only the pieces that hold tokens: empty ones write nothing
+    if CHUNK > 0:
+        ws_ok = row_ok & ((tl.zeros([BLOCK_M], tl.int32) + n_tokens) > 0)
     else:
-        if HAS_SINK:
-            m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
-        l_use = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_use[:, None]
-        o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
-                  + d[None, :] * sod)
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        ws_ok = row_ok
+    tl.store(WS_M + ws_row, m_i, mask=ws_ok)
+    tl.store(WS_L + ws_row, l_i, mask=ws_ok)
+    tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], acc, mask=ws_ok[:, None] & d_ok[None, :])
+    if FUSED_MERGE:
+        # arrivals are counted on SEM (zero between launches: the merger resets it). Pieces that hold
+        # tokens take part, and piece 0 always (an empty head's output is still written).
+        n_pieces = NUM_SPLITS
+        if CHUNK > 0:
+            n_pieces = tl.maximum(1, tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK)))
+        if ps < n_pieces:
+            sem = SEM + pid_bh * tl.num_programs(1) + pid_m
+            tl.debug_barrier()  # every thread's workspace stores are issued before the arrival
+            arrived = tl.atomic_add(sem, 1, sem="acq_rel")
+            if arrived == n_pieces - 1:
+                tl.atomic_xchg(sem, 0)
+                _merge_pieces(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, pid_bh, rows, row_ok, b, h, g, i, d,
+                              d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK,
+                              HAS_SINK)
 
 
 @triton.jit
@@ -318,7 +349,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            num_splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            max_len_bound: int | None = None, split_tokens: int | None = None,
-                           sinks: torch.Tensor | None = None, fused_merge: bool = False) -> torch.Tensor:
+                           sinks: torch.Tensor | None = None, fused_merge: bool = False,
+                           grid_pieces: int | None = None) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -335,6 +367,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     ``fused_merge`` (benchmarks; eager launches only): with split-K, the last piece of each (row, head) to
     finish merges the pieces (an arrival counter per program row, kept zeroed between launches) instead of
     a second kernel launch.
+    ``grid_pieces`` (benchmarks; fixed pieces only): launch at most this many programs per (row, head) x row
+    block, each looping over the pieces ``s, s + grid_pieces, ...`` of its head, instead of one program per
+    piece of ``max_len_bound`` (which for a static cache's row bound are mostly empty).
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -403,7 +438,10 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         ws_acc = ws_m = ws_l = out  # unused
     fused = split and fused_merge
     sem = _semaphores(n_bh * n_mblk, q.device) if fused else out  # (unused when not fused)
-    launcher(_store_attn_fwd, q)[(n_bh, n_mblk, num_splits)](
+    grid_s = num_splits
+    if chunk and grid_pieces is not None:
+        grid_s = max(1, min(num_splits, int(grid_pieces)))
+    launcher(_store_attn_fwd, q)[(n_bh, n_mblk, grid_s)](
         q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks, sem,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -412,7 +450,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         num_splits,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device), CHUNK=chunk,
-        HAS_SINK=sinks is not None, FUSED_MERGE=fused, num_warps=num_warps, num_stages=num_stages,
+        HAS_SINK=sinks is not None, FUSED_MERGE=fused, STRIDED=grid_s < num_splits,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split and not fused:
         launcher(_store_attn_merge, q)[(n_bh, n_mblk)](
