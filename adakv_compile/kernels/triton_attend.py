@@ -21,6 +21,14 @@ Kernel design
 * No host read of the lengths: loop bounds come from the device-side lengths. The split heuristic uses
   only host-known sizes (the pool's slot count, or an optional ``max_len_hint``).
 * ``D`` is padded to a power of two (>= 16) with masks; fp32 inputs use IEEE dot products (no TF32).
+* Attention sinks (gpt-oss; optional ``sinks`` [Hq], constexpr ``HAS_SINK``): the query head's sink logit
+  joins each row's (max, sum) once, after the whole segment: at the end of the one-pass path or after the
+  split-K merge, never per piece (``_join_sink``). It is not scaled or soft-capped, as
+  ``attend.store_attention``; a row that sees no slot then outputs 0, as there.
+* Benchmark options (bench/attend_sweep.py; off by default, constexpr so they cost nothing when off):
+  ``fused_merge`` — the last piece of a (row, head) to finish merges the pieces (an arrival counter per
+  program row) instead of a second launch; ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
+  each looping over its head's pieces (a static cache's row bound leaves most pieces empty).
 """
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ Notation: ``m = n - w`` candidate columns; the ``R = G * w`` window queries of a
   always satisfied there), loaded once; for every row tile the logits are recomputed,
   ``p = exp(x - max) / sum`` (0 on padding keys), summed over the window queries of each head and
   divided by ``w`` (the window mean), then reduced over the ``G`` heads: mean or max. Writes the reduced
-  scores ``[B, Hkv, m]`` (fp32).
+  scores ``[B, Hkv, m]`` (fp32). Attention sinks (optional ``sinks`` [Hq], gpt-oss): the head's sink logit
+  joins each row's (max, sum) here, once per row (pass A and the merge are unchanged), so the
+  probabilities are those the model computes, sink column included (docs/algorithm.md).
 * ``_score_pool``, grid ``(B * Hkv, cdiv(n, BLOCK))``: the pooling of the reduced scores (as
   ``max_pool1d`` / ``avg_pool1d`` in ``window_scores``: stride 1, padding ``kernel_size // 2``, -inf /
   zero padding, ``count_include_pad``), then -inf on padding and window columns, written as the output.
