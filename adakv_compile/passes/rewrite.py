@@ -57,11 +57,10 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict, allow_proof: bool = True) -
     return hints[key][:2]
 
 
-def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
-    """One additive mask [.., q, k] in the query's dtype: the site's per-head terms (ALiBi), each times its
-    factor, plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
-    qv = val(site.q)
-    H, dt = qv.shape[1], qv.dtype
+def _bias_sum(graph: fx.Graph, site) -> fx.Node:
+    """The site's per-head terms (ALiBi), each times its factor, summed in fp32: [.., q, k] (a folded
+    [B·H, q, k] term unflattened to [B, H, q, k]). What the compress / decode ops take as ``bias``."""
+    H = val(site.q).shape[1]
     total = None
     for node, folded, factor in site.bias:
         b = graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
@@ -69,6 +68,13 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
         if factor != 1.0:
             b = graph.call_function(operator.mul, (b, float(factor)))
         total = b if total is None else graph.call_function(operator.add, (total, b))
+    return total
+
+
+def _bias_mask(graph: fx.Graph, site, mask, total: fx.Node) -> fx.Node:
+    """One additive mask [.., q, k] in the query's dtype: the site's summed per-head terms ``total``
+    (``_bias_sum``) plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
+    dt = val(site.q).dtype
     if mask is not None and val(site.mask) is not None and val(site.mask).dtype != torch.bool:
         total = graph.call_function(operator.add, (total, graph.call_method("to", (mask, torch.float32))))
     total = graph.call_method("to", (total, dt))
@@ -124,9 +130,11 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         if sinks is not None:  # one logit per query head, [Hq]
             sinks = graph.call_method("reshape", (sinks, -1))
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
-
+        bias = None
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
-            mask, hint = _bias_mask(graph, s, mask), None
+            bias = _bias_sum(graph, s)
+            mask, hint = _bias_mask(graph, s, mask, bias), None
+            tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
 
         def prompt_attention(k, v):
             """Exact attention over a whole prompt (with the sink column when the model has one; without an
@@ -164,7 +172,8 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,
-                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail)
+                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail
+                                      + (() if bias is None else (f.static_arg("pos"),)))
         elif p.mode == "window-fill":
             new = prompt_attention(f.k_new, f.v_new)
             keys, values, wpos, _ = f.window_tensors()
