@@ -113,7 +113,7 @@ def bias_unproven(site: AttentionSite, flow: CacheFlow) -> str:
                 or not (_same(lead[1], 1) or _same(lead[1], H)) or not (_same(shape[-2], 1) or _same(shape[-2], t)):
             return (f"a per-head additive bias (ALiBi) of shape {tuple(bv.shape)} that does not index "
                     "[batch, head, query, key] of this attention")
-        if not _same(shape[-1], kv.shape[2]):
+        if not (_same(shape[-1], kv.shape[2]) or _guarded_equal(shape[-1], kv.shape[2])):
             return (f"a per-head additive bias (ALiBi) over {shape[-1]} keys, not provably the {kv.shape[2]} "
                     "positions the cache has seen: it cannot be gathered at the kept positions")
     return ""
@@ -139,3 +139,16 @@ def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVC
                            "(not compressed)")
     mode = "static-compress" if flow.phase == "prefill" else "static-store"
     return PlannedSite(site, flow, ordinal, layer, mode)
+
+
+def _guarded_equal(a, b) -> bool:
+    """``a == b`` for symbolic sizes true at the traced sizes, made a guard of the graph (Dynamo recompiles
+    where it fails, and the new graph is planned again). Needed where the model slices its bias with
+    ``max(0, longest - seen)`` (mpt): equal to ``seen`` only while ``seen <= longest``."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+        return bool(guard_or_false(a == b))
+    except Exception:
+        return False
