@@ -10,6 +10,9 @@ Public API
 - :func:`head_budgets` -- adaptive head budgets of one row (the three safeguards: official, exact-total, kvpress).
 - :func:`select` -- the keep mask of one layer (window included).
 - :class:`ReferenceSession` -- runs a HuggingFace causal LM eagerly with a per-(row, KV head) ragged cache.
+- :func:`biased_decode_attention` -- decode attention over kept tokens plus the model's bias at their positions.
+- :class:`InlineReferenceSession` -- the same generator for models with inline attention (ALiBi: bloom, mpt,
+  falcon), through their softmax logits.
 
 Conventions (decisions where docs/algorithm.md leaves room; see also the module's tests):
 - ``floor(alpha * B')`` is computed exactly with ``alpha`` read as the fraction
@@ -42,6 +45,8 @@ __all__ = [
     "select",
     "alpha_floor",
     "ReferenceSession",
+    "InlineReferenceSession",
+    "biased_decode_attention",
     "ATTN_IMPLEMENTATION",
 ]
 
@@ -331,6 +336,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
     tokens. Other rows keep, per KV head, the window plus the head's top ``a[h]`` candidates, where
     ``a[h] = keep_l - window`` (uniform allocation, or the streaming scorer) or :func:`head_budgets` (adaptive).
     ``scorer="critical"`` needs the values ``v [B, Hkv, n, Dv]`` (:func:`critical_row_scores`).
+    ``bias`` / ``logits``: as :func:`window_scores` (ALiBi: the model's bias, or its window logits).
     """
     if config.scorer == "critical" and v is None:
         raise ValueError("select(v=None): scorer='critical' weighs the scores by the values; pass v")

@@ -13,6 +13,9 @@ window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
            ``adakv.window_write`` (declared mutations). See kernels/window.py.
 The ``adakv.cache_slot`` marker of a static layer is left without users and removed as dead code.
+A site with per-head additive terms (ALiBi) passes their fp32 sum to the compress / decode ops as ``bias``
+(after the optional sinks argument; ``static_attend`` also gets ``pos``): scored with, and gathered at the
+kept positions at decode (docs/algorithm.md, "Per-head additive biases").
 """
 from __future__ import annotations
 
