@@ -62,14 +62,14 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
 def bias_rows(bias: torch.Tensor, B: int, Hq: int, nq: int, q0: int, t: int) -> torch.Tensor:
     """Rows ``q0 .. q0+t`` of a per-head additive term ``bias`` [.., q, k] (q: ``nq`` rows, or 1 broadcast
     over the queries; batch and heads may broadcast) as fp32 [B, Hq, t, k]."""
-    b = bias.float()
+    b = bias
     while b.dim() < 4:
         b = b.unsqueeze(0)
     if b.shape[-2] != 1:
         if b.shape[-2] != nq:
             raise ValueError(f"bias: {tuple(bias.shape)} has {b.shape[-2]} query rows, expected 1 or {nq}")
         b = b[..., q0:q0 + t, :]
-    return b.expand(B, Hq, t, b.shape[-1])
+    return b.float().expand(B, Hq, t, b.shape[-1])  # the rows read, converted (not the whole term)
 
 
 def scores_without_attention(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: int) -> torch.Tensor | None:

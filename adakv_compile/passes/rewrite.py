@@ -60,10 +60,15 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict, allow_proof: bool = True) -
     return hints[key][:2]
 
 
-def _bias_sum(graph: fx.Graph, site) -> fx.Node:
+def _bias_sum(graph: fx.Graph, site, fp32: bool = True) -> fx.Node:
     """The site's per-head terms (ALiBi), each times its factor, summed in fp32: [.., q, k] (a folded
-    [B·H, q, k] term unflattened to [B, H, q, k]). What the compress / decode ops take as ``bias``."""
+    [B·H, q, k] term unflattened to [B, H, q, k]). What the compress / decode ops take as ``bias``; with
+    ``fp32`` False one term of factor 1 stays in its dtype (a falcon prompt's [B, H, n, n] term is not
+    copied: the ops convert only the rows they read)."""
     H = val(site.q).shape[1]
+    if not fp32 and len(site.bias) == 1 and site.bias[0][2] == 1.0:
+        node, folded, _ = site.bias[0]
+        return graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
     total = None
     for node, folded, factor in site.bias:
         b = graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
@@ -74,10 +79,11 @@ def _bias_sum(graph: fx.Graph, site) -> fx.Node:
     return total
 
 
-def _bias_mask(graph: fx.Graph, site, mask, total: fx.Node) -> fx.Node:
-    """One additive mask [.., q, k] in the query's dtype: the site's summed per-head terms ``total``
-    (``_bias_sum``) plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
+def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
+    """One additive mask [.., q, k] in the query's dtype: the site's summed per-head terms (``_bias_sum``)
+    plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
     dt = val(site.q).dtype
+    total = _bias_sum(graph, site)
     if mask is not None and val(site.mask) is not None and val(site.mask).dtype != torch.bool:
         total = graph.call_function(operator.add, (total, graph.call_method("to", (mask, torch.float32))))
     total = graph.call_method("to", (total, dt))
@@ -135,8 +141,8 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
         bias = None
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
-            bias = _bias_sum(graph, s)
-            mask, hint = _bias_mask(graph, s, mask, bias), None
+            bias = _bias_sum(graph, s, fp32=False)
+            mask, hint = _bias_mask(graph, s, mask), None
             tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
 
         def prompt_attention(k, v):
