@@ -10,6 +10,9 @@ Public API
 - :func:`head_budgets` -- adaptive head budgets of one row (the three safeguards: official, exact-total, kvpress).
 - :func:`select` -- the keep mask of one layer (window included).
 - :class:`ReferenceSession` -- runs a HuggingFace causal LM eagerly with a per-(row, KV head) ragged cache.
+- :func:`biased_decode_attention` -- decode attention over kept tokens plus the model's bias at their positions.
+- :class:`InlineReferenceSession` -- the same generator for models with inline attention (ALiBi: bloom, mpt,
+  falcon), through their softmax logits.
 
 Conventions (decisions where docs/algorithm.md leaves room; see also the module's tests):
 - ``floor(alpha * B')`` is computed exactly with ``alpha`` read as the fraction
@@ -42,6 +45,8 @@ __all__ = [
     "select",
     "alpha_floor",
     "ReferenceSession",
+    "InlineReferenceSession",
+    "biased_decode_attention",
     "ATTN_IMPLEMENTATION",
 ]
 
@@ -65,11 +70,14 @@ def _check_left_padded(valid: torch.Tensor) -> None:
 
 def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torch.Tensor,
                        config: AdaKVConfig, scale: float, softcap: Optional[float],
-                       sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       sinks: Optional[torch.Tensor] = None, bias_row: Optional[torch.Tensor] = None,
+                       logits_row: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SnapKV scores of one row, steps 1-6. ``q_row [Hq, n, D]``, ``k_row [Hkv, n, D]`` -> ``[Hkv, n]``.
 
     The order is the official ``calcul_attn_sore``: window mean per query head, then the GQA reduction
-    over each KV group, then the pooling of the reduced scores.
+    over each KV group, then the pooling of the reduced scores. ``bias_row [Hq, w, n]``: the model's
+    additive per-head term of the window queries (ALiBi), added to their logits. ``logits_row [Hq, w, n]``
+    (q_row/k_row then only give shapes): the window logits exactly as the model computed them.
     """
     Hq, n, D = q_row.shape
     Hkv = k_row.shape[0]
@@ -83,15 +91,20 @@ def _snapkv_row_scores(q_row: torch.Tensor, k_row: torch.Tensor, valid_row: torc
     key_pos = torch.arange(n)[None, :]                            # [1, n]
     visible = valid_row.cpu()[None, :] & (key_pos <= query_pos)   # key j visible to window query i
     for hk in range(Hkv):
-        keys = k_row[hk].float().cpu()                            # [n, D]
+        keys = k_row[hk].float().cpu() if logits_row is None else None  # [n, D]
         group = torch.empty(G, m, dtype=torch.float32)
         for g in range(G):
             h = hk * G + g
             # 1. the last w query positions; 2. logits in fp32 against every key of the KV head.
-            q_win = q_row[h, n - w:, :].float().cpu()             # [w, D]
-            logits = (q_win @ keys.T) * scale                     # [w, n]
-            if softcap is not None:
-                logits = softcap * torch.tanh(logits / softcap)
+            if logits_row is not None:
+                logits = logits_row[h].float().cpu()
+            else:
+                q_win = q_row[h, n - w:, :].float().cpu()         # [w, D]
+                logits = (q_win @ keys.T) * scale                 # [w, n]
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                if bias_row is not None:                          # ALiBi: the model's bias, after the cap
+                    logits = logits + bias_row[h].float().cpu()
             logits = logits.masked_fill(~visible, NEG_INF)
             # 3. softmax over keys, mean over the w window queries (with a sink: its logit joins the
             #    softmax and its column is dropped — the probabilities the model computes).
@@ -164,12 +177,15 @@ def critical_row_scores(scores_row: torch.Tensor, v_row: torch.Tensor, Bp: int) 
 
 
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
-                  scale: float, softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  scale: float, softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-KV-head pooled candidate scores ``[B, Hkv, n]`` (float32) of docs/algorithm.md, steps 1-6.
 
     ``q [B, Hq, n, D]`` (after RoPE), ``k [B, Hkv, n, D]``, ``valid [B, n]`` bool (left padding).
     Non-candidates (padding, the last ``window`` positions) are -inf; rows with ``n_b <= window`` are all -inf.
+    ``bias``: a per-head additive term (ALiBi) broadcastable to ``[B, Hq, n or 1, n]``, added to the window
+    logits (docs/algorithm.md, "Per-head additive biases"). ``logits [B, Hq, w, n]``: the window logits as
+    a model computed them (bias included; q/k then only give the shapes).
     """
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
@@ -186,8 +202,42 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
         if config.scorer == "streaming":
             out[b] = _streaming_row_scores(n, Hkv, valid[b], config)
         else:
-            out[b] = _snapkv_row_scores(q[b], k[b], valid[b], config, scale, softcap, sinks)
+            out[b] = _snapkv_row_scores(q[b], k[b], valid[b], config, scale, softcap, sinks,
+                                        _bias_window(bias, b, Hq, n, w),
+                                        None if logits is None else logits[b])
     return out.to(q.device)
+
+
+def _bias_window(bias: Optional[torch.Tensor], b: int, Hq: int, n: int, w: int) -> Optional[torch.Tensor]:
+    """Row ``b`` of a broadcastable bias [.., n or 1, n], its window query rows: ``[Hq, w, n]``."""
+    if bias is None:
+        return None
+    x = bias.float().cpu()
+    while x.dim() < 4:
+        x = x[None]
+    x = x[b if x.shape[0] > 1 else 0]
+    rows = x[:, n - w:, :] if x.shape[1] == n else x[:, :1, :].expand(x.shape[0], w, x.shape[2])
+    return rows.expand(Hq, w, rows.shape[2])
+
+
+def biased_decode_attention(q: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
+                            positions: List[torch.Tensor], bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one row's ``q [Hq, t, D]`` over each KV head's kept tokens ``keys[h], values[h] [L_h, D]``
+    at ``positions[h]`` (the last t of them the chunk's), each logit plus the model's bias at that key's
+    position: ``bias[h, i, positions[h][j]]`` (``bias [Hq or 1, t or 1, S]``, S = every position seen).
+    The chunk is causal within itself. Returns fp32 ``[Hq, t, Dv]``."""
+    Hq, t, D = q.shape
+    G = Hq // len(keys)
+    out = torch.zeros(Hq, t, values[0].shape[-1], dtype=torch.float32)
+    for h in range(Hq):
+        k, v, pos = keys[h // G].float().cpu(), values[h // G].float().cpu(), positions[h // G].cpu()
+        s = k.shape[0]
+        for i in range(t):
+            row = bias[h if bias.shape[0] > 1 else 0, i if bias.shape[1] > 1 else 0].float().cpu()
+            logits = torch.tensor([float(q[h, i].float().cpu() @ k[j]) * scale + float(row[int(pos[j])])
+                                   for j in range(s - t + i + 1)])
+            out[h, i] = torch.softmax(logits, 0) @ v[: s - t + i + 1]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,13 +328,15 @@ def _top_positions(head_scores: List[float], count: int) -> List[int]:
 
 def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig, layer: int,
            num_layers: int, scale: float, softcap: Optional[float] = None, v: Optional[torch.Tensor] = None,
-           sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+           sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+           logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The keep mask ``[B, Hkv, n]`` bool of attention layer ``layer`` (of ``num_layers``), window included.
 
     Rows with ``n_b <= keep_l`` (and every row in exact mode or in a skipped layer) keep exactly their valid
     tokens. Other rows keep, per KV head, the window plus the head's top ``a[h]`` candidates, where
     ``a[h] = keep_l - window`` (uniform allocation, or the streaming scorer) or :func:`head_budgets` (adaptive).
     ``scorer="critical"`` needs the values ``v [B, Hkv, n, Dv]`` (:func:`critical_row_scores`).
+    ``bias`` / ``logits``: as :func:`window_scores` (ALiBi: the model's bias, or its window logits).
     """
     if config.scorer == "critical" and v is None:
         raise ValueError("select(v=None): scorer='critical' weighs the scores by the values; pass v")
@@ -302,7 +354,7 @@ def select(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVC
             keep[b] = valid[b].cpu()[None, :].expand(Hkv, n)
             continue
         if scores is None:
-            scores = window_scores(q, k, valid, config, scale, softcap, sinks)
+            scores = window_scores(q, k, valid, config, scale, softcap, sinks, bias, logits)
         m = n - w
         Bp = keep_l - w
         row = scores[b, :, :m]                                   # [Hkv, m]
@@ -573,3 +625,112 @@ class ReferenceSession:
         else:
             raise RuntimeError("attention called outside prefill/extend")
         return out.to(query.dtype), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference generator for models that compute attention inline (ALiBi: bloom, mpt, falcon)
+# ----------------------------------------------------------------------------------------------------------------
+
+class InlineReferenceSession:
+    """Greedy generation of a model whose attention is written inline (no AttentionInterface: bloom, mpt,
+    falcon with ALiBi), compressed as Ada-KV keeps it, computed the dense way.
+
+    The model runs uncompiled with its own full cache. A ``TorchFunctionMode`` sees every attention softmax
+    (``softmax`` over the last dim of ``[B, H, t, S]`` logits, or SDPA, then computed as logits + mask) in
+    call order, one per layer. At the prefill it returns them unchanged (exact attention) and selects the
+    kept tokens of layer l with :func:`select` from the window rows of *the logits the model computed* (bias
+    and mask included). At each later step it sets the logits of the dropped prompt positions to -inf:
+    softmax over the remaining columns is attention over the kept tokens with the model's own bias at their
+    positions — what the compressed cache must compute, obtained without gathering anything.
+    ``kv_heads``: KV heads per layer (the logits show only the query heads; default: as many).
+    """
+
+    def __init__(self, model, config: AdaKVConfig, kv_heads: Optional[int] = None):
+        self.model, self.config, self.kv_heads = model, config, kv_heads
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_layers = int(text_config.num_hidden_layers)
+        self._keep: List[torch.Tensor] = []     # per layer [B, Hkv, n] bool
+        self._mode: Optional[str] = None
+        self._layer = 0
+        self._valid: Optional[torch.Tensor] = None
+        self._length = 0
+
+    def kept_positions(self) -> List[List[List[torch.Tensor]]]:
+        """Per layer, row and KV head: the positions in the cache (kept prompt tokens, then every appended
+        one), increasing."""
+        n = self._valid.shape[1]
+        extra = torch.arange(n, self._length)
+        return [[[torch.cat([torch.nonzero(keep[b, h])[:, 0], extra]) for h in range(keep.shape[1])]
+                 for b in range(keep.shape[0])] for keep in self._keep]
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 16) -> torch.Tensor:
+        from torch.overrides import TorchFunctionMode
+
+        session = self
+
+        class _Softmaxes(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is F.scaled_dot_product_attention:
+                    return session._sdpa(*args, **kwargs)
+                if func in (F.softmax, torch.softmax, torch.Tensor.softmax):
+                    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+                    if args[0].dim() == 4 and dim in (-1, 3):
+                        return func(session._logits(args[0]), *args[1:], **kwargs)
+                return func(*args, **kwargs)
+
+        B, n = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, n, dtype=torch.long, device=input_ids.device)
+        self._valid = attention_mask.bool()
+        _check_left_padded(self._valid)
+        self._keep, self._length = [], n
+        kwarg = cache_kwarg(self.model)
+        seq, cache = input_ids, None
+        with torch.no_grad(), _Softmaxes():
+            for step in range(max_new_tokens):
+                self._mode, self._layer = ("prefill" if cache is None else "extend"), 0
+                ids = input_ids if cache is None else seq[:, -1:]
+                extra = {} if cache is None else {kwarg: cache}
+                out = self.model(input_ids=ids, attention_mask=attention_mask, use_cache=True, **extra)
+                cache = out.past_key_values
+                if step:
+                    self._length += 1
+                seq = torch.cat([seq, out.logits[:, -1].argmax(-1)[:, None]], dim=-1)
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
+        self._mode = None
+        return seq
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One layer's attention logits [B, H, t, S] (bias and mask included): select, or drop."""
+        layer, self._layer = self._layer, self._layer + 1
+        B, H, t, S = x.shape
+        Hkv = self.kv_heads or H
+        if self._mode == "prefill":
+            w = min(self.config.window, t)
+            shape_q, shape_k = torch.zeros(B, H, t, 1), torch.zeros(B, Hkv, t, 1)
+            self._keep.append(select(shape_q, shape_k, self._valid, self.config, layer, self.num_layers, 1.0,
+                                     logits=x[:, :, t - w:, :].detach().float().cpu()))
+            return x
+        keep = self._keep[layer]                                              # [B, Hkv, n]
+        n = keep.shape[-1]
+        allowed = torch.ones(B, H, t, S, dtype=torch.bool)
+        allowed[..., :n] = keep.repeat_interleave(H // Hkv, dim=1)[:, :, None, :]
+        return x.masked_fill(~allowed.to(x.device), NEG_INF)
+
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """SDPA as logits + mask → :meth:`_logits` → softmax (fp32) → · V."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+        t, S = logits.shape[-2:]
+        if is_causal:
+            logits = logits.masked_fill(~torch.ones(t, S, dtype=torch.bool).tril(S - t), NEG_INF)
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, NEG_INF) if attn_mask.dtype == torch.bool \
+                else logits + attn_mask.float()
+        p = torch.softmax(self._logits(logits), dim=-1)
+        return (p @ v.float()).to(q.dtype)

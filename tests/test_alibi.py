@@ -1,16 +1,15 @@
 """ALiBi (bloom, mpt, falcon with alibi) and value-neutral clamps (xglm's ``max(scores, finfo.min)``).
 
 ALiBi's per-head bias is recognised (``+bias`` patterns) and the attention rewritten exactly (bias + mask
-as one additive mask); its layers keep their cache in full under a compressing config, with the reason
-in the report. xglm's clamp does not stop detection: its layers are compressed. Tiny random models,
-inner="eager"; compared with the uncompiled model.
+as one additive mask); under a compressing config its layers are compressed (the bias gathered at the kept
+positions: tests/test_alibi_compress.py compares them with the oracle). xglm's clamp does not stop
+detection: its layers are compressed. Tiny random models, inner="eager"; compared with the uncompiled model.
 """
 import pytest
 import torch
 import transformers as T
 
 from adakv_compile import AdaKVConfig, adakv_backend, compile_model
-from adakv_compile.passes.plan import BIAS_REASON
 from tests.prompts import left_padded
 
 
@@ -48,14 +47,9 @@ def test_exact_and_under_compression(family):
     assert all(("+bias" in r.pattern) == alibi for r in backend.report), backend.report.table()
     if family == "mpt":  # its graphs return no cache: nothing more to check under compression
         return
-    # a compressing config: ALiBi layers keep their cache (exact, reason given), xglm's are compressed
+    # a compressing config: ALiBi layers and xglm's are compressed
     torch._dynamo.reset()
     backend = compile_model(model, AdaKVConfig(budget=8, window=2), inner="eager")
-    expect = plain.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)
-    got = model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)
+    model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)
     prefill = [r for r in backend.report if r.phase == "prefill"]
-    if alibi:
-        assert torch.equal(got, expect)
-        assert all(r.mode == "exact" and BIAS_REASON in r.reason for r in prefill), backend.report.table()
-    else:
-        assert prefill and all(r.mode == "compress" for r in prefill), backend.report.table()
+    assert prefill and all(r.mode == "compress" for r in prefill), backend.report.table()

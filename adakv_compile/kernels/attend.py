@@ -121,11 +121,16 @@ def sink_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: f
 
 
 def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, scale: float,
-                    softcap: float, sinks: torch.Tensor | None = None):
+                    softcap: float, sinks: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None):
     """Attention of q [B, Hq, t, D] over the store *after* the chunk's t tokens were appended.
 
     ``offsets``/``lengths`` [B, Hkv]: each segment's first slot and used length; ``max_len`` bounds
     the lengths (host int, so no device read is needed).
+    ``bias``: the model's per-head additive term (ALiBi) over *every* key position the model has seen,
+    broadcastable to [B, Hq, t or 1, S]; each logit gets ``bias[b, h, i, positions[slot]]`` — the model's
+    own bias gathered at the kept tokens' positions (``positions``: int32 position of every slot). The
+    Triton kernels have no bias input: the ops take this plain path when a bias is given.
     """
     B, Hq, _, D = q.shape
     Hkv = offsets.shape[1]
@@ -141,6 +146,8 @@ def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, s
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     allowed = allowed[:, :, None].expand(B, Hkv, G, t, max_len).reshape(B, Hkv, G * t, max_len)
+    if bias is not None:
+        logits = logits + gathered_bias(bias, positions, offsets, lengths, max_len, B, Hq, t)
     logits = logits.masked_fill(~allowed, float("-inf"))
     if sinks is not None:  # a per-query-head sink logit joins the softmax, its column dropped (gpt-oss)
         col = sinks.float().reshape(1, Hkv, G, 1, 1).expand(B, Hkv, G, t, 1).reshape(B, Hkv, G * t, 1)
@@ -149,3 +156,19 @@ def store_attention(q, pool_k, pool_v, offsets, lengths, max_len: int, t: int, s
         p = torch.softmax(logits, dim=-1)
     out = torch.matmul(p, vals.float())
     return out.reshape(B, Hq, t, D).to(q.dtype)
+
+
+def gathered_bias(bias, positions, offsets, lengths, max_len: int, B: int, Hq: int, t: int) -> torch.Tensor:
+    """``bias[b, h, i, positions[slot]]`` for every padded segment slot, fp32 [B, Hkv, G*t, max_len] (the
+    layout of ``store_attention``'s logits). Padding slots read position 0 (their logits are masked)."""
+    from .score import bias_rows
+    if positions is None:
+        raise ValueError("store_attention(bias=...) needs the slots' positions")
+    Hkv = offsets.shape[1]
+    G = Hq // Hkv
+    idx = torch.arange(max_len, device=offsets.device)
+    valid = idx < lengths[:, :, None]
+    slot = torch.where(valid, offsets.to(torch.int64)[:, :, None] + idx, 0)
+    pos = torch.where(valid, positions[slot].to(torch.int64), 0)                  # [B, Hkv, L]
+    rows = bias_rows(bias, B, Hq, t, 0, t).reshape(B, Hkv, G * t, -1)           # [B, Hkv, G*t, S]
+    return torch.gather(rows, -1, pos[:, :, None, :].expand(B, Hkv, G * t, max_len))

@@ -33,12 +33,16 @@ COMPRESS_OBSERVERS: list = []
 
 
 def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optional[float], v=None, layer: int = 0,
-                  num_layers: int = 1, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  num_layers: int = 1, sinks: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SnapKV scores of the prompt: the fused Triton scorer on CUDA (no [B, Hq, w, n] logits in memory),
     the plain-PyTorch ``window_scores`` elsewhere; the same function (tests/test_triton_score.py).
     ``scorer="critical"`` re-weights them by the values (kernels/score_critical.py; needs v and the layer).
-    Attention sinks: both scorers add the sink column."""
-    if q.is_cuda and use_triton():
+    Attention sinks: both scorers add the sink column. ``bias`` (ALiBi): the plain scorer, the model's
+    bias rows added to the window logits (the fused one has no bias input)."""
+    if bias is not None:
+        scores = window_scores(q, k, valid, config, scale, softcap, sinks, bias)
+    elif q.is_cuda and use_triton():
         from .triton_score import window_scores_triton
         scores = window_scores_triton(q, k, valid, config, scale, softcap, sinks=sinks)
     else:
@@ -141,21 +145,23 @@ def _(q, k, v, attn_mask, scale, is_causal, softcap, sinks):
 @torch.library.custom_op("adakv::compress", mutates_args=())
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
              scale: float, softcap: float, layer: int, num_layers: int, config_key: str, tp_group: str = "",
-             sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``tp_group``: name of the tensor-parallel group whose ranks hold the layer's other KV heads ("" =
-    none): the allocation then sees every rank's scores (kernels/shard.py)."""
+    none): the allocation then sees every rank's scores (kernels/shard.py). ``bias``: the model's per-head
+    additive term over the prompt ([.., n or 1, n], ALiBi), added to the window logits of the scores."""
     for observe in COMPRESS_OBSERVERS:
         observe(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key)
     config = config_for(config_key)
     B, Hkv, n, _ = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks, bias)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)
     return kv_store.build(k, v, keep, config.decode_reserve)
 
 
 @compress.register_fake
-def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_group="", sinks=None):
+def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_group="", sinks=None, bias=None):
     B, Hkv, n, D = k.shape
     vk = k.new_empty((D,)).as_strided((B, Hkv, n, D), (0, 0, 0, 1))
     vv = v.new_empty((v.shape[-1],)).as_strided((B, Hkv, n, v.shape[-1]), (0, 0, 0, 1))
@@ -164,12 +170,22 @@ def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_key, tp_grou
 
 @torch.library.custom_op("adakv::attend_append", mutates_args=())
 def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, scale: float, softcap: float, sinks: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  v_cache: torch.Tensor, scale: float, softcap: float, sinks: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bias``: the model's per-head additive term over every position seen (ALiBi, [.., t or 1, S] with
+    S the cache's length after the append), gathered at the kept tokens' positions (plain path)."""
     if k_new.shape[-1] != v_new.shape[-1]:
         raise kv_store.StoreError("the compacted store needs keys and values of one head_dim")
+    if bias is not None and bias.shape[-1] != k_cache.shape[2] + k_new.shape[2]:
+        raise kv_store.StoreError(
+            f"adakv: the model's additive bias covers {bias.shape[-1]} key positions but the cache has seen "
+            f"{k_cache.shape[2] + k_new.shape[2]} tokens: it cannot be gathered at the kept positions")
     pool_k, pool_v, offsets, lengths, meta = kv_store.append(k_cache, v_cache, k_new, v_new)
     t = k_new.shape[2]
+    if bias is not None:  # the Triton kernel has no bias input
+        positions = kv_store.positions_of(pool_v, meta.slots, k_new.shape[-1])
+        return store_attention(q, pool_k, pool_v, offsets, lengths, meta.max_len, t, scale, softcap, sinks,
+                               bias, positions)
     if q.is_cuda and use_triton():
         from .triton_attend import store_attention_triton  # lazy: CPU installs need no triton
         return store_attention_triton(q, pool_k, pool_v, offsets, lengths, t, scale, softcap,
@@ -178,5 +194,5 @@ def attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
 
 
 @attend_append.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, scale, softcap, sinks=None):
+def _(q, k_new, v_new, k_cache, v_cache, scale, softcap, sinks=None, bias=None):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v_new.shape[-1])

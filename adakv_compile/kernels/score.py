@@ -8,14 +8,17 @@ from ..config import AdaKVConfig
 
 
 def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config: AdaKVConfig,
-                  scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV scores [B, Hkv, n] (fp32), in the official order: window attention, mean over the window
     queries, GQA reduction over each KV group, then pooling of the reduced scores.
 
     Columns that are not candidates (window positions, padding) are -inf. The queries of a KV group are
     stacked (``[B, Hkv, G*w, D]``) against the group's keys: K is never repeated to the query heads.
     No host synchronisation. ``sinks`` ([Hq] logits, gpt-oss): the probabilities the model computes, the
-    sink's column in the softmax (docs/algorithm.md, "Attention sinks").
+    sink's column in the softmax (docs/algorithm.md, "Attention sinks"). ``bias``: the model's per-head
+    additive term (ALiBi), broadcastable to [B, Hq, n or 1, n]: its window rows join the logits, so the
+    scores are the probabilities the model computes (docs/algorithm.md, "Per-head additive biases").
     """
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
@@ -30,6 +33,8 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.view(B, Hkv, G, w, n)
+    if bias is not None:
+        logits = logits + bias_rows(bias, B, Hq, n, m, w).reshape(B, Hkv, G, w, n)
     qpos = torch.arange(m, n, device=q.device)[:, None]
     kpos = torch.arange(n, device=q.device)[None, :]
     allowed = (kpos <= qpos)[None, None, None] & valid[:, None, None, None, :]
@@ -52,6 +57,19 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, config:
     pooled = pooled.view(B, Hkv, m).masked_fill(~valid[:, None, :m], float("-inf"))
     window = pooled.new_full((B, Hkv, w), float("-inf"))
     return torch.cat([pooled, window], dim=-1)
+
+
+def bias_rows(bias: torch.Tensor, B: int, Hq: int, nq: int, q0: int, t: int) -> torch.Tensor:
+    """Rows ``q0 .. q0+t`` of a per-head additive term ``bias`` [.., q, k] (q: ``nq`` rows, or 1 broadcast
+    over the queries; batch and heads may broadcast) as fp32 [B, Hq, t, k]."""
+    b = bias
+    while b.dim() < 4:
+        b = b.unsqueeze(0)
+    if b.shape[-2] != 1:
+        if b.shape[-2] != nq:
+            raise ValueError(f"bias: {tuple(bias.shape)} has {b.shape[-2]} query rows, expected 1 or {nq}")
+        b = b[..., q0:q0 + t, :]
+    return b.float().expand(B, Hq, t, b.shape[-1])  # the rows read, converted (not the whole term)
 
 
 def scores_without_attention(valid: torch.Tensor, config: AdaKVConfig, heads: int, n: int) -> torch.Tensor | None:

@@ -79,11 +79,12 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                     scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
                     pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
                     pos: torch.Tensor, seen: torch.Tensor, tp_group: str = "",
-                    sinks: Optional[torch.Tensor] = None) -> None:
+                    sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
+    """``bias``: the model's per-head additive term over the prompt (ALiBi), added to the scores' logits."""
     config = config_for(config_key)
     B, H, n, D = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
-    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks)
+    scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks, bias)
     keep = keep_mask_tp(scores, valid, config, layer, num_layers, tp_group)  # [B, H, n]
     cap = (pool_k.shape[0] - 1) // B - H * room                        # kept tokens a row's segments hold
     trimmed = None
@@ -142,13 +143,18 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor
 @triton_op("adakv::static_attend", mutates_args=())
 def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
                   lens: torch.Tensor, scale: float, softcap: float, max_len: int,
-                  sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                  pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of q [B, Hq, t, D] over each head's segment (which already holds the chunk's t tokens).
 
     ``max_len`` bounds every segment's length (static: the cache's per-head capacity); it steers the
-    split-K choice and the plain path's padding, never the result.
+    split-K choice and the plain path's padding, never the result. ``bias`` (ALiBi, over every position
+    seen) is gathered at the slots' positions ``pos``: plain path (the Triton kernel has no bias input).
     """
     t = q.shape[2]
+    if bias is not None:
+        return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
+                               sinks, bias, pos)
     if q.device.type == "cuda" and use_triton():
         from .triton_attend import store_attention_triton
         return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len,

@@ -70,7 +70,8 @@ class AttentionSite:
     # column, dropped after it; None for plain attention
     sinks: Optional[fx.Node] = None
     # per-head additive terms (ALiBi, relative-position biases): (node, folded [B·H, ·, ·] layout, factor);
-    # the rewritten attention adds Σ factor·node to the logits, mask included; never compressed
+    # the rewritten attention adds Σ factor·node to the logits, mask included; compressed where plan.py proves
+    # the term covers every seen position (the ops gather it at the kept positions)
     bias: list = field(default_factory=list)
 
 

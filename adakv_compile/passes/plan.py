@@ -61,8 +61,9 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
             continue
         if flow.static is not None:
             planned.append(_plan_static(site, flow, ordinal, layer, config, needs_grad))
-        elif site.bias and config.compresses and flow.phase != "no-cache":
-            planned.append(PlannedSite(site, flow, ordinal, layer, "exact", f"cache kept in full: {BIAS_REASON}"))
+        elif site.bias and config.compresses and flow.phase != "no-cache" and bias_unproven(site, flow):
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
+                                       f"cache kept in full: {bias_unproven(site, flow)}"))
         elif not config.compresses or flow.phase == "no-cache":
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
         elif needs_grad:
@@ -83,8 +84,39 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
     return planned
 
 
-BIAS_REASON = ("a per-head additive bias (ALiBi / relative positions) is added to the scores; the compacted "
-               "store's decode attention applies no bias")
+BIAS_REASON = ("a per-head additive bias (ALiBi / relative positions) on an AdaKVCache: the cache shows the "
+               "model chunk-sized masks (static shapes), so the model's bias at decode does not cover the kept "
+               "positions; the general path (DynamicCache) compresses it")
+
+
+def bias_unproven(site: AttentionSite, flow: CacheFlow) -> str:
+    """'' when every per-head additive term (ALiBi) of ``site`` provably indexes [batch, head, query, key]
+    with a key axis covering every position the cache has seen (the prompt at prefill, past + chunk after):
+    the ops then add ``bias[b, h, i, pos]`` at each kept token's position, exactly the model's logit.
+    Else the reason (shapes are compared without guards: 'cannot prove' leaves the cache in full)."""
+    from .detect import _same, val
+    q = val(site.q)
+    keys = flow.k_new if flow.phase == "prefill" else flow.k_cat
+    kv = val(keys) if keys is not None else None
+    if q is None or kv is None:
+        return "a per-head additive bias (ALiBi) on an attention whose shapes were not recorded"
+    B, H, t = q.shape[0], q.shape[1], q.shape[2]
+    for node, folded, _ in site.bias:
+        bv = val(node)
+        if bv is None:
+            return "a per-head additive bias (ALiBi) whose shape was not recorded"
+        shape = list(bv.shape)
+        if folded:  # [B·H, q, k]: the rewrite unflattens it to [B, H, q, k]
+            shape = [B, H] + shape[1:]
+        lead = [1] * (4 - len(shape)) + shape[:-2]
+        if len(shape) < 2 or len(lead) != 2 or not (_same(lead[0], 1) or _same(lead[0], B)) \
+                or not (_same(lead[1], 1) or _same(lead[1], H)) or not (_same(shape[-2], 1) or _same(shape[-2], t)):
+            return (f"a per-head additive bias (ALiBi) of shape {tuple(bv.shape)} that does not index "
+                    "[batch, head, query, key] of this attention")
+        if not (_same(shape[-1], kv.shape[2]) or _guarded_equal(shape[-1], kv.shape[2])):
+            return (f"a per-head additive bias (ALiBi) over {shape[-1]} keys, not provably the {kv.shape[2]} "
+                    "positions the cache has seen: it cannot be gathered at the kept positions")
+    return ""
 
 
 def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVConfig,
@@ -107,3 +139,16 @@ def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVC
                            "(not compressed)")
     mode = "static-compress" if flow.phase == "prefill" else "static-store"
     return PlannedSite(site, flow, ordinal, layer, mode)
+
+
+def _guarded_equal(a, b) -> bool:
+    """``a == b`` for symbolic sizes true at the traced sizes, made a guard of the graph (Dynamo recompiles
+    where it fails, and the new graph is planned again). Needed where the model slices its bias with
+    ``max(0, longest - seen)`` (mpt): equal to ``seen`` only while ``seen <= longest``."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+        return bool(guard_or_false(a == b))
+    except Exception:
+        return False

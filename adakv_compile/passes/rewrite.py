@@ -13,6 +13,9 @@ window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
            ``adakv.window_write`` (declared mutations). See kernels/window.py.
 The ``adakv.cache_slot`` marker of a static layer is left without users and removed as dead code.
+A site with per-head additive terms (ALiBi) passes their fp32 sum to the compress / decode ops as ``bias``
+(after the optional sinks argument; ``static_attend`` also gets ``pos``): scored with, and gathered at the
+kept positions at decode (docs/algorithm.md, "Per-head additive biases").
 """
 from __future__ import annotations
 
@@ -57,11 +60,15 @@ def _prompt_mask(graph: fx.Graph, site, hints: dict, allow_proof: bool = True) -
     return hints[key][:2]
 
 
-def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
-    """One additive mask [.., q, k] in the query's dtype: the site's per-head terms (ALiBi), each times its
-    factor, plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
-    qv = val(site.q)
-    H, dt = qv.shape[1], qv.dtype
+def _bias_sum(graph: fx.Graph, site, fp32: bool = True) -> fx.Node:
+    """The site's per-head terms (ALiBi), each times its factor, summed in fp32: [.., q, k] (a folded
+    [B·H, q, k] term unflattened to [B, H, q, k]). What the compress / decode ops take as ``bias``; with
+    ``fp32`` False one term of factor 1 stays in its dtype (a falcon prompt's [B, H, n, n] term is not
+    copied: the ops convert only the rows they read)."""
+    H = val(site.q).shape[1]
+    if not fp32 and len(site.bias) == 1 and site.bias[0][2] == 1.0:
+        node, folded, _ = site.bias[0]
+        return graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
     total = None
     for node, folded, factor in site.bias:
         b = graph.call_method("unflatten", (node, 0, (-1, H))) if folded else node
@@ -69,6 +76,14 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
         if factor != 1.0:
             b = graph.call_function(operator.mul, (b, float(factor)))
         total = b if total is None else graph.call_function(operator.add, (total, b))
+    return total
+
+
+def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
+    """One additive mask [.., q, k] in the query's dtype: the site's summed per-head terms (``_bias_sum``)
+    plus the mask (``mask``: the attention's mask argument, bool = allowed, or additive)."""
+    dt = val(site.q).dtype
+    total = _bias_sum(graph, site)
     if mask is not None and val(site.mask) is not None and val(site.mask).dtype != torch.bool:
         total = graph.call_function(operator.add, (total, graph.call_method("to", (mask, torch.float32))))
     total = graph.call_method("to", (total, dt))
@@ -124,9 +139,11 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         if sinks is not None:  # one logit per query head, [Hq]
             sinks = graph.call_method("reshape", (sinks, -1))
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
-
+        bias = None
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
+            bias = _bias_sum(graph, s, fp32=False)
             mask, hint = _bias_mask(graph, s, mask), None
+            tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
 
         def prompt_attention(k, v):
             """Exact attention over a whole prompt (with the sink column when the model has one; without an
@@ -164,7 +181,8 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             new = graph.call_function(torch.ops.adakv.static_attend.default,
-                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail)
+                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail
+                                      + (() if bias is None else (f.static_arg("pos"),)))
         elif p.mode == "window-fill":
             new = prompt_attention(f.k_new, f.v_new)
             keys, values, wpos, _ = f.window_tensors()
