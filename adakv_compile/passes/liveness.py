@@ -108,6 +108,8 @@ def _aliases_input(node: fx.Node) -> Optional[fx.Node]:
         return src
     if (node.op == "call_method" and name in _VIEWS) or node.target in _VIEW_FNS:
         return src
+    if isinstance(node.target, torch._ops.OpOverload):  # an aten graph (make_fx, AOTAutograd)
+        return src if node.target.is_view else None
     if (node.op == "call_method" and name in _MAYBE_VIEWS) or node.target in _MAYBE_VIEW_FNS:
         if vo.dtype != vs.dtype or vo.device != vs.device:
             return None
