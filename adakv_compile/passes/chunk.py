@@ -10,11 +10,16 @@ Found by dataflow, not by module names: a node is *position-wise* when it is a k
 output has exactly one dim of size n (the sequence) and whose sequence inputs line up with it; a region is
 a connected set of such nodes at one *level* (the number of non-position-wise nodes, e.g. attentions,
 crossed on the way from the inputs; only those downstream of a position-wise node count, so a weight's
-``.to()`` or RoPE's ``inv_freq`` does not split a layer), which makes every region convex. Each region is cut out of the graph
-as its own GraphModule, compiled once by the backend's inner compiler for ``c`` rows (and once for the
-remainder), and called through ``adakv::chunked``, which loops over the chunks and writes its outputs'
-rows in place. Only static-shape prefill graphs are chunked (the chunk's shape arguments are rewritten
-from n to c); anything else is left as it was, with the reason logged.
+``.to()`` or RoPE's ``inv_freq`` does not split a layer), which makes every region convex. Each region is
+cut out of the graph as its own GraphModule, compiled once by the backend's inner compiler for ``c`` rows
+(and once for the remainder), and called through ``adakv::chunked``, which loops over the chunks and writes
+its outputs' rows in place. Only static-shape prefill graphs are chunked (the chunk's shape arguments are
+rewritten from n to c); anything else is left as it was, with the reason logged.
+
+Memory order: the call sits right before the first reader of its outputs (not right after its last input),
+so what runs in between — the previous layer's compress, the last reader of that layer's q/k/v — frees
+them before the region allocates the next layer's; views of a region's outputs read only outside it are
+taken outside (the base is returned once). ``passes/liveness.py`` models the resulting peak.
 """
 from __future__ import annotations
 
