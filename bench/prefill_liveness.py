@@ -8,6 +8,7 @@ Takes a few seconds at 1M tokens.
 
     python bench/prefill_liveness.py --layers 8 --context 1048576
     python bench/prefill_liveness.py --layers 32 --context 524288 --chunk 8192
+    python bench/prefill_liveness.py --cpu-check      # the model against a measured peak (CPU, Inductor)
 
 Writes bench/results/prefill-liveness-<layers>L-<context>.json (device: "model (meta tensors)") and prints
 the table. Inductor compiles the outer graph too and keeps its order up to its own reordering; the CUDA
@@ -72,6 +73,47 @@ def llama_8b(layers: int, device: str = "meta"):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
+def cpu_check(layers: int = 4, n: int = 4096, chunk: int = 512) -> dict:
+    """The model against a measurement: a tiny Llama (fp32) compiled with Inductor on the CPU, its second
+    prefill's allocator peak (the profiler's memory events) next to the modelled peak of the same graph
+    (inputs and weights left out of both)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adakv_compile import adakv_backend
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 16)
+    config = AdaKVConfig(budget=64, prefill_chunk=chunk)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    torch._dynamo.reset()
+    backend = adakv_backend(config)
+    cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=8)
+    fwd = torch.compile(model.forward, backend=backend)
+    ids = torch.randint(3, 500, (1, n))
+    kw = {cache_kwarg(model): cache}
+    with torch.no_grad():
+        fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)  # compiles
+        cache.reset()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            del_me = fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+            del del_me
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    now = measured = 0
+    for _, b in events:
+        now += b
+        measured = max(measured, now)
+    with torch.device("meta"):
+        meta_model = LlamaForCausalLM(cfg).eval()
+    modelled = liveness(final_prefill_graph(meta_model, n, config), resident_inputs=False)
+    h = n * cfg.hidden_size * 4
+    return dict(device="cpu", layers=layers, context=n, chunk=chunk, hidden=cfg.hidden_size,
+                measured_mb=measured / 1e6, modelled_mb=modelled.peak / 1e6, modelled_at=modelled.at,
+                hidden_state_mb=h / 1e6)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -79,7 +121,15 @@ def main():
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=None, help="AdaKVConfig.prefill_chunk (default automatic)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-check", action="store_true", help="instead: measure a tiny Inductor-compiled "
+                    "prefill's allocator peak on the CPU next to the model's (~1 min)")
     a = ap.parse_args()
+    if a.cpu_check:
+        res = cpu_check()
+        print(json.dumps(res))
+        out = Path(a.out or Path(__file__).resolve().parent / "results" / "prefill-liveness-cpu-check.json")
+        out.write_text(json.dumps(dict(res, command="python bench/prefill_liveness.py --cpu-check"), indent=1))
+        return
     model = llama_8b(a.layers)
     gm = final_prefill_graph(model, a.context, AdaKVConfig(budget=a.budget, prefill_chunk=a.chunk))
     res = liveness(gm)
