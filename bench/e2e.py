@@ -73,6 +73,12 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / statistics.median(times)
 
 
+def weight_floor_ms(model, bandwidth: float) -> float:
+    """The decode floor: every parameter read once per step at ``bandwidth`` (bytes/s, copy_bandwidth()).
+    bench/long_context.py uses it too (one definition)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / bandwidth * 1e3
+
+
 def build(layers: int, dtype=torch.bfloat16, small: bool = False, device: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
     if small:
@@ -373,7 +379,7 @@ def main():
     model = build(a.layers, torch.bfloat16 if DEVICE == "cuda" else torch.float32, small=a.small)
     orig_forward = model.forward
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    floor = wbytes / bw * 1e3
+    floor = weight_floor_ms(model, bw)
     print(f"{res['device']}: copy {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; floor {floor:.2f} ms/token",
           flush=True)
     if a.profile:

@@ -7,8 +7,12 @@ Llama-3.1-8B shapes (random bf16 weights) × --layers, batch 1, one process per 
                  construction (passes/mask.py) and the position-wise regions run over chunks (passes/chunk.py)
   adakv_general  adakv backend + DynamicCache (the general path); by default only at --general-context
 Per row: layers, context, method, peak_gb (torch.cuda.max_memory_allocated over the prefill and the decode),
-prefill_s (the first call, compile included, as a user sees it; ``prefill_warm_s`` the second call when
---warm), decode_ms (median of --steps decode steps after the prefill, or null), oom (ran out of memory:
+prefill_s (the first call, compile included, as a user sees it; ``prefill_warm_s`` a second prefill when
+--warm: compile excluded, ``warm_prefill_compiles`` counts Dynamo graphs it compiled, 0 expected),
+decode_ms (the median over --steps decode steps after the prefill, measured as bench/e2e.py does: its
+``decode_loop``, pipelined steps between CUDA events, no host sync between steps, CUDA-graph replay on the
+fast path; ``decode_synced_ms`` each step synchronised alone), floor_ms (e2e.py's ``weight_floor_ms``:
+every weight read once per step at the copy bandwidth measured in this run), oom (ran out of memory:
 recorded, the run goes on), device. Each (layers, context, method) row replaces the one already in the
 results file, so several commands (one per method or context range) fill one file.
 
@@ -25,7 +29,6 @@ import argparse
 import gc
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,9 +41,11 @@ from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.passes import mask as mask_pass  # noqa: E402
 from stamp import md_header, png_metadata  # noqa: E402
+import e2e  # noqa: E402  (the decode loop, graph counter, copy bandwidth and weight floor)
 
 METHODS = ("eager", "compiled", "adakv", "adakv_general")
 K = 1024
+WARM = 8  # decode steps before the timed ones (bench/e2e.py's default)
 
 
 def build(layers: int, small: bool, device: str):
@@ -75,7 +80,7 @@ def run_one(model, orig_forward, method: str, n: int, a, device: str) -> dict:
     """One (method, context) row; an out-of-memory error is recorded, not raised."""
     kw = cache_kwarg(model)
     row = dict(layers=model.config.num_hidden_layers, context=n, method=method, peak_gb=None, prefill_s=None,
-               decode_ms=None, oom=False)
+               decode_ms=None, floor_ms=a.floor_ms, oom=False)
     torch._dynamo.reset()
     gc.collect()
     if device == "cuda":
@@ -94,7 +99,7 @@ def run_one(model, orig_forward, method: str, n: int, a, device: str) -> dict:
             state["backend"] = backend
             fwd = torch.compile(orig_forward, backend=backend)  # 1st call static: chunked
             if method == "adakv":
-                cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=a.steps + 8)
+                cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=WARM + 2 * a.steps + 8)
 
                 def make():
                     cache.reset()
@@ -114,27 +119,18 @@ def run_one(model, orig_forward, method: str, n: int, a, device: str) -> dict:
         out, c = prefill()
         _sync(device)
         row["prefill_s"] = time.perf_counter() - t0
-        if a.warm:
+        if a.warm:  # the same graphs again: compile excluded (checked: no new Dynamo graph)
             del out, c
+            graphs = e2e.unique_graphs()
             t0 = time.perf_counter()
             out, c = prefill()
             _sync(device)
             row["prefill_warm_s"] = time.perf_counter() - t0
+            row["warm_prefill_compiles"] = e2e.unique_graphs() - graphs
         if a.steps:
             tok = out.logits[:, -1:].argmax(-1)
-            pos = torch.full((1, 1), n, device=device, dtype=torch.long)
-            times = []
-            with torch.no_grad():
-                for s in range(a.steps + 2):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    logits = fwd(input_ids=tok, position_ids=pos, use_cache=True, **{kw: c}).logits
-                    tok = logits[:, -1:].argmax(-1)
-                    _sync(device)
-                    if s >= 2:  # the first steps compile the decode graph(s)
-                        times.append(time.perf_counter() - t0)
-                    pos = pos + 1
-            row["decode_ms"] = statistics.median(times) * 1e3
+            with torch.no_grad():  # as bench/e2e.py: WARM steps (compile, CUDA-graph recording), then timed
+                row["decode_ms"], row["decode_synced_ms"] = e2e.decode_loop(fwd, kw, c, tok, a.steps, WARM)
         if "backend" in state:
             g = state["backend"].graphs
             row["chunked_regions"] = max((x.get("chunked_regions", 0) for x in g), default=0)
@@ -154,27 +150,8 @@ def run_one(model, orig_forward, method: str, n: int, a, device: str) -> dict:
             row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             torch.cuda.empty_cache()
     if row["oom"]:
-        row["prefill_s"] = row["decode_ms"] = None
+        row["prefill_s"] = row["decode_ms"] = row["decode_synced_ms"] = None
     return row
-
-
-def weight_floor_ms(model, device: str) -> float | None:
-    """Reading every weight once per decode step at the card's copy bandwidth."""
-    if device != "cuda":
-        return None
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 10 / (time.perf_counter() - t0)
-    del x, y
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    nbytes -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    return nbytes / bw * 1e3
 
 
 def write(res: dict, out: Path) -> None:
@@ -182,15 +159,20 @@ def write(res: dict, out: Path) -> None:
     rows = sorted(res["rows"], key=lambda r: (r["layers"], r["context"], METHODS.index(r["method"])))
     lines = [md_header(res["device"], torch=res.get("torch"), transformers=res.get("transformers")),
              f"Long prompts, {res['device']} ({res.get('memory_gb') or '?'} GB), {res.get('model')}, batch 1, "
-             f"budget {res.get('budget')}; weight floor per decode step: "
+             f"budget {res.get('budget')}; weight floor per decode step (bench/e2e.py's weight_floor_ms): "
              + ", ".join(f"{k} layers {v:.2f} ms" for k, v in res.get("weight_floor_ms", {}).items() if v),
-             "", "| layers | context | method | peak GB | prefill s | decode ms | OOM |",
-             "|---|---|---|---|---|---|---|"]
+             "decode ms: median of pipelined steps (CUDA events, no host sync between steps, as bench/e2e.py); "
+             "prefill s: first call (compile included); warm: a second prefill (compile excluded)",
+             "", "| layers | context | method | peak GB | prefill s | warm prefill s | decode ms | floor ms "
+             "| decode / floor | OOM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
         ctx = f"{r['context'] // K}k" if r["context"] % K == 0 else str(r["context"])
+        ratio = r["decode_ms"] / r["floor_ms"] if r.get("decode_ms") and r.get("floor_ms") else None
         lines.append(f"| {r['layers']} | {ctx} | {r['method']} | {f(r['peak_gb'], 1)} | "
-                     f"{f(r['prefill_s'])} | {f(r['decode_ms'])} | {'yes' if r['oom'] else ''} |")
+                     f"{f(r['prefill_s'])} | {f(r.get('prefill_warm_s'))} | {f(r['decode_ms'])} | "
+                     f"{f(r.get('floor_ms'))} | {f(ratio)} | {'yes' if r['oom'] else ''} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -274,8 +256,10 @@ def main():
     res.setdefault("weight_floor_ms", {})
     res.setdefault("commands", [])
     res["commands"].append("python bench/long_context.py " + " ".join(sys.argv[1:]))
+    e2e.DEVICE = device
     model = build(a.layers, a.small, device)
-    res["weight_floor_ms"][str(a.layers)] = weight_floor_ms(model, device)
+    a.floor_ms = e2e.weight_floor_ms(model, e2e.copy_bandwidth())
+    res["weight_floor_ms"][str(a.layers)] = a.floor_ms
     orig_forward = model.forward
     for n in contexts:
         for m in methods:

@@ -9,11 +9,17 @@ Found by dataflow, not by module names: a node is *position-wise* when it is a k
 (elementwise, linear, embedding, reductions over other dims, views that keep the sequence dim) whose
 output has exactly one dim of size n (the sequence) and whose sequence inputs line up with it; a region is
 a connected set of such nodes at one *level* (the number of non-position-wise nodes, e.g. attentions,
-crossed on the way from the inputs), which makes every region convex. Each region is cut out of the graph
-as its own GraphModule, compiled once by the backend's inner compiler for ``c`` rows (and once for the
-remainder), and called through ``adakv::chunked``, which loops over the chunks and writes its outputs'
-rows in place. Only static-shape prefill graphs are chunked (the chunk's shape arguments are rewritten
-from n to c); anything else is left as it was, with the reason logged.
+crossed on the way from the inputs; only those downstream of a position-wise node count, so a weight's
+``.to()`` or RoPE's ``inv_freq`` does not split a layer), which makes every region convex. Each region is
+cut out of the graph as its own GraphModule, compiled once by the backend's inner compiler for ``c`` rows
+(and once for the remainder), and called through ``adakv::chunked``, which loops over the chunks and writes
+its outputs' rows in place. Only static-shape prefill graphs are chunked (the chunk's shape arguments are
+rewritten from n to c); anything else is left as it was, with the reason logged.
+
+Memory order: the call sits right before the first reader of its outputs (not right after its last input),
+so what runs in between — the previous layer's compress, the last reader of that layer's q/k/v — frees
+them before the region allocates the next layer's; views of a region's outputs read only outside it are
+taken outside (the base is returned once). ``passes/liveness.py`` models the resulting peak.
 """
 from __future__ import annotations
 
@@ -197,6 +203,7 @@ class Region:
         env = {}
         for i, x in enumerate(self.inputs):
             env[x] = g.placeholder(f"in_{i}")
+            env[x].meta.update({k: x.meta[k] for k in ("example_value", "val") if k in x.meta})
         for node in self.members:
             env[node] = g.node_copy(node, lambda a: env[a])
         g.output(tuple(env[o] for o in self.out_nodes))
@@ -282,15 +289,18 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
             members.add(node)
     g = to_digraph(graph)
     level: dict = {}
+    below: dict = {}  # downstream of a member: only such non-members can lie on a path between members
     for node in nx.topological_sort(g):
-        level[node] = max((level[p] + (p not in members and bool(p.all_input_nodes)) for p in g.predecessors(node)),
-                          default=0)
+        preds = list(g.predecessors(node))
+        below[node] = any(p in members or below[p] for p in preds)
+        level[node] = max((level[p] + (p not in members and below[p]) for p in preds), default=0)
     sub = nx.Graph()
     sub.add_nodes_from(members)
     sub.add_edges_from((a, b) for a, b in g.edges if a in members and b in members and level[a] == level[b])
     order = {node: i for i, node in enumerate(graph.nodes)}
     regions = []
     for comp in nx.connected_components(sub):
+        comp = _without_layout_outputs(comp)
         if len(comp) < 3:
             continue
         r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order)
@@ -301,6 +311,28 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
         graph.lint()
         gm.recompile()
     return regions
+
+
+def _is_layout(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        node.target in _LAYOUT or (node.op == "call_method" and node.target in _LAYOUT_METHODS))
+
+
+def _without_layout_outputs(comp: set) -> set:
+    """Leave out of a region the views (unsqueeze, transpose, ...) of its members that only nodes outside
+    read: the region then returns their base once, and the views are taken outside on it. Otherwise every
+    view would be its own materialised output (RoPE's cos/sin were returned once per later layer, v as a
+    transposed copy). Convexity is kept: such a node has no user inside the region."""
+    comp = set(comp)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(comp):
+            if _is_layout(node) and node.args and node.args[0] in comp and node.users and \
+                    all(u not in comp for u in node.users):
+                comp.discard(node)
+                changed = True
+    return comp
 
 
 def _impure_like(node: fx.Node) -> bool:
@@ -329,8 +361,13 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
     rows = chunk if chunk is not None else default_chunk(per_row, device)
     if rows >= n:
         return None
-    last_input = max(inputs, key=order.get)
     first_user = min((u for o in outs for u in o.users if u not in mset), key=order.get)
+    for x in sorted(inputs, key=order.get):  # a view taken late (RoPE's cos.unsqueeze for this layer) moves up
+        if order[x] >= order[first_user] and _is_layout(x) and \
+                all(order[a] < order[first_user] for a in x.all_input_nodes):
+            first_user.prepend(x)
+            order = {node: i for i, node in enumerate(graph.nodes)}
+    last_input = max(inputs, key=order.get)
     if order[last_input] >= order[first_user]:
         log.info("adakv: chunk: region at %s not chunked: an input is computed after an output is read",
                  members[0].name)
@@ -343,7 +380,9 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
                     [(tuple(int(s) for s in val(o).shape), val(o).dtype) for o in outs], compile_fn)
     region.cut()
     REGIONS[key] = region
-    with graph.inserting_after(last_input):
+    # as late as possible: right before the first reader of an output, so that its O(n) outputs are born
+    # after whatever runs between (e.g. the previous layer's compress, which frees that layer's q/k/v)
+    with graph.inserting_before(first_user):
         call = graph.call_function(torch.ops.adakv.chunked.default, (key, list(seq_first)))
     for i, o in enumerate(outs):
         with graph.inserting_after(call):
