@@ -40,6 +40,7 @@ from torch.library import triton_op
 
 from .shard import cap_rows, keep_mask_tp, worst_rank_share
 from .attend import store_attention
+from .dispatch import triton_on
 from .ops import config_for, prompt_scores, register_config, use_triton, valid_from_mask
 from .store import StoreError
 
@@ -161,7 +162,7 @@ def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int,
     _check_room(seg.sum(-1) <= slots,
                 f"adakv: a row keeps more tokens than its {slots} static slots (cache sized too small)")
     slot = start[..., None] + torch.cumsum(keep, -1) - 1                   # where each kept token goes
-    if k.is_cuda and use_triton():  # kept tokens only (one trash address for all dropped ones serialises)
+    if triton_on(k):  # kept tokens only (one trash address for all dropped ones serialises)
         from .triton_fill import scatter_kept
         scatter_kept(k, v, torch.where(keep, slot, -1).reshape(-1), pool_k, pool_v, pos)
     else:
