@@ -66,10 +66,12 @@ class AdaKVBackend:
         return len(self.graphs)
 
     def reconfigure(self, config: AdaKVConfig) -> None:
-        """Switch compression settings for graphs already compiled, without recompiling.
+        """Switch compression settings for graphs already compiled, without recompiling them.
 
         Allowed between configs that both compress (the graphs' structure is the same); the new
-        settings apply from the next prefill. Budget sweeps use this.
+        settings apply from the next prefill. Budget sweeps use this. An AdaKVCache prefill graph, whose
+        compression Inductor inlines with the config's values as constants, is compiled once more for
+        each new config, on its first prefill (docs/design.md, "Compression through Inductor").
         """
         if not isinstance(config, AdaKVConfig):
             raise TypeError(f"reconfigure(config=...) needs an AdaKVConfig, got {type(config).__name__}")
@@ -123,12 +125,13 @@ class AdaKVBackend:
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result)
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
+        variants = self._config_variants(gm, merged, example_inputs, result)  # before _inner changes merged.gm
         compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
         self.graphs[-1]["merged_linears"] = merged.merged
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
         if result.static is not None:
-            return self._static_wrapper(compiled, result.static)
+            return self._static_wrapper(compiled, result.static, variants)
         if not dense_idx and not links:
             return compiled
 
@@ -166,9 +169,44 @@ class AdaKVBackend:
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         return bool(static_only and on_cuda)
 
-    def _static_wrapper(self, compiled: Callable, use) -> Callable:
+    def _config_variants(self, gm, merged, example_inputs, result) -> Optional[Callable]:
+        """For a prefill graph whose compression Inductor inlines (``adakv::prefill_compress``: the config's
+        values are constants of the compiled code): ``variant(config)``, the graph compiled for ``config``,
+        compiled on first use after a ``reconfigure`` from a copy of the rewritten graph retargeted to the
+        config and Dynamo's fake inputs (no real tensor is kept). None for other graphs."""
+        from .kernels.static import inline_config_key, retarget_config
+        from .passes.merge_linears import _copy
+
+        target = torch.ops.adakv.prefill_compress.default
+        if result.static is None or result.static.phase != "prefill" or not merged.gm.graph.find_nodes(
+                op="call_function", target=target):
+            return None
+        template = _copy(merged.gm)
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        fakes = [ph.meta.get("example_value", ph.meta.get("val", x)) if len(placeholders) == len(example_inputs)
+                 else x for ph, x in zip(placeholders, example_inputs)]
+        if any(type(x) is torch.Tensor and not isinstance(x, torch.nn.Parameter) for x in fakes):
+            return None  # no fake of an input: we would keep a real one (a cache) alive; not recompilable
+        compiled = {inline_config_key(self.config): None}  # None: the graph compiled by __call__
+
+        def variant(config: AdaKVConfig):
+            key = inline_config_key(config)
+            if key not in compiled:
+                from torch._guards import TracingContext, detect_fake_mode, tracing
+                copy_gm = _copy(template)
+                retarget_config(copy_gm, config)
+                inputs = merged.inputs(fakes)
+                with tracing(TracingContext(detect_fake_mode(inputs))):
+                    compiled[key] = merged.wrap(self._inner(copy_gm, inputs))
+                log.info("adakv: prefill graph recompiled for the reconfigured %s", config)
+            return compiled[key]
+
+        return variant
+
+    def _static_wrapper(self, compiled: Callable, use, variants: Optional[Callable] = None) -> Callable:
         """Keep the AdaKVCache's host-side count of appended tokens (capacity errors before the step) and
-        advance its ``seen`` tensor after the step (outside the graph: see AdaKVCache.advance)."""
+        advance its ``seen`` tensor after the step (outside the graph: see AdaKVCache.advance). ``variants``
+        (a prefill with inlined compression): the graph compiled for the backend's current config."""
         index, phase, chunk = use.cache_input, use.phase, use.chunk
 
         def run(*args):
@@ -183,11 +221,14 @@ class AdaKVBackend:
                 t = int(args[chunk[1]])
             else:
                 t = int(args[chunk[1]].shape[chunk[2]])
+            run_graph = compiled
             if phase == "prefill":
                 cache.before_prefill(self.config)
+                if variants is not None:
+                    run_graph = variants(self.config) or compiled
             else:
                 cache.before_append(t)
-            outs = compiled(*args)
+            outs = run_graph(*args)
             cache.advance(t)
             return outs
 

@@ -17,3 +17,10 @@ def _have_triton() -> bool:
 def use_triton() -> bool:
     """Triton kernels on CUDA unless ADAKV_KERNELS=plain (or triton is missing). Called per decode step."""
     return os.environ.get("ADAKV_KERNELS", "triton") != "plain" and _have_triton()
+
+
+def triton_on(t) -> bool:
+    """Whether the Triton kernels run for tensor ``t``: on CUDA (as ``use_triton``), or on any device with
+    ADAKV_KERNELS=interpret (tests: CPU tensors through Triton's interpreter, TRITON_INTERPRET=1)."""
+    mode = os.environ.get("ADAKV_KERNELS", "triton")
+    return _have_triton() and (mode == "interpret" or (mode != "plain" and t.is_cuda))

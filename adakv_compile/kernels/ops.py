@@ -20,7 +20,7 @@ import torch
 
 from ..config import AdaKVConfig
 from . import store as kv_store
-from .dispatch import _have_triton, use_triton  # noqa: F401  (moved; re-exported here)
+from .dispatch import _have_triton, triton_on, use_triton  # noqa: F401  (moved; re-exported here)
 from .shard import keep_mask_tp
 from .attend import exact_attention, is_causal_mask, sink_attention as _sink_attention, store_attention
 from .score import window_scores
@@ -42,7 +42,7 @@ def prompt_scores(q, k, valid, config: AdaKVConfig, scale: float, softcap: Optio
     bias rows added to the window logits (the fused one has no bias input)."""
     if bias is not None:
         scores = window_scores(q, k, valid, config, scale, softcap, sinks, bias)
-    elif q.is_cuda and use_triton():
+    elif triton_on(q):
         from .triton_score import window_scores_triton
         scores = window_scores_triton(q, k, valid, config, scale, softcap, sinks=sinks)
     else:

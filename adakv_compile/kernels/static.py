@@ -22,7 +22,9 @@ The ops (registered here; the graph pass inserts them, users never call them):
 - ``adakv::cache_slot``       what ``AdaKVLayer.update`` traces to: a marker carrying the new K/V and the
                               layer's tensors to the pass. It has no meaning of its own; run un-rewritten
                               (eager, or compiled by another backend) it raises.
-- ``adakv::static_compress``  prefill: score, allocate, write the kept K/V into the pools (mutates them).
+- ``adakv::prefill_compress`` prefill: score, allocate, write the kept K/V into the pools (mutates them); a
+                              ``triton_op`` Inductor inlines (config values are graph constants).
+- ``adakv::static_compress``  the same as an opaque custom op (config read at run time): tensor parallelism.
 - ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
 - ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
@@ -30,6 +32,7 @@ inlined into the generated code and the decode step replays as one CUDA graph.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -37,7 +40,8 @@ from torch.library import triton_op
 
 from .shard import cap_rows, keep_mask_tp, worst_rank_share
 from .attend import store_attention
-from .ops import config_for, prompt_scores, use_triton, valid_from_mask
+from .dispatch import triton_on
+from .ops import config_for, prompt_scores, register_config, use_triton, valid_from_mask
 from .store import StoreError
 
 _EAGER_MESSAGE = (
@@ -65,23 +69,20 @@ def _(k_new, v_new, pool_k, pool_v, off, lens, pos, seen, room, compressed):
 
 
 def _check_room(ok: torch.Tensor, what: str) -> None:
-    """A capacity check that never syncs on the GPU (device assert) and raises plainly on the CPU."""
-    if ok.device.type == "cpu":
+    """A capacity check that never syncs on the GPU (device assert) and raises plainly on the CPU; traced
+    (inside ``prefill_compress``'s body) it becomes an ``_assert_async`` node Inductor lowers to a device
+    assert."""
+    if type(ok) is torch.Tensor and ok.device.type == "cpu":
         if not bool(ok.all()):
             raise StoreError(what)
     else:
         torch._assert_async(ok.all(), what)
 
 
-@torch.library.custom_op("adakv::static_compress",
-                         mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
-def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                    scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
-                    pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
-                    pos: torch.Tensor, seen: torch.Tensor, tp_group: str = "",
-                    sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
-    """``bias``: the model's per-head additive term over the prompt (ALiBi), added to the scores' logits."""
-    config = config_for(config_key)
+def _compress(q, k, v, attn_mask, scale, softcap, layer, num_layers, config, room, pool_k, pool_v, off, lens,
+              pos, tp_group="", sinks=None, bias=None) -> None:
+    """Score, allocate, compact: the body of both compress ops (one place for new arguments).
+    ``bias``: the model's per-head additive term over the prompt (ALiBi), added to the scores' logits."""
     B, H, n, D = k.shape
     valid = valid_from_mask(attn_mask, B, n, k.device)
     scores = prompt_scores(q, k, valid, config, scale, softcap or None, v, layer, num_layers, sinks, bias)
@@ -97,10 +98,63 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         pos[-1:].copy_(trimmed.reshape(1))
 
 
+@torch.library.custom_op("adakv::static_compress",
+                         mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
+def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                    scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
+                    pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
+                    pos: torch.Tensor, seen: torch.Tensor, tp_group: str = "",
+                    sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
+    """Opaque (an extern call under Inductor; reads the config at run time): the tensor-parallel prefill,
+    whose allocation all-gathers the ranks' scores with a plain collective (kernels/shard.py)."""
+    _compress(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_for(config_key), room, pool_k,
+              pool_v, off, lens, pos, tp_group, sinks, bias)
+
+
+@triton_op("adakv::prefill_compress", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
+def prefill_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                     scale: float, softcap: float, layer: int, num_layers: int, config_key: str, room: int,
+                     pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
+                     pos: torch.Tensor, seen: torch.Tensor, sinks: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None) -> None:
+    """``static_compress`` on one GPU, as a ``triton_op``: Inductor traces this body (the fused scorer's and
+    the compaction's Triton kernels as ``wrap_triton`` launches, the allocation as aten ops) into the
+    prefill graph, so no Python runs per layer at run time. The config is read when the body is traced:
+    its values are constants of the compiled graph, and ``config_key`` names the config's content
+    (``inline_config_key``), so another config is another graph (docs/design.md, "Compression through
+    Inductor")."""
+    _compress(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_for(config_key), room, pool_k,
+              pool_v, off, lens, pos, "", sinks, bias)
+
+
+def inline_config_key(config) -> str:
+    """The key ``prefill_compress`` nodes carry: a hash of the config's fields, registered to the config
+    (the same in every process, so Inductor's caches hit on a restart and miss for another config)."""
+    digest = hashlib.sha256(config.key().encode()).hexdigest()[:16]  # as passes/cache_key.config_key
+    return register_config(config, f"adakv-config-{digest}")
+
+
+def retarget_config(gm: torch.fx.GraphModule, config) -> int:
+    """Point every ``prefill_compress`` of ``gm`` at ``config`` (backend.reconfigure's recompile); returns
+    how many nodes changed."""
+    key = inline_config_key(config)
+    changed = 0
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.adakv.prefill_compress.default):
+        args = list(node.args)
+        if args[8] != key:
+            args[8] = key
+            node.args = tuple(args)
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int, pool_k: torch.Tensor,
                 pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor) -> None:
     """Write the kept tokens of k/v [B, H, n, D] (``keep`` [B, H, n]) into the static pools, in position
-    order per segment, each segment followed by ``room`` free slots. No host synchronisation."""
+    order per segment, each segment followed by ``room`` free slots. No host synchronisation (traceable:
+    the Triton compaction launches through ``launcher``)."""
     B, H, n, D = k.shape
     slots = (pool_k.shape[0] - 1) // B
     trash = B * slots
@@ -110,7 +164,7 @@ def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int,
     _check_room(seg.sum(-1) <= slots,
                 f"adakv: a row keeps more tokens than its {slots} static slots (cache sized too small)")
     slot = start[..., None] + torch.cumsum(keep, -1) - 1                   # where each kept token goes
-    if k.is_cuda and use_triton():  # kept tokens only (one trash address for all dropped ones serialises)
+    if triton_on(k):  # kept tokens only (one trash address for all dropped ones serialises)
         from .triton_fill import scatter_kept
         scatter_kept(k, v, torch.where(keep, slot, -1).reshape(-1), pool_k, pool_v, pos)
     else:

@@ -40,6 +40,8 @@ def scatter_kept(k: torch.Tensor, v: torch.Tensor, dest: torch.Tensor, pool_k: t
     total = B * H * n
     block_d = max(16, triton.next_power_of_2(D))
     block_r = max(1, 4096 // block_d)
-    _scatter_kept_kernel[(triton.cdiv(total, block_r),)](
+    from .triton_attend import launcher  # wrap_triton when traced (prefill_compress's body)
+
+    launcher(_scatter_kept_kernel, k)[(triton.cdiv(total, block_r),)](
         k, v, dest, pool_k, pool_v, pos, *k.stride(), *v.stride(), H, n, total, D,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)

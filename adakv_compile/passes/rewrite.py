@@ -6,8 +6,9 @@ compress → exact ``adakv.attention`` on the prompt, and ``adakv.compress`` who
            replace the K/V the graph returns (so the model's cache holds the compacted store).
 store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph returns
            ``as_strided`` views of the past inputs one chunk longer (no data is copied).
-static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.static_compress`` writing the
-           kept K/V into the AdaKVCache layer's tensors (declared mutations).
+static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.prefill_compress`` (a triton_op Inductor
+           inlines; ``adakv.static_compress``, opaque, under tensor parallelism) writing the kept K/V into
+           the AdaKVCache layer's tensors (declared mutations).
 static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
 window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
@@ -25,6 +26,8 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops as adakv_ops  # noqa: F401  (registers torch.ops.adakv)
+from ..kernels.ops import config_for
+from ..kernels.static import inline_config_key
 from . import mask as mask_proof
 from .detect import ScaleExpr, val
 from .plan import PlannedSite
@@ -172,9 +175,15 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
             new = prompt_attention(f.k_new, f.v_new)
-            graph.call_function(torch.ops.adakv.static_compress.default,
-                                (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
-                                 config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
+            if tp_group:  # the allocation all-gathers over the TP group at run time: the opaque op
+                graph.call_function(torch.ops.adakv.static_compress.default,
+                                    (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
+                                     config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
+            else:  # Inductor inlines it; the config's values become graph constants (kernels/static.py)
+                graph.call_function(torch.ops.adakv.prefill_compress.default,
+                                    (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
+                                     inline_config_key(config_for(config_key)), f.static_arg("room"))
+                                    + f.static_tensors() + tail)
         elif p.mode == "static-store":
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
             graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())

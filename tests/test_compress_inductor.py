@@ -1,0 +1,141 @@
+"""Prefill compression lowered through Inductor (issue 17): ``adakv::prefill_compress`` is a ``triton_op``
+whose body (scorer, allocation, compaction) the compiler traces into the prefill graph.
+
+- Inductor: the prefill graph's code calls no adakv compress op (its work is inlined), its cache equals
+  the eager oracle's (kept positions, pool contents, logits), and ``backend.reconfigure`` recompiles
+  it for the new config (its values are graph constants), which changes the kept set as the oracle says.
+- aot_eager (the same traced body, no code generation: cheap) on more configs and a GQA-max model.
+- The body with its Triton kernels (raw launches in eager; ``wrap_triton`` when traced, GPU only) under
+  the interpreter equals the torch fallback.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from adakv_compile import AdaKVCache, AdaKVConfig, compile_model
+from adakv_compile.cache import cache_kwarg
+from adakv_compile.reference import ReferenceSession
+from tests.prompts import left_padded
+from tests.test_static_cache import build, twin
+from tests.triton_device import DEVICE, interpreter_subprocess_test, needs_device
+
+test_in_interpreter_subprocess = interpreter_subprocess_test(__file__)
+
+
+def _prefill(model, backend, ids, am):
+    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=4, max_prompt_len=ids.shape[1])
+    position_ids = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)  # as the oracle (and HF generate) number them
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=position_ids, use_cache=True,
+                    **{cache_kwarg(model): cache})
+    return out.logits, cache
+
+
+def _assert_equals_oracle(model_twin, cfg, ids, am, logits, cache):
+    """Logits, kept positions and the K/V each segment holds, against ReferenceSession."""
+    ref = ReferenceSession(model_twin, cfg)
+    want = ref.prefill(ids, am)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    kept = ref.kept_positions()
+    for layer, per_row in enumerate(kept):
+        lay = cache.layers[layer]
+        got = cache.kept_positions(layer)
+        for b, heads in enumerate(per_row):
+            for h, pos in enumerate(heads):
+                assert torch.equal(got[b][h], pos.to(torch.int32)), (cfg, layer, b, h)
+                o, n = int(lay.off[b, h]), int(lay.lens[b, h])
+                torch.testing.assert_close(lay.pool_k[o:o + n], ref._keys[layer][b][h], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(lay.pool_v[o:o + n], ref._values[layer][b][h], rtol=1e-5, atol=1e-5)
+    return kept
+
+
+def test_inductor_inlines_compression_and_recompiles_on_reconfigure():
+    from torch._inductor.utils import run_and_get_code
+
+    seed = int(torch.randint(0, 1 << 16, ()))  # fresh inputs each run (the seed is in the failure message)
+    model = build("llama", seed=seed, layers=1)
+    other = twin(model)
+    ids, am = left_padded([70, 45, 12], seed=seed)
+    first = AdaKVConfig(budget=20, window=4)
+    backend = compile_model(model, first, inner="inductor")
+    (logits, cache), codes = run_and_get_code(lambda: _prefill(model, backend, ids, am))
+    code = "\n".join(codes)
+    calls = set(re.findall(r"torch\.ops\.adakv\.(\w+)", code))
+    assert not calls & {"static_compress", "prefill_compress"}, (seed, calls)
+    kept1 = _assert_equals_oracle(other, first, ids, am, logits, cache)
+
+    graphs = backend.graphs_compiled
+    second = AdaKVConfig(budget=20, window=4, pooling="avg", kernel_size=3, alpha=0.5)  # same cache sizes
+    backend.reconfigure(second)
+    logits, cache = _prefill(model, backend, ids, am)
+    kept2 = _assert_equals_oracle(other, second, ids, am, logits, cache)
+    as_lists = lambda kept: [[[p.tolist() for p in heads] for heads in rows] for rows in kept]  # noqa: E731
+    assert as_lists(kept1) != as_lists(kept2), seed
+    assert backend.graphs_compiled == graphs  # Dynamo did not retrace: the backend recompiled the graph
+
+
+CASES = [
+    ("llama", dict(budget=24, window=4)),
+    ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5, head_floor=4)),
+    ("qwen2", dict(budget=20, window=4, gqa_reduce="max", allocation="uniform")),
+    ("qwen2", dict(compression_ratio=0.6, window=6, scorer="critical")),
+]
+
+
+@pytest.mark.parametrize("family, kwargs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_traced_body_equals_oracle(family, kwargs):
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build(family, seed=seed)
+    cfg = AdaKVConfig(**kwargs)
+    ids, am = left_padded([96, 50, 9], seed=seed)
+    backend = compile_model(model, cfg, inner="aot_eager")
+    logits, cache = _prefill(model, backend, ids, am)
+    _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
+
+
+def _op_inputs(seed, B=2, Hq=4, Hkv=2, n=45, D=16, room=3, budget=12):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, n, D, generator=g)
+    k = torch.randn(B, n, Hkv, D, generator=g).transpose(1, 2)  # HF's layout: not contiguous
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    am = torch.ones(B, 1, n, n, dtype=torch.bool).tril()
+    am[1, ..., :7] = False  # left padding in row 1
+    slots = Hkv * (budget + room) + Hkv
+    pools = (torch.zeros(B * slots + 1, D), torch.zeros(B * slots + 1, D), torch.zeros(B, Hkv, dtype=torch.int32),
+             torch.zeros(B, Hkv, dtype=torch.int32), torch.full((B * slots + 1,), -1, dtype=torch.int32),
+             torch.zeros((), dtype=torch.int64))
+    return (q, k, v, am), room, pools
+
+
+def _run_op(kernels: str, cfg: AdaKVConfig, seed: int):
+    """The op in eager. Traced, its launches go through ``wrap_triton``, which hands interpreted kernels
+    back unwrapped (torch 2.13): the traced launches run on the GPU only (bench/e2e.py --check)."""
+    from adakv_compile.kernels.static import inline_config_key
+
+    (q, k, v, am), room, pools = _op_inputs(seed)
+    key = inline_config_key(cfg)
+
+    old = os.environ.get("ADAKV_KERNELS")
+    os.environ["ADAKV_KERNELS"] = kernels
+    try:
+        torch.ops.adakv.prefill_compress(q, k, v, am, 0.25, 0.0, 0, 2, key, room, *pools)
+    finally:
+        os.environ.pop("ADAKV_KERNELS") if old is None else os.environ.__setitem__("ADAKV_KERNELS", old)
+    return pools
+
+
+@needs_device
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter run (CPU); on a GPU bench/e2e.py --check covers it")
+def test_triton_launches_equal_torch_fallback():
+    seed = int(torch.randint(0, 1 << 16, ()))
+    cfg = AdaKVConfig(budget=12, window=4, head_floor=2)
+    plain = _run_op("plain", cfg, seed)
+    got = _run_op("interpret", cfg, seed)  # the op's body with its Triton kernels launched in eager
+    for a, b, name in zip(plain, got, ("pool_k", "pool_v", "off", "lens", "pos")):
+        if name in ("pool_k", "pool_v", "pos"):  # the plain path also writes the trash slot
+            a, b = a[:-1], b[:-1]
+        assert torch.equal(a, b), (seed, name)
