@@ -128,10 +128,12 @@ def _splits(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def default_workspace(node: fx.Node) -> int:
-    """Bytes an op allocates and frees inside itself (not its inputs or outputs)."""
+def default_workspace(node: fx.Node, plain_scorer: bool = False) -> int:
+    """Bytes an op allocates and frees inside itself (not its inputs or outputs). ``plain_scorer``: compress
+    scores with the plain-PyTorch scorer (CPU), whose window logits ``[B, Hq, window, n]`` fp32 are in
+    memory (the fused Triton scorer on CUDA keeps none)."""
     op = adakv_op(node)
-    if op == "chunked":
+    if op in ("chunked", "chunked_into"):
         from .chunk import REGIONS
         region = REGIONS.get(node.args[0])
         if region is None or region.template is None:
@@ -145,11 +147,23 @@ def default_workspace(node: fx.Node) -> int:
             return 0
         B, H, n, _ = (int(s) for s in k.shape)
         q = val(node.args[0])
-        if op in ("static_compress", "compress"):  # scores fp32, keep, cumsum/slot/dest int64 per (b, h, token)
-            return B * H * n * (4 + 1 + 8 * 3)
         hq = int(q.shape[1]) if q is not None and q.dim() == 4 else H
+        if op in ("static_compress", "compress"):  # scores fp32, keep, cumsum/slot/dest int64 per (b, h, token)
+            logits = B * hq * _window(node) * n * 4 if plain_scorer else 0
+            return B * H * n * (4 + 1 + 8 * 3) + logits
         return B * hq * n * 4  # the softmax statistics (log-sum-exp, fp32) of a flash attention
     return 0
+
+
+def _window(node: fx.Node) -> int:
+    from ..kernels.ops import config_for
+    for a in node.args:
+        if isinstance(a, str) and a.startswith("adakv-"):
+            try:
+                return config_for(a).window
+            except RuntimeError:
+                break
+    return 32
 
 
 def liveness(gm: fx.GraphModule, resident_inputs: bool = True,
@@ -225,4 +239,22 @@ def attention_qkv(gm: fx.GraphModule) -> list[set[str]]:
             qkv = {roots[a].name for a in node.args[:3] if isinstance(a, fx.Node)}
             if qkv not in out:  # a layer's attention and its compress read the same q/k/v
                 out.append(qkv)
+    return out
+
+
+def stale_qkv_at_regions(gm: fx.GraphModule, res: Liveness) -> dict[str, set[str]]:
+    """Per ``adakv::chunked``/``chunked_into`` call, the q/k/v storages of attentions live while it runs that
+    it neither allocates nor writes into (a donor): an earlier layer's q/k/v kept alive by a late reader."""
+    every = set().union(*attention_qkv(gm)) if attention_qkv(gm) else set()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for (name, _), live in zip(res.timeline, res.live_sets):
+        node = nodes[name]
+        if adakv_op(node) in ("chunked", "chunked_into"):
+            mine = {u.name for u in node.users}
+            if adakv_op(node) == "chunked_into":
+                mine |= {d.name for d in node.args[2]}
+            stale = (live & every) - mine
+            if stale:
+                out[name] = stale
     return out
