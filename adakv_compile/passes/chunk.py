@@ -349,10 +349,19 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
     return regions
 
 
+def adakv_op(node: fx.Node) -> str:
+    """The adakv op name of a node (``attention_proven``, ``chunked``, ...) or ''."""
+    if node.op != "call_function":
+        return ""
+    t = node.target
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and t.namespace == "adakv":
+        return (t._schema.name if isinstance(t, torch._ops.OpOverload) else t._qualified_op_name).split("::")[-1]
+    return ""
+
+
 def _fresh(x: fx.Node) -> bool:
     """``x`` is a tensor our own ops made (a region's output or buffer, an attention's output): its storage is
     its own."""
-    from .liveness import adakv_op
     if x.op != "call_function":
         return False
     if x.target is operator.getitem and isinstance(x.args[0], fx.Node):

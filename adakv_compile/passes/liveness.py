@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from .chunk import REGIONS, adakv_op
 from .detect import val
 
 _VIEWS = {"view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "t", "detach",
@@ -85,16 +86,6 @@ def _target_name(node: fx.Node) -> str:
     return name.split(".")[0] if isinstance(t, torch._ops.OpOverload) else name
 
 
-def adakv_op(node: fx.Node) -> str:
-    """The adakv op name of a node (``attention_proven``, ``chunked``, ...) or ''."""
-    if node.op != "call_function":
-        return ""
-    t = node.target
-    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and t.namespace == "adakv":
-        return (t._schema.name if isinstance(t, torch._ops.OpOverload) else t._qualified_op_name).split("::")[-1]
-    return ""
-
-
 def _aliases_input(node: fx.Node) -> Optional[fx.Node]:
     """The tensor node whose storage ``node``'s value shares, or None when the op allocates."""
     if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
@@ -134,7 +125,6 @@ def default_workspace(node: fx.Node, plain_scorer: bool = False) -> int:
     memory (the fused Triton scorer on CUDA keeps none)."""
     op = adakv_op(node)
     if op in ("chunked", "chunked_into"):
-        from .chunk import REGIONS
         region = REGIONS.get(node.args[0])
         if region is None or region.template is None:
             return 0
