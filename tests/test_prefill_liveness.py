@@ -85,3 +85,21 @@ def test_reordered_chunked_prefill_equals_unchunked():
     assert regions_off == 0 and regions_on == 4
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert_same_kept(kept, kept_want)
+
+
+def test_donated_rows_are_written_after_every_result_of_their_chunk_is_read():
+    """Region.run with output 0 written into its input: a result that is a view of that input (output 1,
+    here the input's own rows) must still give the input's old rows."""
+    from adakv_compile.passes.chunk import Region
+
+    def compile_fn(gm, example):
+        return lambda x: (x * 2, x[:])  # output 1 is a view of the donor's rows
+
+    r = Region("test-donate", 10, 3, [], [None], [0], [None, None], [0, 0],
+               [((10,), torch.float32), ((10,), torch.float32)], compile_fn, donated={0: 0})
+    r.build = lambda rows: None
+    x = torch.arange(10.0)
+    outs = [x, torch.empty(10)]
+    r.run([], outs)
+    torch.testing.assert_close(outs[0], torch.arange(10.0) * 2)
+    torch.testing.assert_close(outs[1], torch.arange(10.0))
