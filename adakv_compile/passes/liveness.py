@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from .chunk import REGIONS, adakv_op
 from .detect import val
 
 _VIEWS = {"view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "t", "detach",
@@ -85,16 +86,6 @@ def _target_name(node: fx.Node) -> str:
     return name.split(".")[0] if isinstance(t, torch._ops.OpOverload) else name
 
 
-def adakv_op(node: fx.Node) -> str:
-    """The adakv op name of a node (``attention_proven``, ``chunked``, ...) or ''."""
-    if node.op != "call_function":
-        return ""
-    t = node.target
-    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and t.namespace == "adakv":
-        return (t._schema.name if isinstance(t, torch._ops.OpOverload) else t._qualified_op_name).split("::")[-1]
-    return ""
-
-
 def _aliases_input(node: fx.Node) -> Optional[fx.Node]:
     """The tensor node whose storage ``node``'s value shares, or None when the op allocates."""
     if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
@@ -128,11 +119,12 @@ def _splits(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def default_workspace(node: fx.Node) -> int:
-    """Bytes an op allocates and frees inside itself (not its inputs or outputs)."""
+def default_workspace(node: fx.Node, plain_scorer: bool = False) -> int:
+    """Bytes an op allocates and frees inside itself (not its inputs or outputs). ``plain_scorer``: compress
+    scores with the plain-PyTorch scorer (CPU), whose window logits ``[B, Hq, window, n]`` fp32 are in
+    memory (the fused Triton scorer on CUDA keeps none)."""
     op = adakv_op(node)
-    if op == "chunked":
-        from .chunk import REGIONS
+    if op in ("chunked", "chunked_into"):
         region = REGIONS.get(node.args[0])
         if region is None or region.template is None:
             return 0
@@ -145,11 +137,23 @@ def default_workspace(node: fx.Node) -> int:
             return 0
         B, H, n, _ = (int(s) for s in k.shape)
         q = val(node.args[0])
-        if op in ("static_compress", "compress"):  # scores fp32, keep, cumsum/slot/dest int64 per (b, h, token)
-            return B * H * n * (4 + 1 + 8 * 3)
         hq = int(q.shape[1]) if q is not None and q.dim() == 4 else H
+        if op in ("static_compress", "compress"):  # scores fp32, keep, cumsum/slot/dest int64 per (b, h, token)
+            logits = B * hq * _window(node) * n * 4 if plain_scorer else 0
+            return B * H * n * (4 + 1 + 8 * 3) + logits
         return B * hq * n * 4  # the softmax statistics (log-sum-exp, fp32) of a flash attention
     return 0
+
+
+def _window(node: fx.Node) -> int:
+    from ..kernels.ops import config_for
+    for a in node.args:
+        if isinstance(a, str) and a.startswith("adakv-"):
+            try:
+                return config_for(a).window
+            except RuntimeError:
+                break
+    return 32
 
 
 def liveness(gm: fx.GraphModule, resident_inputs: bool = True,
@@ -225,4 +229,22 @@ def attention_qkv(gm: fx.GraphModule) -> list[set[str]]:
             qkv = {roots[a].name for a in node.args[:3] if isinstance(a, fx.Node)}
             if qkv not in out:  # a layer's attention and its compress read the same q/k/v
                 out.append(qkv)
+    return out
+
+
+def stale_qkv_at_regions(gm: fx.GraphModule, res: Liveness) -> dict[str, set[str]]:
+    """Per ``adakv::chunked``/``chunked_into`` call, the q/k/v storages of attentions live while it runs that
+    it neither allocates nor writes into (a donor): an earlier layer's q/k/v kept alive by a late reader."""
+    every = set().union(*attention_qkv(gm)) if attention_qkv(gm) else set()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for (name, _), live in zip(res.timeline, res.live_sets):
+        node = nodes[name]
+        if adakv_op(node) in ("chunked", "chunked_into"):
+            mine = {u.name for u in node.users}
+            if adakv_op(node) == "chunked_into":
+                mine |= {d.name for d in node.args[2]}
+            stale = (live & every) - mine
+            if stale:
+                out[name] = stale
     return out
