@@ -33,6 +33,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, also when run as python -m bench.prefill
 from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels.allocate import keep_mask  # noqa: E402
@@ -54,7 +55,7 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> dict:
+def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int, plain_compiled: bool = True) -> dict:
     kw = cache_kwarg(model)
     ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
     row = dict(batch=B, context=n, budget=budget)
@@ -69,9 +70,12 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
         ms = timed(go, reps)
         return ms, torch.cuda.max_memory_allocated() / 1e9
 
-    for name, fwd, make in (
-            ("eager", orig_forward, lambda: DynamicCache(config=model.config)),
-            ("compiled", torch.compile(orig_forward), lambda: DynamicCache(config=model.config))):
+    baselines = [("eager", orig_forward, lambda: DynamicCache(config=model.config))]
+    if not plain_compiled:
+        row["compiled_prefill_ms"] = row["compiled_peak_gb"] = "skipped"
+    else:
+        baselines.append(("compiled", torch.compile(orig_forward), lambda: DynamicCache(config=model.config)))
+    for name, fwd, make in baselines:
         try:
             row[f"{name}_prefill_ms"], row[f"{name}_peak_gb"] = run(fwd, make)
         except torch.OutOfMemoryError:
@@ -87,16 +91,18 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
     fwd = torch.compile(orig_forward, backend=backend)
     try:
         row["adakv_prefill_ms"], row["adakv_peak_gb"] = run(fwd, fresh)
-        # the same compiled prefill with the compress op's body emptied (it runs eagerly inside the graph's
-        # code, so patching takes effect without recompiling): what compression adds to the prefill,
-        # launches overlapped with the GPU's work as they are in real use
+        # the same prefill compiled with the compress op's body emptied (Inductor inlines the body, so it
+        # is compiled anew, with Inductor's caches off: the emptied graph has the same cache key): what
+        # compression adds to the prefill, launches overlapped with the GPU's work as in real use
+        torch._dynamo.reset()
         with _compress_body_emptied():
+            fwd = torch.compile(orig_forward, backend=backend)
             row["adakv_no_compress_prefill_ms"], _ = run(fwd, fresh)
         row["compress_in_prefill_ms"] = row["adakv_prefill_ms"] - row["adakv_no_compress_prefill_ms"]
     except torch.OutOfMemoryError:
         row["adakv_prefill_ms"] = row["adakv_peak_gb"] = None
     torch._dynamo.reset()
-    del cache
+    del cache, fwd
     torch.cuda.empty_cache()
     row["peak_gb"] = row["adakv_peak_gb"]
     row["compress_ms"] = compress_ms(model, B, n, budget, reps)
@@ -107,16 +113,25 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
 
 
 class _compress_body_emptied:
-    """Within: ``adakv::static_compress`` scores, allocates and writes nothing (its callees are stubs)."""
+    """Within (compile and run): the compress ops score, allocate and write nothing (their callees are
+    stubs); Inductor's FX-graph and AOTAutograd caches are off, so the emptied body is really compiled."""
 
     def __enter__(self):
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
         from adakv_compile.kernels import static
         self.static, self.saved = static, (static.prompt_scores, static.keep_mask_tp, static.fill_static)
         static.prompt_scores = lambda q, k, valid, *a: valid[:, None, :].expand(k.shape[0], k.shape[1], -1)
         static.keep_mask_tp = lambda scores, *a: scores
         static.fill_static = lambda *a: None
+        self.patches = [inductor_config.patch(fx_graph_cache=False),
+                        functorch_config.patch(enable_autograd_cache=False)]
+        for p in self.patches:
+            p.__enter__()
 
     def __exit__(self, *exc):
+        for p in reversed(self.patches):
+            p.__exit__(*exc)
         self.static.prompt_scores, self.static.keep_mask_tp, self.static.fill_static = self.saved
 
 
@@ -310,6 +325,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--skip-compiled", action="store_true", help="no plain torch.compile baseline (one compile less)")
     ap.add_argument("--out", default="prefill.json")
     a = ap.parse_args()
     out = Path(a.out)
@@ -325,7 +341,7 @@ def main():
         print(json.dumps(res["causal_mask_check"]), flush=True)
         for shape in a.shapes.split(","):
             B, n = (int(x) for x in shape.split("x"))
-            row = prefill_row(model, orig_forward, B, n, a.budget, a.reps)
+            row = prefill_row(model, orig_forward, B, n, a.budget, a.reps, not a.skip_compiled)
             row["device"] = device
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -334,15 +350,16 @@ def main():
                  "| batch × context | eager ms | compiled ms | adakv ms | adakv / eager | scoring+alloc+compaction "
                  "alone, ms (share) | what compression adds to the prefill, ms (share) | peak GB eager / compiled / "
                  "adakv |", "|---|---|---|---|---|---|---|---|"]
-        f = lambda x, s=".0f": format(x, s) if isinstance(x, (int, float)) else "OOM"  # noqa: E731
+        f = lambda x, s=".0f": (format(x, s) if isinstance(x, (int, float))  # noqa: E731
+                                else x if isinstance(x, str) else "OOM")
         for r in res["rows"]:
             ratio = (f"{r['adakv_prefill_ms'] / r['eager_prefill_ms']:.2f}×"
                      if r.get("adakv_prefill_ms") and r.get("eager_prefill_ms") else "—")
-            lines.append(f"| {r['batch']} × {r['context']} | {f(r['eager_prefill_ms'])} | {f(r['compiled_prefill_ms'])} "
+            lines.append(f"| {r['batch']} × {r['context']} | {f(r['eager_prefill_ms'])} | {f(r.get('compiled_prefill_ms'))} "
                          f"| {f(r['adakv_prefill_ms'])} | {ratio} | {f(r['compress_ms'], '.1f')} "
                          f"({f(100 * r.get('compress_share', 0), '.1f')} %) | {f(r.get('compress_in_prefill_ms'), '.1f')} "
                          f"({f(100 * r.get('compress_share_in_prefill', 0), '.1f')} %) | {f(r['eager_peak_gb'], '.1f')} / "
-                         f"{f(r['compiled_peak_gb'], '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
+                         f"{f(r.get('compiled_peak_gb'), '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
         out.with_suffix(".md").write_text(md_header(device) + "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
         plot_prefill(res, out.with_suffix(".png"))
