@@ -185,13 +185,17 @@ class AdaKVBackend:
         placeholders = gm.graph.find_nodes(op="placeholder")
         fakes = [ph.meta.get("example_value", ph.meta.get("val", x)) if len(placeholders) == len(example_inputs)
                  else x for ph, x in zip(placeholders, example_inputs)]
-        if any(type(x) is torch.Tensor and not isinstance(x, torch.nn.Parameter) for x in fakes):
-            return None  # no fake of an input: we would keep a real one (a cache) alive; not recompilable
+        recompilable = not any(type(x) is torch.Tensor and not isinstance(x, torch.nn.Parameter) for x in fakes)
+        if not recompilable:
+            fakes = None
         compiled = {inline_config_key(self.config): None}  # None: the graph compiled by __call__
 
         def variant(config: AdaKVConfig):
             key = inline_config_key(config)
             if key not in compiled:
+                if not recompilable:  # no fake of an input: keeping the real one (a cache) alive is no option
+                    raise StoreError("adakv: this prefill graph was compiled for another AdaKVConfig and cannot "
+                                     "be recompiled for the reconfigured one; make a new backend")
                 from torch._guards import TracingContext, detect_fake_mode, tracing
                 copy_gm = _copy(template)
                 retarget_config(copy_gm, config)

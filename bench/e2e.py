@@ -280,8 +280,13 @@ def check_fast_path(out_dir: Path) -> dict:
     res["tokens_equal_reference"] = bool(torch.equal(got.cpu(), ref.cpu()))
     res["token_agreement"] = float((got.cpu() == ref.cpu()).float().mean())
     code = "\n".join(codes)
+    # decode: append + attention; prefill (adakv::prefill_compress inlined): the scorer's passes and the
+    # compaction; and no compress op left as an extern call
     res["kernels_in_inductor_code"] = {k: (k in code) for k in
-                                       ("_static_append_kernel", "_store_attn_fwd")}
+                                       ("_static_append_kernel", "_store_attn_fwd", "_score_stats",
+                                        "_score_reduce", "_score_pool", "_scatter_kept_kernel")}
+    import re
+    res["compress_extern_calls"] = sorted(set(re.findall(r"torch\.ops\.adakv\.(\w*compress\w*)", code)))
     res["cudagraphs"] = [gr.get("cudagraphs") for gr in backend.graphs]
     res["report"] = backend.report.table()
     (out_dir / "e2e-check-inductor-code.txt").write_text(code[:2_000_000])

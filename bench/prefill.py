@@ -15,7 +15,9 @@ batch (tokens/s, pipelined decode steps; StaticCache + reduce-overhead vs the ad
 caches are filled with random data as a prefill would leave them (so no batch-sized prefill is needed:
 requests can be prefilled one at a time and joined, see the README).
 
-    python bench/prefill.py --layers 8 --out bench/results/prefill-<card>.json
+    python bench/prefill.py --layers 8 --out bench/results/prefill-<card>.json   (or python -m bench.prefill ...)
+    python -m bench.prefill --small --layers 2 --shapes 1x256,2x192 --budget 48 --reps 1 --out /tmp/p.json
+                                                                               (smoke test: CPU without CUDA)
 Writes prefill-<card>.json (rows: batch, context, adakv_prefill_ms, eager_prefill_ms, peak_gb, ...) and
 capacity-<card>.json (per budget: max_batch, tokens_per_s; and the full cache's), Markdown and a PNG.
 """
@@ -33,30 +35,50 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, also when run as python -m bench.prefill
 from adakv_compile import AdaKVCache, AdaKVConfig, adakv_backend  # noqa: E402
 from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels.allocate import keep_mask  # noqa: E402
 from adakv_compile.kernels.ops import prompt_scores  # noqa: E402
 from adakv_compile.kernels.static import fill_static  # noqa: E402
 
+import e2e  # noqa: E402
 from e2e import build, copy_bandwidth  # noqa: E402
 from stamp import md_header, png_metadata  # noqa: E402
+
+
+DEV = "cuda"  # --small on a machine without CUDA: "cpu" (the script's own smoke test; prefill part only)
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb():
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV == "cuda" else "n/a"
 
 
 def timed(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
-def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> dict:
+def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int, plain_compiled: bool = True) -> dict:
     kw = cache_kwarg(model)
-    ids = torch.randint(1, model.config.vocab_size, (B, n), device="cuda")
+    ids = torch.randint(1, model.config.vocab_size, (B, n), device=DEV)
     row = dict(batch=B, context=n, budget=budget)
 
     def run(fwd, make_cache):
@@ -64,14 +86,16 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
             with torch.no_grad():
                 fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: make_cache()})
         go()  # warm-up / compile
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        _empty_cache()
         ms = timed(go, reps)
-        return ms, torch.cuda.max_memory_allocated() / 1e9
+        return ms, _peak_gb()
 
-    for name, fwd, make in (
-            ("eager", orig_forward, lambda: DynamicCache(config=model.config)),
-            ("compiled", torch.compile(orig_forward), lambda: DynamicCache(config=model.config))):
+    baselines = [("eager", orig_forward, lambda: DynamicCache(config=model.config))]
+    if not plain_compiled:
+        row["compiled_prefill_ms"] = row["compiled_peak_gb"] = "skipped"
+    else:
+        baselines.append(("compiled", torch.compile(orig_forward), lambda: DynamicCache(config=model.config)))
+    for name, fwd, make in baselines:
         try:
             row[f"{name}_prefill_ms"], row[f"{name}_peak_gb"] = run(fwd, make)
         except torch.OutOfMemoryError:
@@ -87,16 +111,18 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
     fwd = torch.compile(orig_forward, backend=backend)
     try:
         row["adakv_prefill_ms"], row["adakv_peak_gb"] = run(fwd, fresh)
-        # the same compiled prefill with the compress op's body emptied (it runs eagerly inside the graph's
-        # code, so patching takes effect without recompiling): what compression adds to the prefill,
-        # launches overlapped with the GPU's work as they are in real use
+        # the same prefill compiled with the compress op's body emptied (Inductor inlines the body, so it
+        # is compiled anew, with Inductor's caches off: the emptied graph has the same cache key): what
+        # compression adds to the prefill, launches overlapped with the GPU's work as in real use
+        torch._dynamo.reset()
         with _compress_body_emptied():
+            fwd = torch.compile(orig_forward, backend=backend)
             row["adakv_no_compress_prefill_ms"], _ = run(fwd, fresh)
         row["compress_in_prefill_ms"] = row["adakv_prefill_ms"] - row["adakv_no_compress_prefill_ms"]
     except torch.OutOfMemoryError:
         row["adakv_prefill_ms"] = row["adakv_peak_gb"] = None
     torch._dynamo.reset()
-    del cache
+    del cache, fwd
     torch.cuda.empty_cache()
     row["peak_gb"] = row["adakv_peak_gb"]
     row["compress_ms"] = compress_ms(model, B, n, budget, reps)
@@ -107,16 +133,25 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int) -> 
 
 
 class _compress_body_emptied:
-    """Within: ``adakv::static_compress`` scores, allocates and writes nothing (its callees are stubs)."""
+    """Within (compile and run): the compress ops score, allocate and write nothing (their callees are
+    stubs); Inductor's FX-graph and AOTAutograd caches are off, so the emptied body is really compiled."""
 
     def __enter__(self):
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
         from adakv_compile.kernels import static
         self.static, self.saved = static, (static.prompt_scores, static.keep_mask_tp, static.fill_static)
         static.prompt_scores = lambda q, k, valid, *a: valid[:, None, :].expand(k.shape[0], k.shape[1], -1)
         static.keep_mask_tp = lambda scores, *a: scores
         static.fill_static = lambda *a: None
+        self.patches = [inductor_config.patch(fx_graph_cache=False),
+                        functorch_config.patch(enable_autograd_cache=False)]
+        for p in self.patches:
+            p.__enter__()
 
     def __exit__(self, *exc):
+        for p in reversed(self.patches):
+            p.__exit__(*exc)
         self.static.prompt_scores, self.static.keep_mask_tp, self.static.fill_static = self.saved
 
 
@@ -143,11 +178,11 @@ def compress_ms(model, B: int, n: int, budget: int, reps: int) -> float:
     D = c.hidden_size // c.num_attention_heads
     Hq, Hkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
     cfg = AdaKVConfig(budget=budget)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(B, Hq, n, D, device=DEV, dtype=next(model.parameters()).dtype, generator=g)
+    k = torch.randn(B, Hkv, n, D, device=DEV, dtype=next(model.parameters()).dtype, generator=g)
     v = torch.randn_like(k)
-    valid = torch.ones(B, n, dtype=torch.bool, device="cuda")
+    valid = torch.ones(B, n, dtype=torch.bool, device=DEV)
     cache = AdaKVCache(model, cfg, batch_size=B, max_new_tokens=64)
     lay = cache.layers[0]
 
@@ -287,7 +322,7 @@ def plot_prefill(res: dict, png: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     for k, (key, unit) in enumerate((("prefill_ms", "prefill ms"), ("peak_gb", "peak GB"))):
         for j, name in enumerate(("eager", "compiled", "adakv")):
-            vals = [r.get(f"{name}_{key}") or 0 for r in rows]
+            vals = [v if isinstance(v := r.get(f"{name}_{key}"), (int, float)) else 0 for r in rows]
             ax[k].bar([i + (j - 1) * 0.27 for i in range(len(rows))], vals, width=0.27, label=name)
         ax[k].set_xticks(range(len(rows)), labels)
         ax[k].set_ylabel(unit)
@@ -310,39 +345,49 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--skip-compiled", action="store_true", help="no plain torch.compile baseline (one compile less)")
+    ap.add_argument("--small", action="store_true",
+                    help="a tiny fp32 model (smoke test; on a machine without CUDA: CPU, prefill part only)")
     ap.add_argument("--out", default="prefill.json")
     a = ap.parse_args()
+    global DEV
+    if a.small and not torch.cuda.is_available():
+        DEV = e2e.DEVICE = "cpu"
+        a.skip_capacity = True
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cap_out = out.with_name(out.name.replace("prefill", "capacity"))
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
     meta = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
             "layers": a.layers, "copy_GBps": copy_bandwidth() / 1e9}
-    model = build(a.layers)
+    model = build(a.layers, torch.float32, small=True, device=DEV) if a.small else build(a.layers)
     orig_forward = model.forward
     if not a.skip_prefill:
-        res = dict(meta, budget=a.budget, causal_mask_check=causal_mask_check(), rows=[])
+        mask_check = causal_mask_check() if not a.small else None
+        res = dict(meta, budget=a.budget, causal_mask_check=mask_check, rows=[])
         print(json.dumps(res["causal_mask_check"]), flush=True)
         for shape in a.shapes.split(","):
             B, n = (int(x) for x in shape.split("x"))
-            row = prefill_row(model, orig_forward, B, n, a.budget, a.reps)
+            row = prefill_row(model, orig_forward, B, n, a.budget, a.reps, not a.skip_compiled)
             row["device"] = device
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(res, indent=1))
-        lines = [f"# Prefill, {device}, Llama-3.1-8B shapes × {a.layers} layers, budget {a.budget}", "",
+        shapes = "tiny fp32 model" if a.small else "Llama-3.1-8B shapes"
+        lines = [f"# Prefill, {device}, {shapes} × {a.layers} layers, budget {a.budget}", "",
                  "| batch × context | eager ms | compiled ms | adakv ms | adakv / eager | scoring+alloc+compaction "
                  "alone, ms (share) | what compression adds to the prefill, ms (share) | peak GB eager / compiled / "
                  "adakv |", "|---|---|---|---|---|---|---|---|"]
-        f = lambda x, s=".0f": format(x, s) if isinstance(x, (int, float)) else "OOM"  # noqa: E731
+        f = lambda x, s=".0f": (format(x, s) if isinstance(x, (int, float))  # noqa: E731
+                                else x if isinstance(x, str) else "OOM")
         for r in res["rows"]:
             ratio = (f"{r['adakv_prefill_ms'] / r['eager_prefill_ms']:.2f}×"
                      if r.get("adakv_prefill_ms") and r.get("eager_prefill_ms") else "—")
-            lines.append(f"| {r['batch']} × {r['context']} | {f(r['eager_prefill_ms'])} | {f(r['compiled_prefill_ms'])} "
+            lines.append(f"| {r['batch']} × {r['context']} | {f(r['eager_prefill_ms'])} | {f(r.get('compiled_prefill_ms'))} "
                          f"| {f(r['adakv_prefill_ms'])} | {ratio} | {f(r['compress_ms'], '.1f')} "
                          f"({f(100 * r.get('compress_share', 0), '.1f')} %) | {f(r.get('compress_in_prefill_ms'), '.1f')} "
                          f"({f(100 * r.get('compress_share_in_prefill', 0), '.1f')} %) | {f(r['eager_peak_gb'], '.1f')} / "
-                         f"{f(r['compiled_peak_gb'], '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
+                         f"{f(r.get('compiled_peak_gb'), '.1f')} / {f(r['adakv_peak_gb'], '.1f')} |")
         out.with_suffix(".md").write_text(md_header(device) + "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
         plot_prefill(res, out.with_suffix(".png"))

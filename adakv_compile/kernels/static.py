@@ -24,7 +24,8 @@ The ops (registered here; the graph pass inserts them, users never call them):
                               (eager, or compiled by another backend) it raises.
 - ``adakv::prefill_compress`` prefill: score, allocate, write the kept K/V into the pools (mutates them); a
                               ``triton_op`` Inductor inlines (config values are graph constants).
-- ``adakv::static_compress``  the same as an opaque custom op (config read at run time): tensor parallelism.
+- ``adakv::static_compress``  the same as an opaque custom op (config read at run time): tensor parallelism,
+                              dynamic shapes.
 - ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
 - ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
@@ -105,8 +106,12 @@ def static_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                     pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
                     pos: torch.Tensor, seen: torch.Tensor, tp_group: str = "",
                     sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
-    """Opaque (an extern call under Inductor; reads the config at run time): the tensor-parallel prefill,
-    whose allocation all-gathers the ranks' scores with a plain collective (kernels/shard.py)."""
+    """Opaque (an extern call under Inductor; reads the config at run time). The rewrite uses it for
+    - the tensor-parallel prefill, whose allocation all-gathers the ranks' scores with a plain collective
+      (kernels/shard.py);
+    - a prefill graph with dynamic shapes (a server's, or the second prompt length Dynamo saw): traced,
+      the body would specialise the graph on the prompt length (the Triton scorer picks its split count
+      from it on the host), so every new length would recompile, up to Dynamo's recompile limit."""
     _compress(q, k, v, attn_mask, scale, softcap, layer, num_layers, config_for(config_key), room, pool_k,
               pool_v, off, lens, pos, tp_group, sinks, bias)
 

@@ -7,8 +7,8 @@ compress → exact ``adakv.attention`` on the prompt, and ``adakv.compress`` who
 store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph returns
            ``as_strided`` views of the past inputs one chunk longer (no data is copied).
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.prefill_compress`` (a triton_op Inductor
-           inlines; ``adakv.static_compress``, opaque, under tensor parallelism) writing the kept K/V into
-           the AdaKVCache layer's tensors (declared mutations).
+           inlines; ``adakv.static_compress``, opaque, under tensor parallelism or dynamic shapes) writing the
+           kept K/V into the AdaKVCache layer's tensors (declared mutations).
 static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
 window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
@@ -120,6 +120,15 @@ def _redirect(cat: fx.Node, replacement: fx.Node, out: fx.Node) -> None:
             user.replace_input_with(cat, replacement)
 
 
+def _static_shapes(*nodes: fx.Node) -> bool:
+    """Whether the nodes' shapes are all known ints (a prefill graph compiled for one prompt shape)."""
+    for node in nodes:
+        v = val(node)
+        if v is None or not all(isinstance(d, int) for d in v.shape):
+            return False
+    return True
+
+
 def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int, tp_group: str = "",
                  hints: dict | None = None) -> None:
     """Rewrite one planned attention; ``hints`` (shared over a graph's sites) memoises mask checks."""
@@ -175,7 +184,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
             new = prompt_attention(f.k_new, f.v_new)
-            if tp_group:  # the allocation all-gathers over the TP group at run time: the opaque op
+            if tp_group or not _static_shapes(s.q, f.k_new):  # the opaque op (kernels/static.py says why)
                 graph.call_function(torch.ops.adakv.static_compress.default,
                                     (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
                                      config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
