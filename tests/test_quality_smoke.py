@@ -95,22 +95,43 @@ def test_help_runs():
     assert e.value.code == 0
 
 
-def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
+def _tiny_hybrid():
+    """A tiny random Gemma 3 (layers 0-1 sliding window 64, layer 2 full attention, 1 KV head): the backend
+    compresses layer 2 only and leaves the sliding windows to the model."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=64,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval(), Q.ByteTokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill(arch):
     """bench.quality prefills once and builds each config's cache with adakv::compress from the captured
     inputs: same greedy answer and logits as a normal compressed prefill (aware: the whole prompt;
-    agnostic: the captured prompt sliced at the split vs a prefill of the context part only)."""
+    agnostic: the captured prompt sliced at the split -- or, with layers left to the model such as sliding
+    windows, a prefill of the context part (Engine.prefix) -- vs a prefill of the context part only)."""
     import copy
 
     import torch
 
     torch.manual_seed(0)
-    model, tok = Q.build_tiny()
+    model, tok = Q.build_tiny() if arch == "llama" else _tiny_hybrid()
     eng = Q.Engine(model, tok, window=32)
     it = T.generate(tok, tasks=["niah_multikey_noise"], lengths=[1024], n=1, seed=3)[0]
     p = T.build_prompt(tok, it)
     ids, split = p["ids"], p["split"]
     cont = T.encode(tok, " " + it["answer"] + ". " + Q.FIXED_SENTENCE)
     caps, first = eng.capture_prefill(ids)
+    assert sorted(caps.inputs) == ([0, 1] if arch == "llama" else [2])
+    ctx = eng.prefix(caps, ids, split)
+    if arch == "hybrid":
+        with pytest.raises(ValueError, match="upto"):
+            eng.compressed_cache(caps, "unused", upto=split)
     # the plain cache of the captured K/V matches the model's own forward
     c_full = eng.new_cache()
     ref_first = eng.step(eng.full_forward, ids, c_full)
@@ -134,7 +155,7 @@ def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
         # agnostic
         a1 = eng.new_cache()
         eng.step(eng.compiled, ids[:split], a1)
-        a2 = eng.compressed_cache(caps, key, upto=split)
+        a2 = eng.compressed_cache(ctx, key)
         assert Q._kv_stats(a1) == Q._kv_stats(a2)
         g1 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a1))
         g2 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a2))
