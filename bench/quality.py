@@ -585,8 +585,10 @@ def markdown(res: dict) -> str:
     s = res["settings"]
     summ = {(d["mode"], d["method"], d["budget"]): d for d in res["summary"]}
     methods, budgets = list(s["methods"]), s["budgets"]
-    L = [f"# Quality sweep `{res['name']}`", "",
-         f"- command: `{res['command']}`",
+    from bench.stamp import md_header
+    L = [md_header(res.get("device", res["machine"])) + f"# Quality sweep `{res['name']}`", "",
+         f"- command: `{res['command']}`" + (f" (merged: {', '.join(res['merged_from'])})"
+                                            if res.get("merged_from") else ""),
          f"- date: {res['date']}; wall time {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)"
          + (" — **truncated by --time-limit**" if res["truncated"] else ""),
          f"- machine (\"device\"): {res.get('device', res['machine'])}",
@@ -601,7 +603,8 @@ def markdown(res: dict) -> str:
          f"(inner=eager): {res['graphs_compiled']} graphs compiled, "
          f"{res['attention_skipped']} attention(s) left untouched",
          "- one compiled prefill per prompt; every method x budget's cache is built by `adakv::compress` from "
-         "that prefill's captured inputs (agnostic: sliced at the context/question split); answer decode and "
+         "that prefill's captured inputs (agnostic: sliced at the context/question split, or the context part "
+         "prefilled again when the model keeps layers of its own such as sliding windows); answer decode and "
          "teacher-forced chunk through the compiled forward; full-cache reference = captured K/V + the model's "
          "own forward",
          f"- time: {', '.join(f'{k} {v:.0f} s' for k, v in res['timings_s'].items())}",
@@ -772,6 +775,47 @@ def plots(res: dict, stem: str) -> List[str]:
     return files
 
 
+def merge_results(paths: Sequence[str], name: str) -> dict:
+    """One result from several runs of the same sweep split over processes (e.g. one per context length, run
+    side by side on a shared machine; the first complete file is the plan, the others cover parts of it with
+    the same seed): records concatenated (a question x mode x method x budget seen twice
+    is kept once, from the first file), settings' lengths / tasks united, summary recomputed, times summed.
+    A ``.partial.json`` checkpoint (a run killed before its end) is accepted: its records count, and the
+    result says it was truncated."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    base = next((r for r in runs if not r.get("partial")), None)
+    if base is None:
+        raise ValueError(f"--merge {list(paths)}: at least one complete result JSON is needed for the settings")
+    seen, records, errors = set(), [], []
+    for r in runs:
+        errors += r.get("errors", [])
+        for rec in r["records"]:
+            k = (rec["id"], rec["mode"], rec["method"], rec["budget"])
+            if k not in seen:
+                seen.add(k)
+                records.append(rec)
+    full = [r for r in runs if not r.get("partial")]
+    settings = dict(base["settings"])
+    settings["lengths"] = sorted({v for r in full for v in r["settings"]["lengths"]} | {x["length"] for x in records})
+    settings["tasks"] = [t for t in T.TASKS if t in {v for r in full for v in r["settings"]["tasks"]}
+                         | {x["task"] for x in records}]
+    timings: Dict[str, float] = defaultdict(float)
+    for r in full:
+        for k, v in r["timings_s"].items():
+            timings[k] += v
+    return dict(base, name=name, command=" ; ".join(r["command"] for r in full),
+                merged_from=[os.path.basename(p) for p in paths], settings=settings,
+                wall_s=round(sum(r["wall_s"] for r in full), 1), timings_s={k: round(v, 1) for k, v in timings.items()},
+                graphs_compiled=max(r["graphs_compiled"] for r in full),
+                truncated=any(r.get("truncated") or r.get("partial") for r in runs),
+                groups_done=len({rec["context_id"] for rec in records}),
+                groups_total=base["groups_total"], errors=errors, summary=summarize(records),
+                records=records)
+
+
 def write_outputs(res: dict, out_dir: str, with_plots: bool = True) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"quality-{res['name']}")
@@ -813,6 +857,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--fail-fast", action="store_true", help="raise on the first compiled-path failure")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no sweep: merge these result JSONs (runs of one sweep split over processes) into "
+                         "<out>/quality-<name>.* (see merge_results)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else GEMMA if args.model == "gemma3-270m" else DEFAULT
     for k, v in base.items():
@@ -829,6 +876,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None, model=None, tokenizer=None) -> dict:
     """CLI entry; ``model``/``tokenizer`` may be injected (then ``--model`` only names them in the report)."""
     args = parse_args(argv)
+    if args.merge:
+        res = merge_results(args.merge, args.name)
+        files = write_outputs(res, args.out, with_plots=not args.no_plots)
+        print(f"merged {len(args.merge)} result(s); wrote {', '.join(files)}")
+        return res
     if model is None:
         model, tokenizer = load_model(args.model)
     partial = os.path.join(args.out, f"quality-{args.name}.partial.json")
