@@ -3,6 +3,13 @@
     python -m bench.quality                 # default sweep on SmolLM2-135M-Instruct (CPU, < 20 min)
     python -m bench.quality --quick         # smoke config (seconds on --model tiny)
     python -m bench.quality --quick --model tiny --name smoke --out /tmp/x
+    python -m bench.quality --model gemma3-270m --time-limit 1740   # Gemma-3-270M base model (GEMMA preset)
+    python -m bench.quality --merge a.json b.json --name all        # one report from runs split over processes
+
+Models without a chat template (base models such as Gemma-3-270M) get plain-text prompts (bench/tasks.py).
+Layers the backend leaves to the model (sliding windows, linear attention...) are taken from the capture
+prefill's own cache (``Prefill.others``), so the compressed and full caches differ only in the compressed
+layers.
 
 What runs (one sample = one context and its questions, see bench/tasks.py):
 - Prefill ONCE per prompt: the prefill attention is exact and the same for every method and budget; only
