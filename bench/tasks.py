@@ -16,7 +16,9 @@ and variable tracking ask several questions about one context), ``depth`` (needl
 fraction of the context), ``id``.
 
 Prompts (``build_prompt``): the model's chat template with one user turn ``context + "\\n\\n" + question``,
-then the generation prompt and ``answer_prefix``. ``split`` is the token index where the context part ends:
+then the generation prompt and ``answer_prefix``. A tokenizer without a chat template (a base model such as
+Gemma-3-270M) gets plain text instead: BOS, the context, ``"\\n\\nQuestion: " + question + "\\nAnswer: "`` and
+``answer_prefix``. ``split`` is the token index where the context part ends:
 question-aware compression prefills ``ids`` whole; question-agnostic compression prefills ``ids[:split]``
 (system turn + user-turn start + context) and feeds ``ids[split:]`` (question, end of turn, assistant
 start, answer prefix) as a separate chunk. Both modes use the very same token ids.
@@ -87,8 +89,8 @@ def render(tokenizer, context: str, question: str, answer_prefix: str = "") -> t
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    else:  # tokenizers without a template (the test tokenizer)
-        text = f"User: {content}\nAssistant: "
+    else:  # no chat template: a base model (Gemma-3-270M, the test tokenizer) reads plain text
+        text = context + _MARK + "\n\nQuestion: " + question + "\nAnswer:" + (" " if answer_prefix else "")
     text = text + answer_prefix
     head, sep, tail = text.partition(_MARK)
     if not sep:
@@ -96,16 +98,23 @@ def render(tokenizer, context: str, question: str, answer_prefix: str = "") -> t
     return head, tail
 
 
+def _bos(tokenizer) -> List[int]:
+    """``[bos]`` for a plain-text prompt (no chat template: the template would carry its own BOS text);
+    base models such as Gemma 3 answer badly without it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [] if getattr(tokenizer, "chat_template", None) or bos is None else [int(bos)]
+
+
 def build_prompt(tokenizer, item: Dict) -> Dict:
     """Token ids of the chat prompt and the split point (end of the context part)."""
     head, tail = render(tokenizer, item["context"], item["question"], item.get("answer_prefix", ""))
-    h, t = encode(tokenizer, head), encode(tokenizer, tail)
+    h, t = _bos(tokenizer) + encode(tokenizer, head), encode(tokenizer, tail)
     return {"ids": h + t, "split": len(h), "prompt": head + tail, "context_ids": h, "question_ids": t}
 
 
 def prompt_tokens(tokenizer, context: str, question: str, answer_prefix: str) -> int:
     head, tail = render(tokenizer, context, question, answer_prefix)
-    return len(encode(tokenizer, head)) + len(encode(tokenizer, tail))
+    return len(_bos(tokenizer)) + len(encode(tokenizer, head)) + len(encode(tokenizer, tail))
 
 
 def _fit(tokenizer, length: int, make: Callable[[int], str], questions: Sequence[tuple[str, str]],

@@ -58,6 +58,7 @@ def main() -> None:
     for name, src in SOURCES.items():
         if src.exists():
             body = src.read_text()
+            body = re.sub(r"^<!--.*?-->\n", "", body, count=1)  # bench/stamp.md_header's device line
             body = re.sub(r"^# .*\n+", "", body, count=1)  # the section has its own heading
             if name == "quality":
                 body = quality_summary(body)

@@ -95,22 +95,43 @@ def test_help_runs():
     assert e.value.code == 0
 
 
-def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
+def _tiny_hybrid():
+    """A tiny random Gemma 3 (layers 0-1 sliding window 64, layer 2 full attention, 1 KV head): the backend
+    compresses layer 2 only and leaves the sliding windows to the model."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=64,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval(), Q.ByteTokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill(arch):
     """bench.quality prefills once and builds each config's cache with adakv::compress from the captured
     inputs: same greedy answer and logits as a normal compressed prefill (aware: the whole prompt;
-    agnostic: the captured prompt sliced at the split vs a prefill of the context part only)."""
+    agnostic: the captured prompt sliced at the split -- or, with layers left to the model such as sliding
+    windows, a prefill of the context part (Engine.prefix) -- vs a prefill of the context part only)."""
     import copy
 
     import torch
 
     torch.manual_seed(0)
-    model, tok = Q.build_tiny()
+    model, tok = Q.build_tiny() if arch == "llama" else _tiny_hybrid()
     eng = Q.Engine(model, tok, window=32)
     it = T.generate(tok, tasks=["niah_multikey_noise"], lengths=[1024], n=1, seed=3)[0]
     p = T.build_prompt(tok, it)
     ids, split = p["ids"], p["split"]
     cont = T.encode(tok, " " + it["answer"] + ". " + Q.FIXED_SENTENCE)
     caps, first = eng.capture_prefill(ids)
+    assert sorted(caps.inputs) == ([0, 1] if arch == "llama" else [2])
+    ctx = eng.prefix(caps, ids, split)
+    if arch == "hybrid":
+        with pytest.raises(ValueError, match="upto"):
+            eng.compressed_cache(caps, "unused", upto=split)
     # the plain cache of the captured K/V matches the model's own forward
     c_full = eng.new_cache()
     ref_first = eng.step(eng.full_forward, ids, c_full)
@@ -134,7 +155,7 @@ def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
         # agnostic
         a1 = eng.new_cache()
         eng.step(eng.compiled, ids[:split], a1)
-        a2 = eng.compressed_cache(caps, key, upto=split)
+        a2 = eng.compressed_cache(ctx, key)
         assert Q._kv_stats(a1) == Q._kv_stats(a2)
         g1 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a1))
         g2 = eng.step(eng.compiled, ids[split:], copy.deepcopy(a2))
@@ -143,3 +164,38 @@ def test_captured_prefill_builds_the_same_cache_as_a_compressed_prefill():
         p2, l2 = eng.answer_and_fidelity(eng.compiled, a2, eng.step(eng.compiled, ids[split:], a2), cont, 8)
         assert p1 == p2
         torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_results_unites_runs_and_drops_duplicates(tmp_path):
+    """--merge: runs of one sweep split over processes (e.g. by length) become one result; a question seen in
+    two runs counts once; a killed run's .partial.json checkpoint adds its records and marks the result truncated."""
+    import json as _json
+
+    def rec(cid, length, method, budget, exact):
+        return dict(id=cid, context_id=cid, task="passkey", length=length, tokens=length, split=length - 9,
+                    mode="aware", method=method, budget=budget, answer="1", pred="1", exact=exact, partial=1.0,
+                    kv_bytes=10, kept_frac=1.0, compressed=budget is not None, kl=0.0, top1=1.0, kl_answer=0.0,
+                    top1_answer=1.0)
+
+    def run(name, lengths, records):
+        return dict(name=name, command=f"python -m bench.quality --name {name}", date="d", machine="m", device="cpu",
+                    model="m", versions=dict(torch="t", transformers="t"), settings=dict(tasks=["passkey"], lengths=lengths, samples=1,
+                                                          questions=1, methods={"snapkv": {}}, budgets=[64],
+                                                          modes=["aware"], window=32),
+                    wall_s=10.0, timings_s={"prefill_capture": 1.0}, graphs_compiled=3, attention_skipped=0,
+                    truncated=False, groups_done=1, groups_total=2, errors=[], summary=[], records=records)
+
+    a = run("a", [1024, 2048], [rec("p-1024-0", 1024, "full", None, True), rec("p-1024-0", 1024, "snapkv", 64, True)])
+    b = run("b", [2048], [rec("p-2048-0", 2048, "full", None, True), rec("p-2048-0", 2048, "snapkv", 64, False),
+                          rec("p-1024-0", 1024, "snapkv", 64, False)])  # a duplicate of a's record
+    c = dict(partial=True, errors=[], records=[rec("p-4096-0", 4096, "snapkv", 64, False)])
+    paths = []
+    for name, d in (("a", a), ("b", b), ("c", c)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(_json.dumps(d))
+    res = Q.main(["--merge", *paths, "--name", "merged", "--out", str(tmp_path), "--no-plots"])
+    assert len(res["records"]) == 5 and res["groups_done"] == 3 and res["truncated"]
+    assert res["settings"]["lengths"] == [1024, 2048, 4096] and res["wall_s"] == 20.0
+    cell = next(d for d in res["summary"] if d["method"] == "snapkv")
+    assert cell["n"] == 3 and cell["exact"] == pytest.approx(1 / 3)  # a's 1024 record kept, b's duplicate dropped
+    assert (tmp_path / "quality-merged.md").read_text().startswith('<!-- {"device": "cpu"')
