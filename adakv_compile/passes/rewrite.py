@@ -21,6 +21,7 @@ kept positions at decode (docs/algorithm.md, "Per-head additive biases").
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 import torch.fx as fx
@@ -93,6 +94,16 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
     if mask is not None and val(site.mask) is not None and val(site.mask).dtype == torch.bool:
         total = graph.call_function(torch.where, (mask, total, torch.finfo(dt).min))
     return total
+
+
+def inline_compress() -> bool:
+    """Whether a static-shape prefill compresses through ``adakv::prefill_compress`` (Inductor traces it)
+    instead of the opaque ``adakv::static_compress``. Opt-in (``ADAKV_INLINE_COMPRESS=1``): on the GPU stack
+    (torch 2.11, H200) Inductor failed to compile the traced body — a SplitScan lowering of the
+    compaction's int64 cumsum ("list indices must be integers or slices, not NoneType") and the
+    signature of the user Triton kernels' int arguments at 512k ("'int' object has no attribute
+    'xreplace'"); the opaque op is the one verified on the GPU (docs/design.md)."""
+    return os.environ.get("ADAKV_INLINE_COMPRESS", "0") == "1"
 
 
 def _scale_arg(graph: fx.Graph, site):
@@ -184,7 +195,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
             new = prompt_attention(f.k_new, f.v_new)
-            if tp_group or not _static_shapes(s.q, f.k_new):  # the opaque op (kernels/static.py says why)
+            if tp_group or not _static_shapes(s.q, f.k_new) or not inline_compress():  # the opaque op
                 graph.call_function(torch.ops.adakv.static_compress.default,
                                     (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
                                      config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
