@@ -61,9 +61,8 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
             continue
         if flow.static is not None:
             planned.append(_plan_static(site, flow, ordinal, layer, config, needs_grad))
-        elif site.bias and config.compresses and flow.phase != "no-cache" and bias_unproven(site, flow):
-            planned.append(PlannedSite(site, flow, ordinal, layer, "exact",
-                                       f"cache kept in full: {bias_unproven(site, flow)}"))
+        elif site.bias and config.compresses and flow.phase != "no-cache" and (why := bias_unproven(site, flow)):
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact", f"cache kept in full: {why}"))
         elif not config.compresses or flow.phase == "no-cache":
             planned.append(PlannedSite(site, flow, ordinal, layer, "exact", flow.reason))
         elif needs_grad:
