@@ -296,6 +296,17 @@ def launcher(kernel, probe: torch.Tensor):
     return kernel if type(probe) is torch.Tensor else wrap_triton(kernel)
 
 
+def checked_sinks(sinks, Hq: int, q: torch.Tensor):
+    """The kernels' ``sinks`` argument: None, or one logit per query head on q's device, flat and contiguous."""
+    if sinks is None:
+        return None
+    if sinks.numel() != Hq:
+        raise ValueError(f"sinks must hold one logit per query head ({Hq}), got shape {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}")
+    return sinks.reshape(-1).contiguous()
+
+
 def is_interpreted() -> bool:
     """Whether this module's kernels were built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     return type(_store_attn_fwd).__name__ == "InterpretedFunction"
@@ -391,12 +402,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported by the Triton store attention")
     G = Hq // Hkv
-    if sinks is not None:
-        if sinks.numel() != Hq:
-            raise ValueError(f"sinks must hold one logit per query head ({Hq}), got shape {tuple(sinks.shape)}")
-        if sinks.device != q.device:
-            raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}")
-        sinks = sinks.reshape(-1).contiguous()
+    sinks = checked_sinks(sinks, Hq, q)
     if q.device.type == "cpu" and not is_interpreted():
         raise RuntimeError(
             "store_attention_triton got CPU tensors but its kernels were compiled for the GPU: set "

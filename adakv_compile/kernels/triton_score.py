@@ -48,7 +48,7 @@ import triton.language as tl
 
 from ..config import AdaKVConfig
 from .score import scores_without_attention
-from .triton_attend import _interpreting, _sm_count, is_interpreted, launcher
+from .triton_attend import _interpreting, _sm_count, checked_sinks, is_interpreted, launcher
 
 
 @triton.jit
@@ -306,12 +306,7 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
             "window_scores_triton got CPU tensors but its kernels were compiled for the GPU: set "
             "TRITON_INTERPRET=1 before triton is first imported to run them on CPU")
     G = Hq // Hkv
-    if sinks is not None:
-        if sinks.numel() != Hq:
-            raise ValueError(f"sinks must hold one logit per query head ({Hq}), got shape {tuple(sinks.shape)}")
-        if sinks.device != q.device:
-            raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}")
-        sinks = sinks.reshape(-1).contiguous()
+    sinks = checked_sinks(sinks, Hq, q)
     R = G * w
     n_bh = B * Hkv
     dev = q.device
