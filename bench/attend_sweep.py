@@ -74,6 +74,17 @@ def grid_pieces(cfg, kw, pool_k, n_bh: int, D: int, device) -> int:
     return max(1, math.ceil(cfg["grid"] * mean_cap / piece))
 
 
+def launch_kwargs(cfg, bounds: dict, pool_k, n_bh: int, D: int, device) -> dict:
+    """``store_attention_triton`` keyword arguments for one sweep config (a row's best config too)."""
+    kw = dict(max_len_bound=bounds[cfg["bound"]], block_n=cfg["block_n"], num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"], fused_merge=cfg["fused"])
+    if cfg["piece"] != "auto":
+        kw["split_tokens"] = cfg["piece"]
+    if cfg["grid"] is not None:
+        kw["grid_pieces"] = grid_pieces(cfg, kw, pool_k, n_bh, D, device)
+    return kw
+
+
 def configs(args, smoke: bool):
     if smoke:
         return [dict(bound=b, grid=gp, piece=p, block_n=None, num_warps=None, num_stages=None, fused=f)
@@ -130,12 +141,7 @@ def run(args) -> dict:
               f"{case['kept_max']}, bounds {bounds}"
               + (f", same-size copy {case['copy_same_ms'] * 1e3:.1f} us" if not smoke else ""), flush=True)
         for cfg in configs(args, smoke):
-            kw = dict(max_len_bound=bounds[cfg["bound"]], block_n=cfg["block_n"], num_warps=cfg["num_warps"],
-                      num_stages=cfg["num_stages"], fused_merge=cfg["fused"])
-            if cfg["piece"] != "auto":
-                kw["split_tokens"] = cfg["piece"]
-            if cfg["grid"] is not None:
-                kw["grid_pieces"] = grid_pieces(cfg, kw, pk, B * Hkv, D, device)
+            kw = launch_kwargs(cfg, bounds, pk, B * Hkv, D, device)
             fn = lambda kw=kw: store_attention_triton(q, pk, pv, off, lens, t, scale, **kw)  # noqa: E731
             row = dict(cfg=cfg_name(cfg), **cfg, rel_err=rel_err(fn(), ref))
             if not smoke:
@@ -153,12 +159,7 @@ def run(args) -> dict:
                            and r["piece"] == "auto" and r["block_n"] == 64 and r["num_warps"] == 4
                            and r["num_stages"] == 3 and not r["fused"])
             case["default"] = default  # the launcher's choice in the static cache today
-            kw = dict(max_len_bound=bounds[best["bound"]], block_n=best["block_n"], num_warps=best["num_warps"],
-                      num_stages=best["num_stages"], fused_merge=best["fused"])
-            if best["piece"] != "auto":
-                kw["split_tokens"] = best["piece"]
-            if best["grid"] is not None:
-                kw["grid_pieces"] = grid_pieces(best, kw, pk, B * Hkv, D, device)
+            kw = launch_kwargs(best, bounds, pk, B * Hkv, D, device)
             fs = lambda: store_attention_triton(q, pk, pv, off, lens, t, scale, sinks=sinks, **kw)  # noqa: E731
             case["best_with_sinks"] = dict(rel_err=rel_err(fs(), ref_sink), ms=graph_ms(fs, args.rep))
             print(f"{'config':<42} {'us':>7} {'GB/s':>6} {'%copy':>6} {'%same':>6} {'relerr':>8}")
