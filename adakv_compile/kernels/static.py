@@ -159,27 +159,43 @@ def fill_static(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, room: int,
                 pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor) -> None:
     """Write the kept tokens of k/v [B, H, n, D] (``keep`` [B, H, n]) into the static pools, in position
     order per segment, each segment followed by ``room`` free slots. No host synchronisation (traceable:
-    the Triton compaction launches through ``launcher``)."""
+    the Triton kernels launch through ``launcher``) and no scan op for Inductor to lower: the slots come from
+    our own kernel on the GPU (``triton_fill.segment_slots``; Inductor's split scan of a ``cumsum`` over the
+    prompt failed on torch 2.11, issue 17) and from ``segment_slots_plain`` elsewhere."""
     B, H, n, D = k.shape
     slots = (pool_k.shape[0] - 1) // B
     trash = B * slots
     counts = keep.sum(-1)                                                  # [B, H]
-    seg = counts + room
-    start = torch.cumsum(seg, -1) - seg + torch.arange(B, device=k.device)[:, None] * slots
-    _check_room(seg.sum(-1) <= slots,
+    _check_room((counts + room).sum(-1) <= slots,
                 f"adakv: a row keeps more tokens than its {slots} static slots (cache sized too small)")
-    slot = start[..., None] + torch.cumsum(keep, -1) - 1                   # where each kept token goes
     if triton_on(k):  # kept tokens only (one trash address for all dropped ones serialises)
-        from .triton_fill import scatter_kept
-        scatter_kept(k, v, torch.where(keep, slot, -1).reshape(-1), pool_k, pool_v, pos)
+        from .triton_fill import scatter_kept, segment_slots
+        dest, start = segment_slots(keep, counts, room, slots)
+        scatter_kept(k, v, dest, pool_k, pool_v, pos)
     else:
-        dest = torch.where(keep, slot, trash).reshape(-1)                  # dropped tokens → trash slot
+        dest, start = segment_slots_plain(keep, counts, room, slots)
+        dest = torch.where(dest >= 0, dest, trash)                         # dropped tokens → trash slot
         pool_k.index_copy_(0, dest, k.reshape(-1, D).to(pool_k.dtype))
         pool_v.index_copy_(0, dest, v.reshape(-1, D).to(pool_v.dtype))
         positions = torch.arange(n, device=k.device, dtype=torch.int32).expand(B, H, n).reshape(-1)
         pos.index_copy_(0, dest, positions)
     off.copy_(start)
     lens.copy_(counts)
+
+
+def segment_slots_plain(keep: torch.Tensor, counts: torch.Tensor, room: int,
+                        slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_fill.segment_slots`` in plain torch, scan-free as well (it is what Inductor traces on the CPU):
+    the heads before each head are summed through a [H, H] triangle, and a kept token's rank among its
+    segment's kept tokens is its place in a stable sort of ``~keep`` (kept tokens first, in position order)."""
+    B, H, n = keep.shape
+    seg = counts + room                                                    # [B, H]
+    before = torch.ones(H, H, dtype=torch.bool, device=keep.device).triu(1)  # [h', h]: h' < h
+    start = (seg[:, :, None] * before).sum(1) + torch.arange(B, device=keep.device)[:, None] * slots
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # kept first, position order
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=keep.device).expand(B, H, n))
+    dest = torch.where(keep, start[..., None] + rank, -1).reshape(-1)
+    return dest, start
 
 
 @triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from ..config import AdaKVConfig
 from .score import scores_without_attention
+from .triton_args import int32, wide_mul, wide_strides
 from .triton_attend import _interpreting, _sm_count, checked_sinks, is_interpreted, launcher
 
 
@@ -79,8 +80,8 @@ def _logits(q, kt, scale, softcap, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr
 @triton.jit
 def _score_stats(
     Q, K, VALID, WS_M, WS_L,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
+    sqb_hi, sqb_lo, sqh_hi, sqh_lo, sqn, sqd,
+    skb_hi, skb_lo, skh_hi, skh_lo, skn, skd,
     svb, svn,
     HKV, G, W, N, M_CAND, Q_OFF, R, N_WC, NUM_SPLITS, PER_SPLIT,
     scale, softcap,
@@ -102,8 +103,8 @@ def _score_stats(
     qpos = M_CAND + i  # the window query's key position
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q_ptrs = (Q + b * sqb + (h * G + g.to(tl.int64))[:, None] * sqh + (Q_OFF + i.to(tl.int64))[:, None] * sqn
-              + d[None, :] * sqd)
+    q_ptrs = (Q + wide_mul(b, sqb_hi, sqb_lo) + wide_mul((h * G + g.to(tl.int64))[:, None], sqh_hi, sqh_lo)
+              + (Q_OFF + i.to(tl.int64))[:, None] * sqn + d[None, :] * sqd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
@@ -115,8 +116,8 @@ def _score_stats(
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         j_ok = j < hi
-        kt = tl.load(K + b * skb + h * skh + j[None, :].to(tl.int64) * skn + d[:, None] * skd,
-                     mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        kt = tl.load(K + wide_mul(b, skb_hi, skb_lo) + wide_mul(h, skh_hi, skh_lo) + j[None, :].to(tl.int64) * skn
+                     + d[:, None] * skd, mask=d_ok[:, None] & j_ok[None, :], other=0.0)
         vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=j_ok, other=0) != 0
         s = _logits(q, kt, scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
         vis = (j[None, :] <= qpos[:, None]) & vld[None, :] & row_ok[:, None]
@@ -154,8 +155,8 @@ def _score_merge(WS_M, WS_L, ST_M, ST_L, R, NUM_SPLITS, BLOCK_R: tl.constexpr):
 @triton.jit
 def _score_reduce(
     Q, K, VALID, ST_M, ST_L, RED, SINKS,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
+    sqb_hi, sqb_lo, sqh_hi, sqh_lo, sqn, sqd,
+    skb_hi, skb_lo, skh_hi, skh_lo, skn, skd,
     svb, svn,
     HKV, G, W, M_CAND, Q_OFF, R, N_HS, N_WC,
     scale, softcap,
@@ -172,8 +173,8 @@ def _score_reduce(
     d_ok = d < D
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = j < M_CAND  # candidate columns only: every window query sees them (causal holds)
-    kt = tl.load(K + b * skb + h * skh + j[None, :].to(tl.int64) * skn + d[:, None] * skd,
-                 mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+    kt = tl.load(K + wide_mul(b, skb_hi, skb_lo) + wide_mul(h, skh_hi, skh_lo) + j[None, :].to(tl.int64) * skn
+                 + d[:, None] * skd, mask=d_ok[:, None] & j_ok[None, :], other=0.0)
     vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=j_ok, other=0) != 0
 
     scale = tl.cast(scale, tl.float32)
@@ -186,7 +187,7 @@ def _score_reduce(
             g = hs * HB + r // WB
             i = wc * WB + r % WB
             row_ok = (g < G) & (i < W)
-            q_ptrs = (Q + b * sqb + (h * G + g.to(tl.int64))[:, None] * sqh
+            q_ptrs = (Q + wide_mul(b, sqb_hi, sqb_lo) + wide_mul((h * G + g.to(tl.int64))[:, None], sqh_hi, sqh_lo)
                       + (Q_OFF + i.to(tl.int64))[:, None] * sqn + d[None, :] * sqd)
             q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             st = pid_bh.to(tl.int64) * R + g * W + i
@@ -324,7 +325,10 @@ def window_scores_triton(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, 
     cap = float(softcap) if softcap else 1.0
     common = dict(D=D, HB=hb, WB=wb, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=bool(softcap),
                   DOT_PREC=dot_prec, DOT_F32=interp)
-    strides = (*q.stride(), *k.stride(), *valid.stride())
+    # int arguments Inductor can type (triton_args: batch/head strides as int32 halves, the rest checked)
+    strides = (*wide_strides("q.stride", q.stride()), *wide_strides("k.stride", k.stride()),
+               *int32(valid_stride0=valid.stride(0), valid_stride1=valid.stride(1)))
+    int32(n=n, R=R, tq=tq, n_bh=n_bh)
 
     # pass A: per-row softmax statistics over all keys
     if num_splits is None:
