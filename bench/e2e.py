@@ -284,9 +284,12 @@ def check_fast_path(out_dir: Path) -> dict:
     # compaction; and no compress op left as an extern call
     res["kernels_in_inductor_code"] = {k: (k in code) for k in
                                        ("_static_append_kernel", "_store_attn_fwd", "_score_stats",
-                                        "_score_reduce", "_score_pool", "_scatter_kept_kernel")}
+                                        "_score_reduce", "_score_pool", "_segment_slots_kernel",
+                                        "_scatter_kept_kernel")}
     import re
     res["compress_extern_calls"] = sorted(set(re.findall(r"torch\.ops\.adakv\.(\w*compress\w*)", code)))
+    from inline_check import scans  # the compress body's scan ops (issue 17: none expected)
+    res["compress_scan_ops"] = scans(code)[0]
     res["cudagraphs"] = [gr.get("cudagraphs") for gr in backend.graphs]
     res["report"] = backend.report.table()
     (out_dir / "e2e-check-inductor-code.txt").write_text(code[:2_000_000])

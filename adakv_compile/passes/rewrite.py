@@ -98,12 +98,16 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
 
 def inline_compress() -> bool:
     """Whether a static-shape prefill compresses through ``adakv::prefill_compress`` (Inductor traces it)
-    instead of the opaque ``adakv::static_compress``. Opt-in (``ADAKV_INLINE_COMPRESS=1``): on the GPU stack
-    (torch 2.11, H200) Inductor failed to compile the traced body — a SplitScan lowering of the
-    compaction's int64 cumsum ("list indices must be integers or slices, not NoneType") and the
-    signature of the user Triton kernels' int arguments at 512k ("'int' object has no attribute
-    'xreplace'"); the opaque op is the one verified on the GPU (docs/design.md)."""
-    return os.environ.get("ADAKV_INLINE_COMPRESS", "0") == "1"
+    instead of the opaque ``adakv::static_compress``: ``ADAKV_INLINE_COMPRESS`` = 1 / 0, default 0 until the
+    GPU check (bench/inline_check.py) passes on the GPU stack. On torch 2.11 (H200) Inductor failed on the
+    traced body: a SplitScan lowering of the slots' int64 cumsum over the prompt ("list indices must be
+    integers or slices, not NoneType") and the signature of a user Triton kernel's int argument above
+    2**31 - 1 ("'int' object has no attribute 'xreplace'"). Both are now avoided by construction (our own
+    slot kernel, int32-safe kernel arguments: docs/design.md, "Compression through Inductor")."""
+    value = os.environ.get("ADAKV_INLINE_COMPRESS", "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"ADAKV_INLINE_COMPRESS must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _scale_arg(graph: fx.Graph, site):
