@@ -113,11 +113,12 @@ def _score_stats(
     hi = tl.minimum(lo + PER_SPLIT, N)
     m_i = tl.full([HB * WB], float("-inf"), tl.float32)
     l_i = tl.zeros([HB * WB], tl.float32)
+    k_head = K + wide_mul(b, skb_hi, skb_lo) + wide_mul(h, skh_hi, skh_lo)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         j_ok = j < hi
-        kt = tl.load(K + wide_mul(b, skb_hi, skb_lo) + wide_mul(h, skh_hi, skh_lo) + j[None, :].to(tl.int64) * skn
-                     + d[:, None] * skd, mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        kt = tl.load(k_head + j[None, :].to(tl.int64) * skn + d[:, None] * skd,
+                     mask=d_ok[:, None] & j_ok[None, :], other=0.0)
         vld = tl.load(VALID + b * svb + j.to(tl.int64) * svn, mask=j_ok, other=0) != 0
         s = _logits(q, kt, scale, softcap, SOFTCAP, DOT_PREC, DOT_F32)
         vis = (j[None, :] <= qpos[:, None]) & vld[None, :] & row_ok[:, None]
