@@ -40,12 +40,12 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     w_ptr = W + offs_n[:, None].to(tl.int64) * swn
     if DOT:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
@@ -62,7 +62,15 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
             else:
                 acc = tl.dot(w, x, acc)
         acc = tl.trans(acc)                                                     # [BLOCK_M, BLOCK_N]
-    else:
+        out_ptr = OUT + pid_k * sos + offs_m[:, None] * som + offs_n[None, :] * son
+        mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr, acc, mask=mask)
+    else:  # M == 1: elementwise products, one reduction over K after the loop
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
@@ -74,15 +82,14 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
                 w = tl.load(w_ptr + kk[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 x = tl.load(X + kk * sxk, mask=k_ok, other=0.0)
             acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        acc = tl.sum(acc2, 1)[None, :]                                          # [1, BLOCK_N]
-    out_ptr = OUT + pid_k * sos + offs_m[:, None] * som + offs_n[None, :] * son
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr, acc, mask=mask)
+        acc1 = tl.sum(acc2, 1)                                                  # [BLOCK_N]
+        out_ptr = OUT + pid_k * sos + offs_n * son
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc1 += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr, acc1.to(OUT.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(out_ptr, acc1, mask=n_ok)
 
 
 class GemvConfig(NamedTuple):
