@@ -136,3 +136,31 @@ def test_pass_rewrites_decode_projections_only():
     assert _gemv_nodes(decode) == 4 * layers + 1, decode.code  # qkv, o, gate/up, down per layer + LM head
     assert [g.get("gemv") for g in backend.graphs] == [0, 4 * layers + 1]
     assert all(_gemv_nodes(g) == 0 for g in off_spy)
+
+
+def test_pass_takes_linear_mm_addmm_of_few_rows_in_decode_graphs_only():
+    """On a Dynamo graph: linear / mm(x, W.t()) / addmm(b, x, W.t()) of <= 8 rows become adakv.gemv in a
+    decode graph; 9 rows, a weight computed in the graph and a prefill graph are left alone."""
+    from adakv_compile.passes.gemv import replace_gemv
+
+    def f(x, w, b, big):
+        return (F.linear(x, w, b) + torch.mm(x, w.t()) + torch.addmm(b, x, w.t()) + F.linear(x, w * 2),
+                F.linear(big, w))
+
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    args = (torch.randn(3, 16), torch.randn(10, 16), torch.randn(10), torch.randn(9, 16))
+    torch.compile(f, backend=grab, fullgraph=True)(*args)
+    gm = graphs[0]
+    assert replace_gemv(gm, ["prefill"]).rewritten == 0
+    want = f(*args)
+    res = replace_gemv(gm, ["decode", "decode"])
+    assert res.rewritten == 3, gm.code
+    assert {why for _, why in res.skipped} == {"9 rows (the kernel is for 1..8)"}, res.skipped
+    got = gm(*args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

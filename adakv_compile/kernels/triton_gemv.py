@@ -34,7 +34,7 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
                  sxm, sxk, swn, swk, sos, som, son,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,7 +72,8 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
             tl.store(out_ptr, acc, mask=mask)
     else:  # M == 1: elementwise products, one reduction over K after the loop
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        # tl.range: software-pipelined loads (the default pipeliner only takes loops with a dot)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             kk = k0 + offs_k
             if EVEN_K and EVEN_N:
                 w = tl.load(w_ptr + kk[None, :] * swk)
@@ -163,7 +164,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *so,
         HAS_BIAS=bias is not None, SPLIT=split, DOT=dot, IEEE=x.dtype == torch.float32, DOT_F32=_interpreting(x.device),
         EVEN_K=K % cfg.block_k == 0 and k_per_split % cfg.block_k == 0, EVEN_N=N % cfg.block_n == 0,
-        BLOCK_M=16 if dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=16 if dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         return out
