@@ -31,7 +31,7 @@ from .triton_attend import _interpreting, _sm_count, launcher
 
 @triton.jit
 def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
-                 sxm, sxk, swn, swk, sos, som, son,
+                 sxm, swn, sos, som, son,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
@@ -50,10 +50,10 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             if EVEN_K and EVEN_N:
-                w = tl.load(w_ptr + kk[None, :] * swk)
+                w = tl.load(w_ptr + kk[None, :])
             else:
-                w = tl.load(w_ptr + kk[None, :] * swk, mask=n_ok[:, None] & (kk[None, :] < k_hi), other=0.0)
-            x = tl.load(X + offs_m[None, :] * sxm + kk[:, None] * sxk,
+                w = tl.load(w_ptr + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < k_hi), other=0.0)
+            x = tl.load(X + offs_m[None, :] * sxm + kk[:, None],
                         mask=m_ok[None, :] & (kk[:, None] < k_hi), other=0.0)   # [BLOCK_K, BLOCK_M]
             if DOT_F32:  # interpreter: bf16 tl.dot is unsupported there (triton-lang/triton#11584)
                 acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
@@ -76,12 +76,12 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             kk = k0 + offs_k
             if EVEN_K and EVEN_N:
-                w = tl.load(w_ptr + kk[None, :] * swk)
-                x = tl.load(X + kk * sxk)
+                w = tl.load(w_ptr + kk[None, :])
+                x = tl.load(X + kk)
             else:
                 k_ok = kk < k_hi
-                w = tl.load(w_ptr + kk[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                x = tl.load(X + kk * sxk, mask=k_ok, other=0.0)
+                w = tl.load(w_ptr + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(X + kk, mask=k_ok, other=0.0)
             acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc1 = tl.sum(acc2, 1)                                                  # [BLOCK_N]
         out_ptr = OUT + pid_k * sos + offs_n * son
@@ -148,8 +148,10 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"gemv_triton: bias must be [N={N}], got {tuple(bias.shape)}")
     cfg = config or choose_config(M, N, K, weight.dtype, weight.device)
     dot = cfg.dot or M > 1
-    if weight.stride(1) != 1:
+    if weight.stride(1) != 1:  # K is the unit-stride dimension of both operands (vector loads)
         weight = weight.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
     if split > 1:
@@ -161,7 +163,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     grid = (triton.cdiv(N, cfg.block_n), split)
     launcher(_gemv_kernel, x)[grid](
         x, weight, bias if bias is not None else weight, out, M, N, K, k_per_split,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *so,
+        x.stride(0), weight.stride(0), *so,
         HAS_BIAS=bias is not None, SPLIT=split, DOT=dot, IEEE=x.dtype == torch.float32, DOT_F32=_interpreting(x.device),
         EVEN_K=K % cfg.block_k == 0 and k_per_split % cfg.block_k == 0, EVEN_N=N % cfg.block_n == 0,
         BLOCK_M=16 if dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
