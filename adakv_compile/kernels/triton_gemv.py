@@ -162,7 +162,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         so = (0,) + tuple(out.stride())
     grid = (triton.cdiv(N, cfg.block_n), split)
     launcher(_gemv_kernel, x)[grid](
-        x, weight, bias if bias is not None else weight, out, M, N, K, k_per_split,
+        x, weight, bias if bias is not None else x, out, M, N, K, k_per_split,
         x.stride(0), weight.stride(0), *so,
         HAS_BIAS=bias is not None, SPLIT=split, DOT=dot, IEEE=x.dtype == torch.float32, DOT_F32=_interpreting(x.device),
         EVEN_K=K % cfg.block_k == 0 and k_per_split % cfg.block_k == 0, EVEN_N=N % cfg.block_n == 0,
