@@ -11,9 +11,9 @@ Two inner products (a ``DOT`` constexpr):
   once after the loop (no per-tile reduction);
 - any M <= 16 (``DOT=True``): ``tl.dot(W tile, x tile^T)`` with x padded to 16 rows (tensor cores; fp32 inputs
   use ``input_precision="ieee"``, so fp32 results are fp32-exact in order, not TF32).
-fp32 accumulation always. Split-K (``SPLIT > 1``) writes fp32 partials ``[SPLIT, M, N]`` that the caller sums
-in a fixed order (``ws.sum(0)``): deterministic, no atomics (one extra small kernel; the heuristic only splits
-when N alone gives too few programs — bench/gemv.py measures whether it pays).
+fp32 accumulation always. Split-K (``SPLIT > 1``) writes fp32 partials ``[SPLIT, M, N]`` that a second small
+kernel sums in a fixed order, adding the bias and casting: deterministic, no atomics (one extra launch; the
+heuristic only splits when N alone gives too few programs — bench/gemv.py measures whether it pays).
 
 ``gemv_triton`` launches through ``launcher`` so that inside the ``adakv::gemv`` triton_op (kernels/gemv.py)
 Inductor sees a ``wrap_triton`` launch and inlines it into its generated code (and CUDA graph).
@@ -93,6 +93,19 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, K_PER_SPLIT,
             tl.store(out_ptr, acc1, mask=n_ok)
 
 
+@triton.jit
+def _split_sum_kernel(WS, B, OUT, MN, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = sum over s of WS[s, i] (s in order: deterministic) + bias, cast: split-K's merge, one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(WS + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(B + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
 class GemvConfig(NamedTuple):
     """One launch configuration (bench/gemv.py sweeps these; ``choose_config`` picks one)."""
     block_n: int
@@ -170,7 +183,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         return out
-    y = out.sum(0)          # a fixed-order sum over the splits: deterministic
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    launcher(_split_sum_kernel, x)[(triton.cdiv(M * N, 1024),)](
+        out, bias if bias is not None else x, y, M * N, N,
+        HAS_BIAS=bias is not None, SPLIT=split, BLOCK=1024, num_warps=4)
+    return y
