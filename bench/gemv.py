@@ -22,6 +22,8 @@ eager reference and Inductor's generated code launches the GEMV kernel (inlined)
 GPU (H200, ~6 min):  python bench/gemv.py            -> bench/results/gemv-<card>.json and .md
 CPU smoke (~1 min):  python bench/gemv.py --small     (tiny shapes, Triton interpreter, host timers; numbers mean
                                                        nothing; writes /tmp/gemv-cpu.json unless --out)
+No GPU (~30 s):      python bench/gemv.py --compile-only 90   (every launch config compiled for sm_90 by the installed
+                                                       Triton; registers and spills from cuobjdump)
 """
 from __future__ import annotations
 
@@ -290,6 +292,65 @@ def run(args, res, out: Path) -> None:
     _write(res, rows, out)
 
 
+def compile_only(arch: int = 90) -> list[dict]:
+    """Compile every launch config this run would use (heuristic + sweep, all shapes and M) for sm_``arch`` with the
+    installed Triton, no GPU needed; registers and local memory (spills) from cuobjdump -res-usage. Catches a kernel that would not compile on
+    the card before device time is spent."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import adakv_compile.kernels.triton_gemv as tg
+
+    tg._sm_count = lambda device: 132  # an H200's SMs: the heuristic's choices for that card
+    nvidia = Path(triton.__file__).parent / "backends" / "nvidia"
+    cuobjdump = next((p for p in (nvidia / "bin" / "cuobjdump", nvidia / "cuobjdump") if p.exists()), None)
+    seen, rows = {}, []
+    for M in (1, 2, 4, 8):
+        for name, K, N in SHAPES:
+            cfgs = [("heuristic", choose_config(M, N, K, torch.bfloat16, torch.device("cuda")))]
+            cfgs += [("sweep", c) for c in _sweep_configs(M, N, K)]
+            for kind, cfg in cfgs:
+                dot = cfg.dot or M > 1
+                kps = triton.cdiv(triton.cdiv(K, cfg.split), cfg.block_k) * cfg.block_k
+                split = triton.cdiv(K, kps)
+                const = dict(HAS_BIAS=False, SPLIT=split, DOT=dot, IEEE=False, DOT_F32=False,
+                             EVEN_K=K % cfg.block_k == 0 and kps % cfg.block_k == 0, EVEN_N=N % cfg.block_n == 0,
+                             BLOCK_M=16 if dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages)
+                key = (tuple(const.items()), cfg.num_warps)
+                if key not in seen:
+                    sig = {a: "i32" for a in ("M", "N", "K", "K_PER_SPLIT", "sxm", "swn", "sos", "som", "son")}
+                    sig = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "OUT": "*fp32" if split > 1 else "*bf16", **sig,
+                           **{c: "constexpr" for c in const}}
+                    names = list(sig)  # pointers and ints divisible by 16, as Triton specialises them at launch
+                    attrs = {(names.index(a),): [["tt.divisibility", 16]]
+                             for a in ("X", "W", "B", "OUT", "K_PER_SPLIT", "sxm", "swn", "sos", "som")
+                             + (("N", "K") if const["EVEN_K"] and const["EVEN_N"] else ())}
+                    try:
+                        k = triton.compile(ASTSource(tg._gemv_kernel, sig, constexprs=const, attrs=attrs),
+                                           target=GPUTarget("cuda", arch, 32),
+                                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                        info = "compiled"
+                        if cuobjdump is not None:
+                            with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+                                f.write(k.asm["cubin"])
+                                f.flush()
+                                usage = subprocess.run([str(cuobjdump), "-res-usage", f.name],
+                                                       capture_output=True, text=True).stdout
+                            regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+                            if regs:
+                                info = f"{regs.group(1)} regs, {local.group(1) if local else '?'} B local (spills)"
+                    except Exception as e:  # noqa: BLE001 - reported, the other configs still compile
+                        info = f"FAILED {type(e).__name__}: {str(e)[:300]}"
+                    seen[key] = info
+                rows.append(dict(shape=name, M=M, kind=kind, config=cfg.short(), split=split, result=seen[key]))
+                print(f"{name:>8} M={M} {kind:<9} {cfg.short():<18} split {split}: {seen[key]}", flush=True)
+    return rows
+
+
 def check_fast_path(device: str = "cuda") -> dict:
     """AdaKVConfig(gemv=True) on the GPU, small fp32 Llama (bench/e2e.py's), batch 1 (reduction path) and 3
     (tensor-core path): greedy tokens equal the eager reference, and Inductor's code launches ``_gemv_kernel``."""
@@ -444,7 +505,13 @@ def main():
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gemv-<card>.json)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip the GPU check of AdaKVConfig(gemv=True) against the eager reference")
+    ap.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
+                    help="no GPU: compile every launch config for sm_ARCH (e.g. 90); registers and spills")
     a = ap.parse_args()
+    if a.compile_only is not None:
+        rows = compile_only(a.compile_only)
+        failed = [r for r in rows if r["result"].startswith("FAILED")]
+        raise SystemExit(f"{len(failed)} of {len(rows)} launch configs failed to compile" if failed else 0)
     global DEVICE
     if a.small:
         DEVICE = "cpu"

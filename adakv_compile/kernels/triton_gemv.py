@@ -140,7 +140,8 @@ def choose_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     programs = triton.cdiv(N, block_n)
     if programs < 2 * sms:
         split = max(1, min(triton.cdiv(2 * sms, programs), K // (4 * block_k)))
-    return GemvConfig(block_n, block_k, 4, split, dot)
+    warps = 8 if not dot and block_n * block_k >= 8192 else 4   # [32, 256] fp32 products: 122 -> 80 registers
+    return GemvConfig(block_n, block_k, warps, split, dot)
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
