@@ -72,6 +72,8 @@ def test_op_falls_back_to_linear_off_cuda_and_names_bad_input():
     from adakv_compile.kernels.triton_gemv import gemv_triton
     with pytest.raises(ValueError, match="bias"):
         gemv_triton(x[:, 0], w, torch.randn(3))
+    with pytest.raises(ValueError, match="dtype"):
+        gemv_triton(x[:, 0], w.double())
     with pytest.raises(ValueError, match="gemv"):
         AdaKVConfig(gemv=1)
 

@@ -160,8 +160,13 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"gemv_triton: x has M={M} rows; the kernel is for M <= 16")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"gemv_triton: bias must be [N={N}], got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"gemv_triton: x, weight and bias must share one dtype, got x {x.dtype}, weight "
+                         f"{weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
     cfg = config or choose_config(M, N, K, weight.dtype, weight.device)
     dot = cfg.dot or M > 1
+    if dot and cfg.block_n < 16:
+        raise ValueError(f"gemv_triton: config={cfg}: the tensor-core path (M > 1 or dot=True) needs block_n >= 16")
     if weight.stride(1) != 1:  # K is the unit-stride dimension of both operands (vector loads)
         weight = weight.contiguous()
     if x.stride(1) != 1:
