@@ -503,7 +503,7 @@ def main():
     ap.add_argument("--m", default="1,2,4,8", help="rows of x (the decode batch)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rotate-mb", type=int, default=256, help="weight copies per shape cover at least this")
-    ap.add_argument("--autotune-budget-s", type=float, default=90.0,
+    ap.add_argument("--autotune-budget-s", type=float, default=75.0,
                     help="stop compiling max-autotune cases after this much compile time")
     ap.add_argument("--sweep-budget-s", type=float, default=60.0,
                     help="no new case of the Triton config sweep after this much sweep time")
