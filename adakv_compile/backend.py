@@ -19,6 +19,7 @@ from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
 from .passes.cache_key import PASS_KEY, config_key
+from .passes.gemv import replace_gemv
 from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
 
@@ -125,6 +126,8 @@ class AdaKVBackend:
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result)
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
+        if self.config.gemv and not needs_grad:  # decode graphs only; after the merge (one GEMV per input)
+            self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
         variants = self._config_variants(gm, merged, example_inputs, result)  # before _inner changes merged.gm
         compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
         self.graphs[-1]["merged_linears"] = merged.merged

@@ -63,6 +63,9 @@ class AdaKVConfig:
     prefill_chunk: rows per chunk of the prefill's position-wise regions (norms, projections, RoPE, the MLP:
         passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
         the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
+    gemv: decode graphs only: linears/mm/addmm of 1..8 rows become the Triton GEMV ``adakv::gemv`` (inlined by
+        Inductor; passes/gemv.py), after ``merge_linears``. Off by default until bench/gemv.py shows it beats
+        cuBLAS on the card; exact up to fp32 accumulation order.
     """
 
     budget: Optional[int] = None
@@ -84,6 +87,7 @@ class AdaKVConfig:
     merge_linears: bool = True
     head_floor: int = 192
     prefill_chunk: Optional[int] = None
+    gemv: bool = False
 
     def __post_init__(self):
         def is_int(x):
@@ -133,6 +137,8 @@ class AdaKVConfig:
             _fail("head_floor", self.head_floor, "must be an integer >= 0 (tokens per KV head)")
         if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 0):
             _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
+        if not isinstance(self.gemv, bool):
+            _fail("gemv", self.gemv, "must be True or False")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

@@ -8,6 +8,7 @@ pipelined, CUDA events between step starts, no host sync; and each step synchron
   compile_dyn    plain torch.compile (Inductor) + DynamicCache                       (--with-dynamic)
   adakv          adakv fast path: AdaKVCache + adakv backend (Triton ops inlined, CUDA-graph decode)
   adakv_nomerge  the same with AdaKVConfig(merge_linears=False) (q/k/v, gate/up as the model's own GEMMs)
+  adakv_gemv     the same with AdaKVConfig(gemv=True) (decode projections by the Triton GEMV, passes/gemv.py)
   adakv_general  adakv general path: DynamicCache + adakv backend                    (--with-general)
 
     python bench/e2e.py --shapes 1x8192,1x32768,8x32768,32x8192 --layers 8 --out bench/results/e2e-<card>.json
@@ -178,8 +179,9 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     elif name == "compile_dyn":
         cache = DynamicCache(config=model.config)
         fwd = prefill = torch.compile(orig_forward)
-    elif name in ("adakv", "adakv_nomerge"):
-        backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name == "adakv"))
+    elif name in ("adakv", "adakv_nomerge", "adakv_gemv"):
+        backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name != "adakv_nomerge",
+                                            gemv=name == "adakv_gemv"))
         cache = AdaKVCache(model, backend, batch_size=B, max_new_tokens=warm + 2 * steps + 8)
         fwd = prefill = torch.compile(orig_forward, backend=backend)
     elif name == "adakv_general":
@@ -206,7 +208,7 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
         graphs_end, rec_end = unique_graphs(), rec.n
     if name == "static_ro":
         kvb = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    elif name in ("adakv", "adakv_nomerge"):
+    elif name in ("adakv", "adakv_nomerge", "adakv_gemv"):
         kvb = cache.nbytes()
     else:
         kvb = sum(store.store_bytes(layer.keys) + store.store_bytes(layer.values) for layer in cache.layers)
@@ -220,6 +222,7 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
         row["cudagraphs"] = [g.get("cudagraphs") for g in backend.graphs]
         row["rewritten"] = [g["rewritten"] for g in backend.graphs]
         row["merged_linears"] = [len(g.get("merged_linears", [])) for g in backend.graphs]
+        row["gemv"] = [g.get("gemv", 0) for g in backend.graphs]
     del cache, fwd, out
     torch._dynamo.reset()
     return row
@@ -323,6 +326,12 @@ def write_outputs(res: dict, out: Path) -> None:
         lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
                      f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_nomerge')} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
                      f"{fc} | {rr} |")
+    gemv_rows = [r for r in res["rows"] if "ms" in r["methods"].get("adakv_gemv", {})]
+    if gemv_rows:  # AdaKVConfig(gemv=True): its own lines, the table above unchanged
+        lines += ["", "adakv fast path with `AdaKVConfig(gemv=True)` (Triton GEMV, passes/gemv.py), ms per token:", ""]
+        lines += [f"- {r['layers']} layers, {r['batch']} × {r['context']}: {r['methods']['adakv_gemv']['ms']:.2f} "
+                  f"({r['methods']['adakv_gemv']['ms'] / r['floor_ms']:.2f}× floor; GEMVs per graph "
+                  f"{r['methods']['adakv_gemv'].get('gemv')})" for r in gemv_rows]
     out.with_suffix(".md").write_text(md_header(card) + "\n".join(lines) + "\n")
     try:
         import matplotlib
