@@ -56,8 +56,24 @@ def _assert_equals_oracle(model_twin, cfg, ids, am, logits, cache):
 
 @pytest.fixture(autouse=True)
 def _inline_compress(monkeypatch):
-    """The inlined path is opt-in (passes/rewrite.py ``inline_compress``: Inductor on torch 2.11 failed on it)."""
+    """The inlined path is the default on CUDA only (passes/rewrite.py ``inline_compress``); force it here."""
     monkeypatch.setenv("ADAKV_INLINE_COMPRESS", "1")
+
+
+def test_inline_compress_switch(monkeypatch):
+    """Unset: inlined on CUDA, opaque elsewhere; 0/1 force it; anything else names the variable."""
+    from adakv_compile.passes.rewrite import inline_compress
+
+    monkeypatch.delenv("ADAKV_INLINE_COMPRESS")
+    assert inline_compress(torch.device("cuda", 0)) and not inline_compress(torch.device("cpu"))
+    assert not inline_compress(None)
+    monkeypatch.setenv("ADAKV_INLINE_COMPRESS", "0")
+    assert not inline_compress(torch.device("cuda", 0))
+    monkeypatch.setenv("ADAKV_INLINE_COMPRESS", "1")
+    assert inline_compress(torch.device("cpu"))
+    monkeypatch.setenv("ADAKV_INLINE_COMPRESS", "yes")
+    with pytest.raises(ValueError, match="ADAKV_INLINE_COMPRESS"):
+        inline_compress(torch.device("cpu"))
 
 
 def test_inductor_inlines_compression():

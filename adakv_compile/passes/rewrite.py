@@ -96,17 +96,20 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
     return total
 
 
-def inline_compress() -> bool:
+def inline_compress(device: torch.device | None = None) -> bool:
     """Whether a static-shape prefill compresses through ``adakv::prefill_compress`` (Inductor traces it)
-    instead of the opaque ``adakv::static_compress``: ``ADAKV_INLINE_COMPRESS`` = 1 / 0, default 0 until the
-    GPU check (bench/inline_check.py) passes on the GPU stack. On torch 2.11 (H200) Inductor failed on the
-    traced body: a SplitScan lowering of the slots' int64 cumsum over the prompt ("list indices must be
-    integers or slices, not NoneType") and the signature of a user Triton kernel's int argument above
-    2**31 - 1 ("'int' object has no attribute 'xreplace'"). Both are now avoided by construction (our own
-    slot kernel, int32-safe kernel arguments: docs/design.md, "Compression through Inductor")."""
-    value = os.environ.get("ADAKV_INLINE_COMPRESS", "0").strip()
+    instead of the opaque ``adakv::static_compress``. ``ADAKV_INLINE_COMPRESS`` = 1 / 0; unset: inline on
+    CUDA, where it removes the Python-launched kernels (H200: compression adds 3.2 ms = 5.9 % to a 1 × 8k
+    prefill at 8 layers, bench/results/prefill-inline-h200.md; ~26 % opaque), opaque elsewhere (on the CPU
+    the body is plain torch either way; tracing it only costs compile time). On torch 2.11 Inductor first
+    failed on the traced body (a SplitScan lowering of the slots' int64 cumsum; a user kernel's int argument
+    above 2**31 - 1): both are avoided by construction (our own slot kernel, int32-safe kernel arguments:
+    docs/design.md, "Compression through Inductor"); bench/inline_check.py passed on the H200."""
+    value = os.environ.get("ADAKV_INLINE_COMPRESS", "").strip()
     if value not in ("0", "1", ""):
         raise ValueError(f"ADAKV_INLINE_COMPRESS must be 0 or 1, got {value!r}")
+    if value == "":
+        return device is not None and device.type == "cuda"
     return value == "1"
 
 
@@ -142,6 +145,11 @@ def _static_shapes(*nodes: fx.Node) -> bool:
         if v is None or not all(isinstance(d, int) for d in v.shape):
             return False
     return True
+
+
+def _device(node: fx.Node) -> torch.device | None:
+    v = val(node)
+    return v.device if isinstance(v, torch.Tensor) else None
 
 
 def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: int, tp_group: str = "",
@@ -199,7 +207,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             vview = graph.call_function(operator.getitem, (pair, 1))
         elif p.mode == "static-compress":
             new = prompt_attention(f.k_new, f.v_new)
-            if tp_group or not _static_shapes(s.q, f.k_new) or not inline_compress():  # the opaque op
+            if tp_group or not _static_shapes(s.q, f.k_new) or not inline_compress(_device(s.q)):  # the opaque op
                 graph.call_function(torch.ops.adakv.static_compress.default,
                                     (s.q, f.k_new, f.v_new, mask, scale, s.softcap, p.ordinal, num_layers,
                                      config_key, f.static_arg("room")) + f.static_tensors() + (tp_group,) + tail)
