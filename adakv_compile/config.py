@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 _POOLINGS = ("max", "avg")
 _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
+_PREFILL_COMPILERS = ("inductor", "eager")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming", "critical")
@@ -63,6 +64,11 @@ class AdaKVConfig:
     prefill_chunk: rows per chunk of the prefill's position-wise regions (norms, projections, RoPE, the MLP:
         passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
         the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
+    prefill_compiler: how the backend compiles a prefill graph (the one that fills the cache from the prompt)
+        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops) or
+        "eager" (the rewritten graph and its chunked regions run as traced, without Inductor: the same
+        proven-mask attention, chunking and compression ops, no prefill compile: a faster first
+        ``generate``, a slower prefill on long prompts). Decode graphs always use the backend's compiler.
     """
 
     budget: Optional[int] = None
@@ -84,6 +90,7 @@ class AdaKVConfig:
     merge_linears: bool = True
     head_floor: int = 192
     prefill_chunk: Optional[int] = None
+    prefill_compiler: str = "inductor"
 
     def __post_init__(self):
         def is_int(x):
@@ -133,6 +140,8 @@ class AdaKVConfig:
             _fail("head_floor", self.head_floor, "must be an integer >= 0 (tokens per KV head)")
         if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 0):
             _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
+        if self.prefill_compiler not in _PREFILL_COMPILERS:
+            _fail("prefill_compiler", self.prefill_compiler, f"must be one of {_PREFILL_COMPILERS}")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

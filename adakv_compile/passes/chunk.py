@@ -198,6 +198,7 @@ class Region:
     template: Optional[fx.Graph] = None  # the region cut out for n rows (the outer graph's nodes go)
     compiled: dict = field(default_factory=dict)
     donated: dict = field(default_factory=dict)  # output index -> input index whose storage it is written into
+    shared: Optional[dict] = None  # structure key -> compiled fn, over the regions of one backend (see _compile)
 
     def cut(self) -> None:
         g = fx.Graph()
@@ -221,6 +222,21 @@ class Region:
                 node.args = tuple(_resize(a, self.n, rows) for a in node.args)
         return fx.GraphModule(torch.nn.Module(), g)
 
+    def _compile(self, rows: int, args: list) -> Callable:
+        """The region compiled for ``rows``. The regions of a decoder's layers are the same graph on other
+        weights: with ``shared`` (one dict per backend) a region whose structure and input layouts equal one
+        compiled before reuses its compiled function, so L layers cost one Inductor compile, not L."""
+        gm = self.build(rows)
+        if self.shared is None:
+            return self.compile_fn(gm, args)
+        key = structure_key(gm.graph, args)
+        fn = self.shared.get(key)
+        if fn is None:
+            fn = self.shared[key] = self.compile_fn(gm, args)
+        else:
+            log.debug("adakv: chunk: region %s reuses a compiled region of the same structure", self.key)
+        return fn
+
     def run(self, inputs: list, outs: Optional[list] = None) -> list:
         """Outputs rows [s, s+c) from input rows [s, s+c), chunk by chunk, into ``outs`` (new tensors when
         None). A donated output's buffer is also an input (``donated``: output -> input index; it is not in
@@ -236,13 +252,37 @@ class Region:
             args = [x.narrow(d, s, rows) if d is not None else x for x, d in zip(inputs, self.in_dims)]
             fn = self.compiled.get(rows)
             if fn is None:
-                fn = self.compiled[rows] = self.compile_fn(self.build(rows), args)
+                fn = self.compiled[rows] = self._compile(rows, args)
             res = list(fn(*args))
             if ptrs:  # a result that is a view of a donor's rows must be read before those rows are written
                 res = [r.clone() if r.untyped_storage().data_ptr() in ptrs else r for r in res]
             for o, r, d in zip(outs, res, self.out_dims):
                 o.narrow(d, s, rows).copy_(r)
         return outs
+
+
+def structure_key(graph: fx.Graph, args: list) -> tuple:
+    """What a compiled graph depends on, node names aside: every node's op, target and arguments (as node
+    positions and literals), and each input's shape, stride, dtype, device and grad flag. Two graphs with
+    equal keys compile to the same code (in-process only: targets are keyed by identity)."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__,) + tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return ("dict",) + tuple((k, arg(v)) for k, v in a.items())
+        if isinstance(a, (slice, torch.Size)):
+            return repr(a)
+        return (type(a).__name__, repr(a))
+
+    nodes = tuple((n.op, n.target if isinstance(n.target, str) else id(n.target), arg(n.args), arg(n.kwargs))
+                  for n in graph.nodes if n.op != "placeholder") + (len(graph.find_nodes(op="placeholder")),)
+    metas = tuple((tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)
+                  if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)) for x in args)
+    return nodes, metas
 
 
 def _resize(a, n: int, rows: int):
@@ -308,10 +348,11 @@ _ids = iter(range(1 << 62))
 
 
 def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
-                  compile_fn: Callable) -> list[Region]:
+                  compile_fn: Callable, shared: Optional[dict] = None) -> list[Region]:
     """Replace every position-wise region of ``gm`` (sequence length ``n``) by an ``adakv::chunked`` call.
 
-    ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off). Returns the regions made."""
+    ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off); ``shared``: a dict in which
+    regions of equal structure share one compiled function (Region._compile). Returns the regions made."""
     if chunk == 0 or n is None or n <= 1:
         return []
     graph = gm.graph
@@ -340,6 +381,7 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
             continue
         r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order)
         if r is not None:
+            r.shared = shared
             regions.append(r)
     if regions:
         graph.eliminate_dead_code()
