@@ -271,9 +271,33 @@ class AdaKVBackend:
         n = static.pop() if len(static) == 1 and len(lengths) == sum(q == k for q, k in lengths
                                                                        if isinstance(q, int)) else None
         inner = inner or self._inner
-        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: inner(g, ex),
+        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._compile_region(g, ex, inner),
                                 self._region_fns if inner == self._inner else None)
         self.graphs[-1]["chunked_regions"] = len(regions)
+
+    def _compile_region(self, gm, args, inner) -> Callable:
+        """A chunked region is compiled at its first run, outside Dynamo: from fake copies of its inputs in a
+        fresh fake mode with a shape environment, as Dynamo would hand them over, so that Inductor's FX-graph
+        and AOTAutograd caches take it (with real tensors and no shape env both bypass: "No shape env")."""
+        if inner == self._eager or self.inner == "eager":
+            return inner(gm, args)
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in args]
+        from .passes.fake_values import fill_fake_values
+
+        placeholders = iter(fakes)
+        for node in gm.graph.nodes:  # the cut region's nodes carry the outer graph's values (n rows, its mode)
+            node.meta.pop("val", None)
+            node.meta.pop("example_value", None)
+            if node.op == "placeholder":
+                node.meta["example_value"] = next(placeholders)
+        fill_fake_values(gm.graph)  # AOTAutograd's cache refuses method calls on nodes without one
+        with tracing(TracingContext(mode)):
+            return inner(gm, fakes)
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":

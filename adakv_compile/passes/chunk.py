@@ -23,6 +23,7 @@ taken outside (the base is returned once). ``passes/liveness.py`` models the res
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import operator
@@ -344,7 +345,17 @@ def default_chunk(per_row_bytes: int, device: torch.device | None) -> int:
     return 1 << (int(rows).bit_length() - 1)
 
 
-_ids = iter(range(1 << 62))
+_key_counts: dict[str, int] = {}
+
+
+def _region_key(region: "Region") -> str:
+    """``region-<sha256 of the cut graph, n, rows>-<k>``, k counting earlier regions of that digest in this
+    process: a constant of the prefill graph that is the same in a restarted process (Inductor's FX-graph and
+    AOTAutograd caches hit), whatever unrelated graphs were chunked before (a process counter was not)."""
+    digest = hashlib.sha256(f"{region.template}|{region.n}|{region.chunk}".encode()).hexdigest()[:16]
+    k = _key_counts.get(digest, 0)
+    _key_counts[digest] = k + 1
+    return f"region-{digest}-{k}"
 
 
 def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
@@ -375,7 +386,8 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
     sub.add_edges_from((a, b) for a, b in g.edges if a in members and b in members and level[a] == level[b])
     order = {node: i for i, node in enumerate(graph.nodes)}
     regions = []
-    for comp in nx.connected_components(sub):
+    # in graph order: region keys are numbered in creation order (set order is process-specific)
+    for comp in sorted(nx.connected_components(sub), key=lambda c: min(order[x] for x in c)):
         comp = _without_layout_outputs(comp)
         if len(comp) < 3:
             continue
@@ -527,12 +539,12 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
                  members[0].name)
         return None
     # tensors only: every input is a tensor (checked by _row_local), the region's first input leads
-    key = f"region-{next(_ids)}"
     seq_first = sorted(inputs, key=lambda x: _seq_dim(x, n) is None)
-    region = Region(key, n, rows, members, seq_first, [_seq_dim(x, n) for x in seq_first], outs,
+    region = Region("", n, rows, members, seq_first, [_seq_dim(x, n) for x in seq_first], outs,
                     [_seq_dim(o, n) for o in outs],
                     [(tuple(int(s) for s in val(o).shape), val(o).dtype) for o in outs], compile_fn)
     region.cut()
+    key = region.key = _region_key(region)
     REGIONS[key] = region
     # as late as possible: right before the first reader of an output, so that its O(n) outputs are born
     # after whatever runs between (e.g. the previous layer's compress, which frees that layer's q/k/v)
