@@ -285,10 +285,10 @@ class AdaKVBackend:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        mode = FakeTensorMode(shape_env=ShapeEnv())
-        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in args]
         from .passes.fake_values import fill_fake_values
 
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in args]
         placeholders = iter(fakes)
         for node in gm.graph.nodes:  # the cut region's nodes carry the outer graph's values (n rows, its mode)
             node.meta.pop("val", None)
