@@ -272,7 +272,8 @@ class AdaKVBackend:
                                                                        if isinstance(q, int)) else None
         inner = inner or self._inner
         regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._compile_region(g, ex, inner),
-                                self._region_fns if inner == self._inner else None)
+                                self._region_fns if inner == self._inner else None,
+                                whole=self.config.prefill_compiler == "regions")
         self.graphs[-1]["chunked_regions"] = len(regions)
 
     def _compile_region(self, gm, args, inner) -> Callable:

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 _POOLINGS = ("max", "avg")
 _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
-_PREFILL_COMPILERS = ("inductor", "eager")
+_PREFILL_COMPILERS = ("inductor", "regions", "eager")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming", "critical")
@@ -65,7 +65,9 @@ class AdaKVConfig:
         passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
         the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
     prefill_compiler: how the backend compiles a prefill graph (the one that fills the cache from the prompt)
-        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops) or
+        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops),
+        "regions" (the same, but the position-wise regions between attentions are cut out also when the prompt
+        needs no chunking, and the regions of equal structure — one per layer — share one compile), or
         "eager" (the rewritten graph and its chunked regions run as traced, without Inductor: the same
         proven-mask attention, chunking and compression ops, no prefill compile: a faster first
         ``generate``, a slower prefill on long prompts). Decode graphs always use the backend's compiler.

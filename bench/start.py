@@ -8,12 +8,14 @@ The warm child also times a second ``generate`` in the same process (``second_s`
 Methods:
   hf_static  HF's static cache and its own auto-compile (``cache_implementation="static"``)
   adakv      ``compile_model`` + ``AdaKVCache`` (the fast path), budget ``--budget``
+  adakv_regions  the same with ``AdaKVConfig(prefill_compiler="regions")``: the prefill's position-wise regions
+             are compiled once per kind for all layers (also when no chunking is needed), not inside the whole graph
   adakv_eager_prefill  the same with ``AdaKVConfig(prefill_compiler="eager")``: the rewritten prefill graph and
              its chunked regions run without Inductor (only the decode graph is compiled, as HF static does)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
-    python bench/start.py --sizes 8x8192x16,32x32768x256 --methods adakv_eager_prefill --append \
+    python bench/start.py --sizes 8x8192x16,32x32768x256 --methods adakv_regions,adakv_eager_prefill --append \
         --out bench/results/start-h200.json
     python bench/start.py --device cpu --small --sizes 2x256x4 --out /tmp/start-cpu.json   # smoke test
 
@@ -36,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-ADAKV_METHODS = {"adakv": {}, "adakv_eager_prefill": {"prefill_compiler": "eager"}}  # method -> AdaKVConfig fields
+ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"},  # method -> AdaKVConfig fields
+                 "adakv_eager_prefill": {"prefill_compiler": "eager"}}
 
 
 def child(a) -> dict:
@@ -138,7 +141,7 @@ def write(res: dict, out: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8x8192x16,32x32768x256", help="layers x context x new tokens, comma-separated")
-    ap.add_argument("--methods", default="hf_static,adakv", help="hf_static, adakv, adakv_eager_prefill")
+    ap.add_argument("--methods", default="hf_static,adakv", help="hf_static, " + ", ".join(ADAKV_METHODS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

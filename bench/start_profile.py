@@ -17,7 +17,8 @@ excludes the stages it calls), over:
   run               everything else: the model's eager code, the compiled code, the cache setup
 Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switched on with
 ``CompileConfig._compile_all_devices``, on CUDA it is on by itself), ``adakv`` (``compile_model`` +
-``AdaKVCache``), ``adakv_eager_prefill`` (the same with ``AdaKVConfig(prefill_compiler="eager")``).
+``AdaKVCache``), ``adakv_regions`` / ``adakv_eager_prefill`` (the same with ``AdaKVConfig(prefill_compiler=
+"regions" / "eager")``).
 
     python bench/start_profile.py                                  # CPU: 8 and 32 layers, 1 x 2048 + 8
     python bench/start_profile.py --layers 2 --context 256 --new 2 --out /tmp/sp.json   # smoke test
@@ -141,11 +142,12 @@ def child(a) -> dict:
                 model.generation_config.compile_config = CompileConfig()
                 model.generation_config.compile_config._compile_all_devices = True
             return model.generate(ids, cache_implementation="static", **kwargs)
-        extra = {"prefill_compiler": "eager"} if a.method == "adakv_eager_prefill" else {}
-        if a.prefill_chunk is not None:
+        from start import ADAKV_METHODS
+        if a.method not in ADAKV_METHODS:
+            raise ValueError(f"--method {a.method!r}: hf_static or one of {sorted(ADAKV_METHODS)}")
+        extra = dict(ADAKV_METHODS[a.method])
+        if a.prefill_chunk is not None and a.prefill_chunk >= 0:
             extra["prefill_chunk"] = a.prefill_chunk
-        if a.method not in ("adakv", "adakv_eager_prefill"):
-            raise ValueError(f"--method {a.method!r}: hf_static, adakv or adakv_eager_prefill")
         backend = compile_model(model, AdaKVConfig(budget=a.budget, **extra))
         cache = AdaKVCache(model, backend, batch_size=a.batch, max_new_tokens=a.new)
         return model.generate(ids, **{cache_kwarg(model): cache}, **kwargs)
@@ -224,7 +226,7 @@ def main():
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="AdaKVConfig.prefill_chunk (default: automatic; the CPU default is context/2, so that the "
-                         "prefill is chunked as Llama-8B shapes are at 32k on the H200)")
+                         "prefill is chunked as Llama-8B shapes are at 32k on the H200; -1: automatic on the CPU too)")
     ap.add_argument("--methods", default="hf_static,adakv,adakv_eager_prefill")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--small", action="store_true", help="hidden 256 (always on for --device cpu)")

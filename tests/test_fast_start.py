@@ -2,6 +2,8 @@
 
 - Regions of a decoder's layers are the same graph on other weights: one compile serves them all
   (``passes/chunk.structure_key``), and the chunked prefill still equals the plain model.
+- ``AdaKVConfig(prefill_compiler="regions")``: the regions are cut even when no chunking is needed, so a
+  short prompt's prefill also compiles each kind of region once, not every layer inside the whole graph.
 - ``AdaKVConfig(prefill_compiler="eager")``: the prefill graph and its regions run without the inner compiler;
   tokens and kept positions equal the default mode and the eager reference generator; the rewritten prefill
   graph still holds no n × n mask (the proof and the chunking are unchanged).
@@ -49,6 +51,24 @@ def test_regions_of_equal_structure_compile_once():
     region_compiles = len(calls) - 1  # the outer graph is one
     # two chunk sizes (16 rows, the 8-row remainder); the middle layers' regions share one compile each
     assert region_compiles < 2 * regions and region_compiles <= 2 * 3, (region_compiles, regions)
+
+
+def test_regions_mode_cuts_regions_without_chunking():
+    """``prefill_compiler="regions"``: a prompt far below the chunk size still gets its regions cut (one chunk
+    of all rows), the layers' regions share compiles, and the logits equal the plain model."""
+    model = build("llama", seed=4, layers=4)
+    ids = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    for mode, regions in (("inductor", 0), ("regions", 5)):
+        torch._dynamo.reset()
+        backend = adakv_backend(AdaKVConfig(prefill_compiler=mode), inner="eager")
+        calls = _counting(backend)
+        with torch.no_grad():
+            got = torch.compile(model.forward, backend=backend)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        assert backend.graphs[0]["chunked_regions"] >= regions and (regions or not backend.graphs[0]["chunked_regions"])
+        assert len(calls) - 1 <= 3  # region compiles: before the first attention, between two, after the last
 
 
 def _graph(c: float, transpose: bool = False) -> fx.Graph:
@@ -101,13 +121,15 @@ def test_eager_prefill_equals_the_default_and_the_reference():
     ref = ReferenceSession(twin(model), AdaKVConfig(**kwargs), record=True)
     expect = ref.generate(ids, attention_mask=am, max_new_tokens=6)[:, -6:]
     runs = {}
-    for mode in ("eager", "inductor"):
+    for mode in ("eager", "inductor", "regions"):
         torch._dynamo.reset()
         runs[mode] = _generate(twin(model), AdaKVConfig(prefill_compiler=mode, **kwargs), ids, am, 6)
     for mode, (got, cache, backend, calls) in runs.items():
         assert torch.equal(got, expect), mode
         prefill = [g for g in backend.graphs if g.get("chunked_regions")]
         assert prefill and all(g.get("compiler") == ("eager" if mode == "eager" else None) for g in prefill)
+        if mode != "eager":  # regions: 3 kinds (before, between, after the attentions) x 2 chunk sizes at most
+            assert 0 < len(calls) - backend.graphs_compiled <= 6
         for layer, per_row in enumerate(ref.kept_positions()):
             got_pos = cache.kept_positions(layer)
             for row in range(3):

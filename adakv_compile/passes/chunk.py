@@ -359,11 +359,13 @@ def _region_key(region: "Region") -> str:
 
 
 def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
-                  compile_fn: Callable, shared: Optional[dict] = None) -> list[Region]:
+                  compile_fn: Callable, shared: Optional[dict] = None, whole: bool = False) -> list[Region]:
     """Replace every position-wise region of ``gm`` (sequence length ``n``) by an ``adakv::chunked`` call.
 
     ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off); ``shared``: a dict in which
-    regions of equal structure share one compiled function (Region._compile). Returns the regions made."""
+    regions of equal structure share one compiled function (Region._compile); ``whole``: cut the regions also
+    where one chunk would hold all ``n`` rows (run as one chunk: compiled once for all layers instead of
+    inside the whole graph). Returns the regions made."""
     if chunk == 0 or n is None or n <= 1:
         return []
     graph = gm.graph
@@ -391,7 +393,7 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
         comp = _without_layout_outputs(comp)
         if len(comp) < 3:
             continue
-        r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order)
+        r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order, whole)
         if r is not None:
             r.shared = shared
             regions.append(r)
@@ -510,7 +512,8 @@ def _impure_like(node: fx.Node) -> bool:
     return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
 
 
-def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, order) -> Optional[Region]:
+def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, order,
+                 whole: bool = False) -> Optional[Region]:
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}  # earlier regions added nodes
     mset = set(members)
@@ -526,7 +529,9 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
     device = val(outs[0]).device
     rows = chunk if chunk is not None else default_chunk(per_row, device)
     if rows >= n:
-        return None
+        if not whole:
+            return None
+        rows = n
     first_user = min((u for o in outs for u in o.users if u not in mset), key=order.get)
     for x in sorted(inputs, key=order.get):  # a view taken late (RoPE's cos.unsqueeze for this layer) moves up
         if order[x] >= order[first_user] and _is_layout(x) and \
