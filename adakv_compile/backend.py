@@ -61,6 +61,7 @@ class AdaKVBackend:
         self._warned_none = False
         self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
         self._key = _backend_key(config)
+        self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
 
     @property
     def graphs_compiled(self) -> int:
@@ -79,6 +80,10 @@ class AdaKVBackend:
         if config.compresses != self.config.compresses:
             raise ValueError("reconfigure(config=...): cannot switch between exact mode and compression "
                              "without recompiling; make a new backend")
+        if config.prefill_compiler != self.config.prefill_compiler:
+            raise ValueError(f"reconfigure(config=...): prefill_compiler={config.prefill_compiler!r} differs "
+                             f"from the backend's {self.config.prefill_compiler!r}, which compiled its graphs; "
+                             "make a new backend")
         self.config = config
         register_config(config, self._key)
 
@@ -123,13 +128,17 @@ class AdaKVBackend:
             def refuse(*args):
                 raise StoreError(message)
             return refuse
+        inner = self._inner
+        if self.config.prefill_compiler == "eager" and self._is_prefill(result):
+            inner = self._eager  # the rewritten graph and its regions run as traced (AdaKVConfig.prefill_compiler)
+            self.graphs[-1]["compiler"] = "eager"
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
-            self._chunked(gm, result)
+            self._chunked(gm, result, inner)
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         if self.config.gemv and not needs_grad:  # decode graphs only; after the merge (one GEMV per input)
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
-        variants = self._config_variants(gm, merged, example_inputs, result)  # before _inner changes merged.gm
-        compiled = merged.wrap(self._inner(merged.gm, merged.inputs(example_inputs), graphed))
+        variants = self._config_variants(gm, merged, example_inputs, result, inner)  # before inner changes merged.gm
+        compiled = merged.wrap(inner(merged.gm, merged.inputs(example_inputs), graphed))
         self.graphs[-1]["merged_linears"] = merged.merged
         dense_idx = [names.index(n) for n in result.dense_cache_inputs if n in names]
         links = result.store_links
@@ -172,7 +181,18 @@ class AdaKVBackend:
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         return bool(static_only and on_cuda)
 
-    def _config_variants(self, gm, merged, example_inputs, result) -> Optional[Callable]:
+    @staticmethod
+    def _is_prefill(result) -> bool:
+        """The graph fills a cache from the prompt (AdaKVCache prefill, or a general-path prefill site)."""
+        if result.static is not None:
+            return result.static.phase == "prefill"
+        return any(p.phase == "prefill" for p in result.planned)
+
+    @staticmethod
+    def _eager(gm, example_inputs, cudagraphs: bool = False) -> Callable:
+        return gm.forward
+
+    def _config_variants(self, gm, merged, example_inputs, result, inner=None) -> Optional[Callable]:
         """For a prefill graph whose compression Inductor inlines (``adakv::prefill_compress``: the config's
         values are constants of the compiled code): ``variant(config)``, the graph compiled for ``config``,
         compiled on first use after a ``reconfigure`` from a copy of the rewritten graph retargeted to the
@@ -204,7 +224,7 @@ class AdaKVBackend:
                 retarget_config(copy_gm, config)
                 inputs = merged.inputs(fakes)
                 with tracing(TracingContext(detect_fake_mode(inputs))):
-                    compiled[key] = merged.wrap(self._inner(copy_gm, inputs))
+                    compiled[key] = merged.wrap((inner or self._inner)(copy_gm, inputs))
                 log.info("adakv: prefill graph recompiled for the reconfigured %s", config)
             return compiled[key]
 
@@ -241,7 +261,7 @@ class AdaKVBackend:
 
         return run
 
-    def _chunked(self, gm, result) -> None:
+    def _chunked(self, gm, result, inner=None) -> None:
         """Run the prefill's position-wise regions over sequence chunks (passes/chunk.py), each region
         compiled by the inner compiler for a chunk's rows."""
         from .passes.chunk import chunk_regions
@@ -253,8 +273,35 @@ class AdaKVBackend:
         static = {q for q, k in lengths if isinstance(q, int) and isinstance(k, int) and q == k}
         n = static.pop() if len(static) == 1 and len(lengths) == sum(q == k for q, k in lengths
                                                                        if isinstance(q, int)) else None
-        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._inner(g, ex))
+        inner = inner or self._inner
+        regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._compile_region(g, ex, inner),
+                                self._region_fns if inner == self._inner else None,
+                                whole=self.config.prefill_compiler == "regions")
         self.graphs[-1]["chunked_regions"] = len(regions)
+
+    def _compile_region(self, gm, args, inner) -> Callable:
+        """A chunked region is compiled at its first run, outside Dynamo: from fake copies of its inputs in a
+        fresh fake mode with a shape environment, as Dynamo would hand them over, so that Inductor's FX-graph
+        and AOTAutograd caches take it (with real tensors and no shape env both bypass: "No shape env")."""
+        if inner == self._eager or self.inner == "eager":
+            return inner(gm, args)
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        from .passes.fake_values import fill_fake_values
+
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in args]
+        placeholders = iter(fakes)
+        for node in gm.graph.nodes:  # the cut region's nodes carry the outer graph's values (n rows, its mode)
+            node.meta.pop("val", None)
+            node.meta.pop("example_value", None)
+            if node.op == "placeholder":
+                node.meta["example_value"] = next(placeholders)
+        fill_fake_values(gm.graph)  # AOTAutograd's cache refuses method calls on nodes without one
+        with tracing(TracingContext(mode)):
+            return inner(gm, fakes)
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":

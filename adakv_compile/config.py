@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 _POOLINGS = ("max", "avg")
 _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
+_PREFILL_COMPILERS = ("inductor", "regions", "eager")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming", "critical")
@@ -66,6 +67,13 @@ class AdaKVConfig:
     gemv: decode graphs only: linears/mm/addmm of 1..8 rows become the Triton GEMV ``adakv::gemv`` (inlined by
         Inductor; passes/gemv.py), after ``merge_linears``. Off by default until bench/gemv.py shows it beats
         cuBLAS on the card; exact up to fp32 accumulation order.
+    prefill_compiler: how the backend compiles a prefill graph (the one that fills the cache from the prompt)
+        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops),
+        "regions" (the same, but the position-wise regions between attentions are cut out also when the prompt
+        needs no chunking, and the regions of equal structure — one per layer — share one compile), or
+        "eager" (the rewritten graph and its chunked regions run as traced, without Inductor: the same
+        proven-mask attention, chunking and compression ops, no prefill compile: a faster first
+        ``generate``, a slower prefill on long prompts). Decode graphs always use the backend's compiler.
     """
 
     budget: Optional[int] = None
@@ -88,6 +96,7 @@ class AdaKVConfig:
     head_floor: int = 192
     prefill_chunk: Optional[int] = None
     gemv: bool = False
+    prefill_compiler: str = "inductor"
 
     def __post_init__(self):
         def is_int(x):
@@ -139,6 +148,8 @@ class AdaKVConfig:
             _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
         if not isinstance(self.gemv, bool):
             _fail("gemv", self.gemv, "must be True or False")
+        if self.prefill_compiler not in _PREFILL_COMPILERS:
+            _fail("prefill_compiler", self.prefill_compiler, f"must be one of {_PREFILL_COMPILERS}")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

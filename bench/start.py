@@ -8,9 +8,15 @@ The warm child also times a second ``generate`` in the same process (``second_s`
 Methods:
   hf_static  HF's static cache and its own auto-compile (``cache_implementation="static"``)
   adakv      ``compile_model`` + ``AdaKVCache`` (the fast path), budget ``--budget``
+  adakv_regions  the same with ``AdaKVConfig(prefill_compiler="regions")``: the prefill's position-wise regions
+             are compiled once per kind for all layers (also when no chunking is needed), not inside the whole graph
+  adakv_eager_prefill  the same with ``AdaKVConfig(prefill_compiler="eager")``: the rewritten prefill graph and
+             its chunked regions run without Inductor (only the decode graph is compiled, as HF static does)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
+    python bench/start.py --sizes 8x8192x16,32x32768x256 --methods adakv_regions,adakv_eager_prefill --append \
+        --out bench/results/start-h200.json
     python bench/start.py --device cpu --small --sizes 2x256x4 --out /tmp/start-cpu.json   # smoke test
 
 Writes JSON rows ``layers``, ``context``, ``new_tokens``, ``method``, ``cold_s``, ``warm_s``, ``second_s``,
@@ -30,6 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+
+ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"},  # method -> AdaKVConfig fields
+                 "adakv_eager_prefill": {"prefill_compiler": "eager"}}
 
 
 def child(a) -> dict:
@@ -65,10 +75,10 @@ def child(a) -> dict:
 
     sync()
     t0 = time.perf_counter()
-    if a.method == "adakv":
-        backend = compile_model(model, AdaKVConfig(budget=a.budget))
+    if a.method in ADAKV_METHODS:
+        backend = compile_model(model, AdaKVConfig(budget=a.budget, **ADAKV_METHODS[a.method]))
     elif a.method != "hf_static":
-        raise ValueError(f"--method {a.method!r}: hf_static or adakv")
+        raise ValueError(f"--method {a.method!r}: hf_static or one of {sorted(ADAKV_METHODS)}")
     with torch.no_grad():
         out = generate()
         sync()
@@ -131,7 +141,7 @@ def write(res: dict, out: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8x8192x16,32x32768x256", help="layers x context x new tokens, comma-separated")
-    ap.add_argument("--methods", default="hf_static,adakv")
+    ap.add_argument("--methods", default="hf_static,adakv", help="hf_static, " + ", ".join(ADAKV_METHODS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -1,7 +1,7 @@
 """One process of tests/test_cache_safety.py: compile a tiny model with the adakv backend (fast path,
 compressed), generate, and print Inductor's cache counters as one JSON line.
 
-    TORCHINDUCTOR_CACHE_DIR=/tmp/x python -m tests.cache_worker [--merge 0|1] [--other-backend-first]
+    TORCHINDUCTOR_CACHE_DIR=/tmp/x python -m tests.cache_worker [--merge 0|1] [--chunk ROWS] [--other-backend-first]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests.zoo import build  # noqa: E402
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--merge", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=None, help="AdaKVConfig.prefill_chunk (chunked regions)")
     ap.add_argument("--other-backend-first", action="store_true",
                     help="make an unrelated backend first (its config must not shift this one's key)")
     args = ap.parse_args(argv)
@@ -31,14 +32,15 @@ def main(argv=None) -> dict:
     if args.other_backend_first:
         compile_model(build("llama", num_hidden_layers=1), AdaKVConfig(budget=30, window=8))
     model = build("llama", num_hidden_layers=1)
-    backend = compile_model(model, AdaKVConfig(budget=24, window=8, merge_linears=bool(args.merge)))
+    backend = compile_model(model, AdaKVConfig(budget=24, window=8, merge_linears=bool(args.merge),
+                                                  prefill_chunk=args.chunk))
     cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=4)
     ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, **{cache_kwarg(model): cache})
     from torch._dynamo.utils import counters
     ind, aot = counters["inductor"], counters["aot_autograd"]
-    result = {"graphs": backend.graphs_compiled,
+    result = {"graphs": backend.graphs_compiled, "regions": len(backend._region_fns),  # regions: compiled at run
               "fx_hit": ind["fxgraph_cache_hit"], "fx_miss": ind["fxgraph_cache_miss"],
               "fx_bypass": ind["fxgraph_cache_bypass"],
               "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"],

@@ -23,6 +23,7 @@ taken outside (the base is returned once). ``passes/liveness.py`` models the res
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import operator
@@ -198,6 +199,7 @@ class Region:
     template: Optional[fx.Graph] = None  # the region cut out for n rows (the outer graph's nodes go)
     compiled: dict = field(default_factory=dict)
     donated: dict = field(default_factory=dict)  # output index -> input index whose storage it is written into
+    shared: Optional[dict] = None  # structure key -> compiled fn, over the regions of one backend (see _compile)
 
     def cut(self) -> None:
         g = fx.Graph()
@@ -221,6 +223,21 @@ class Region:
                 node.args = tuple(_resize(a, self.n, rows) for a in node.args)
         return fx.GraphModule(torch.nn.Module(), g)
 
+    def _compile(self, rows: int, args: list) -> Callable:
+        """The region compiled for ``rows``. The regions of a decoder's layers are the same graph on other
+        weights: with ``shared`` (one dict per backend) a region whose structure and input layouts equal one
+        compiled before reuses its compiled function, so L layers cost one Inductor compile, not L."""
+        gm = self.build(rows)
+        if self.shared is None:
+            return self.compile_fn(gm, args)
+        key = structure_key(gm.graph, args)
+        fn = self.shared.get(key)
+        if fn is None:
+            fn = self.shared[key] = self.compile_fn(gm, args)
+        else:
+            log.debug("adakv: chunk: region %s reuses a compiled region of the same structure", self.key)
+        return fn
+
     def run(self, inputs: list, outs: Optional[list] = None) -> list:
         """Outputs rows [s, s+c) from input rows [s, s+c), chunk by chunk, into ``outs`` (new tensors when
         None). A donated output's buffer is also an input (``donated``: output -> input index; it is not in
@@ -236,13 +253,37 @@ class Region:
             args = [x.narrow(d, s, rows) if d is not None else x for x, d in zip(inputs, self.in_dims)]
             fn = self.compiled.get(rows)
             if fn is None:
-                fn = self.compiled[rows] = self.compile_fn(self.build(rows), args)
+                fn = self.compiled[rows] = self._compile(rows, args)
             res = list(fn(*args))
             if ptrs:  # a result that is a view of a donor's rows must be read before those rows are written
                 res = [r.clone() if r.untyped_storage().data_ptr() in ptrs else r for r in res]
             for o, r, d in zip(outs, res, self.out_dims):
                 o.narrow(d, s, rows).copy_(r)
         return outs
+
+
+def structure_key(graph: fx.Graph, args: list) -> tuple:
+    """What a compiled graph depends on, node names aside: every node's op, target and arguments (as node
+    positions and literals), and each input's shape, stride, dtype, device and grad flag. Two graphs with
+    equal keys compile to the same code (in-process only: targets are keyed by identity)."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__,) + tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return ("dict",) + tuple((k, arg(v)) for k, v in a.items())
+        if isinstance(a, (slice, torch.Size)):
+            return repr(a)
+        return (type(a).__name__, repr(a))
+
+    nodes = tuple((n.op, n.target if isinstance(n.target, str) else id(n.target), arg(n.args), arg(n.kwargs))
+                  for n in graph.nodes if n.op != "placeholder") + (len(graph.find_nodes(op="placeholder")),)
+    metas = tuple((tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)
+                  if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)) for x in args)
+    return nodes, metas
 
 
 def _resize(a, n: int, rows: int):
@@ -304,14 +345,27 @@ def default_chunk(per_row_bytes: int, device: torch.device | None) -> int:
     return 1 << (int(rows).bit_length() - 1)
 
 
-_ids = iter(range(1 << 62))
+_key_counts: dict[str, int] = {}
+
+
+def _region_key(region: "Region") -> str:
+    """``region-<sha256 of the cut graph, n, rows>-<k>``, k counting earlier regions of that digest in this
+    process: a constant of the prefill graph that is the same in a restarted process (Inductor's FX-graph and
+    AOTAutograd caches hit), whatever unrelated graphs were chunked before (a process counter was not)."""
+    digest = hashlib.sha256(f"{region.template}|{region.n}|{region.chunk}".encode()).hexdigest()[:16]
+    k = _key_counts.get(digest, 0)
+    _key_counts[digest] = k + 1
+    return f"region-{digest}-{k}"
 
 
 def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
-                  compile_fn: Callable) -> list[Region]:
+                  compile_fn: Callable, shared: Optional[dict] = None, whole: bool = False) -> list[Region]:
     """Replace every position-wise region of ``gm`` (sequence length ``n``) by an ``adakv::chunked`` call.
 
-    ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off). Returns the regions made."""
+    ``chunk``: rows per chunk (None: from the shapes and free memory; 0: off); ``shared``: a dict in which
+    regions of equal structure share one compiled function (Region._compile); ``whole``: cut the regions also
+    where one chunk would hold all ``n`` rows (run as one chunk: compiled once for all layers instead of
+    inside the whole graph). Returns the regions made."""
     if chunk == 0 or n is None or n <= 1:
         return []
     graph = gm.graph
@@ -334,12 +388,14 @@ def chunk_regions(gm: fx.GraphModule, n: Optional[int], chunk: Optional[int],
     sub.add_edges_from((a, b) for a, b in g.edges if a in members and b in members and level[a] == level[b])
     order = {node: i for i, node in enumerate(graph.nodes)}
     regions = []
-    for comp in nx.connected_components(sub):
+    # in graph order: region keys are numbered in creation order (set order is process-specific)
+    for comp in sorted(nx.connected_components(sub), key=lambda c: min(order[x] for x in c)):
         comp = _without_layout_outputs(comp)
         if len(comp) < 3:
             continue
-        r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order)
+        r = _make_region(gm, sorted(comp, key=order.get), n, chunk, compile_fn, order, whole)
         if r is not None:
+            r.shared = shared
             regions.append(r)
     if regions:
         graph.eliminate_dead_code()
@@ -456,7 +512,8 @@ def _impure_like(node: fx.Node) -> bool:
     return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
 
 
-def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, order) -> Optional[Region]:
+def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, order,
+                 whole: bool = False) -> Optional[Region]:
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}  # earlier regions added nodes
     mset = set(members)
@@ -472,7 +529,9 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
     device = val(outs[0]).device
     rows = chunk if chunk is not None else default_chunk(per_row, device)
     if rows >= n:
-        return None
+        if not whole:
+            return None
+        rows = n
     first_user = min((u for o in outs for u in o.users if u not in mset), key=order.get)
     for x in sorted(inputs, key=order.get):  # a view taken late (RoPE's cos.unsqueeze for this layer) moves up
         if order[x] >= order[first_user] and _is_layout(x) and \
@@ -485,12 +544,12 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
                  members[0].name)
         return None
     # tensors only: every input is a tensor (checked by _row_local), the region's first input leads
-    key = f"region-{next(_ids)}"
     seq_first = sorted(inputs, key=lambda x: _seq_dim(x, n) is None)
-    region = Region(key, n, rows, members, seq_first, [_seq_dim(x, n) for x in seq_first], outs,
+    region = Region("", n, rows, members, seq_first, [_seq_dim(x, n) for x in seq_first], outs,
                     [_seq_dim(o, n) for o in outs],
                     [(tuple(int(s) for s in val(o).shape), val(o).dtype) for o in outs], compile_fn)
     region.cut()
+    key = region.key = _region_key(region)
     REGIONS[key] = region
     # as late as possible: right before the first reader of an output, so that its O(n) outputs are born
     # after whatever runs between (e.g. the previous layer's compress, which frees that layer's q/k/v)

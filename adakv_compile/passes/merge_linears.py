@@ -178,6 +178,7 @@ def merge_linears(gm: fx.GraphModule, example_inputs, enabled: bool = True) -> M
                 if t is not None:
                     owner[id(t)] = owner.get(id(t), 0) + 1
     last_ph = placeholders[-1] if placeholders else None
+    order = {node: i for i, node in enumerate(graph.nodes)}  # once: a scan per group was O(layers²)
     for x, group in groups.items():
         ws = [_real(g.w, examples, gm) for g in group]
         bs = [_real(g.b, examples, gm) if g.b is not None else None for g in group]
@@ -191,7 +192,7 @@ def merge_linears(gm: fx.GraphModule, example_inputs, enabled: bool = True) -> M
             log.info("adakv: merge_linears: %s left separate: %s", what, why)
             result.skipped.append((what, why))
             continue
-        last_ph = _merge(gm, group, ws, bs, examples, placeholders, last_ph, result)
+        last_ph = _merge(gm, group, ws, bs, examples, placeholders, last_ph, result, order)
         result.merged.append(len(group))
     if result.merged:
         graph.eliminate_dead_code()
@@ -207,7 +208,7 @@ def merge_linears(gm: fx.GraphModule, example_inputs, enabled: bool = True) -> M
     return result
 
 
-def _merge(gm, group, ws, bs, examples, placeholders, last_ph, result) -> fx.Node:
+def _merge(gm, group, ws, bs, examples, placeholders, last_ph, result, order: dict) -> fx.Node:
     graph = gm.graph
     weight = _buffer(ws)
     torch._dynamo.mark_static_address(weight, guard=False)
@@ -231,7 +232,7 @@ def _merge(gm, group, ws, bs, examples, placeholders, last_ph, result) -> fx.Nod
         new.append(ph)
         last_ph = ph
     sizes = [int(w.shape[0]) for w in ws]
-    first = min(group, key=lambda g: _order(graph, g.node)).node
+    first = min(group, key=lambda g: order[g.node]).node  # original nodes: inserted ones never reorder them
     with graph.inserting_before(first):
         y = graph.call_function(torch._C._nn.linear, (group[0].x, new[0], new[1] if bias is not None else None))
         parts = graph.call_function(torch.split, (y, sizes, -1))
@@ -256,13 +257,6 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(gm, name):
             setattr(new_gm, name, getattr(gm, name))
     return new_gm
-
-
-def _order(graph: fx.Graph, node: fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    return -1
 
 
 def _fake_meta(ph: fx.Node, like: fx.Node, t: torch.Tensor) -> None:
