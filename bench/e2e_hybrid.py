@@ -72,14 +72,21 @@ def config(arch: str, layers: int, small: bool):
 def build(arch: str, layers: int, dtype, device, small: bool = False):
     torch.manual_seed(0)
     cfg, cls = config(arch, layers, small)
+    model = instantiate(cls, cfg, dtype, device, sinks=arch == "gpt-oss")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def instantiate(cls, cfg, dtype, device, sinks: bool = False):
+    """A random model for generation (no EOS); ``sinks``: gpt-oss's learned sinks drawn from N(0, 1) (they are
+    initialised to zero, which would not exercise them)."""
     with torch.device(device):
         model = cls(cfg).to(dtype).eval()
-    if arch == "gpt-oss":
+    if sinks:
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0, 1.0)
     model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
     return model
 
 

@@ -73,13 +73,9 @@ def build(case: str, small: bool, device: str):
         cls, n = transformers.GptOssForCausalLM, 96 if small else 8192
     else:
         raise ValueError(f"--case {case!r}: one of {', '.join(CASES)}")
-    with torch.device(device):
-        model = cls(cfg).to(dtype).eval()
-    if case == "gpt-oss-8k":
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.sinks.normal_(0, 1.0)
-    model.generation_config.eos_token_id = None
+    from e2e_hybrid import instantiate
+
+    model = instantiate(cls, cfg, dtype, device, sinks=case == "gpt-oss-8k")
     cfg_kw = dict(budget=24, window=4) if small else dict(budget=1024)
     return model, n, cfg_kw
 
