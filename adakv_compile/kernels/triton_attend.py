@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .triton_append import _write_chunk
+from .triton_chunk import _write_chunk
 
 @triton.jit
 def _tanh(x):
