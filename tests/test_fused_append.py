@@ -140,3 +140,34 @@ def test_fast_path_generate_is_unchanged(monkeypatch):
         a, b = cache.layers[layer], ref_cache.layers[layer]
         assert torch.equal(a.lens, b.lens)
         assert torch.equal(cache.kept_positions(layer)[1][1], ref_cache.kept_positions(layer)[1][1])
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_kernel_argument_is_passed(monkeypatch, fused):
+    """A traced launch (wrap_triton, Inductor) must name every kernel argument: with a defaulted one left out
+    Inductor's mutation analysis fails and treats every input (the pools too) as mutated — cloned per call."""
+    from adakv_compile.kernels import triton_attend
+
+    seen_launches = []
+    real = triton_attend.launcher
+
+    def checking(kernel, probe):
+        launch = real(kernel, probe)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    named = set(kernel.arg_names[:len(args)]) | (set(kw) & set(kernel.arg_names))
+                    assert named == set(kernel.arg_names), set(kernel.arg_names) - named
+                    seen_launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel)
+                    return launch[grid](*args, **kw)
+                return call
+        return Grid()
+
+    monkeypatch.setattr(triton_attend, "launcher", checking)
+    q, k_new, v_new, pool_k, pool_v, off, lens, pos, seen, _ = _case(2, 2, 2, 2, 16, 1, 80, torch.float32)
+    extra = dict(fused_append=(k_new, v_new, pos, seen)) if fused else {}
+    triton_attend.store_attention_triton(q, pool_k, pool_v, off, lens, 1, 0.25, max_len_bound=80, split_tokens=16,
+                                         block_n=16, **extra)
+    assert len(seen_launches) == 2  # the pieces and the merge

@@ -480,6 +480,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     out = torch.empty((B, Hq, t, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    pool_k_in, pool_v_in = pool_k, pool_v
+    if fused_append is not None and not (pool_k.is_contiguous() and pool_v.is_contiguous()):
+        raise ValueError("fused_append: the pools are written in place and must be contiguous")
     pool_k = pool_k.reshape(-1)
     pool_v = pool_v.reshape(-1)
     offsets = offsets.contiguous()
@@ -525,12 +528,18 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     grid_s = num_splits
     if chunk and grid_pieces is not None:
         grid_s = max(1, min(num_splits, int(grid_pieces)))
-    extra = {}  # the fused append's arguments (absent by default: the kernel is compiled as before)
+    # the fused append's arguments, passed in every launch: a traced launch (wrap_triton) must name every
+    # kernel argument (Inductor's mutation analysis fails on defaulted ones and then assumes every input
+    # mutated, i.e. cloned per call); without the fused append they are unused dummies (``out``, zeros)
     if fused_append is not None:
         extra = dict(KN=k_new, VN=v_new, POS=pos_t, SEEN=seen_t,
                      skb=k_new.stride(0), skh=k_new.stride(1), skt=k_new.stride(2), skd=k_new.stride(3),
                      svb=v_new.stride(0), svh=v_new.stride(1), svt=v_new.stride(2), svd=v_new.stride(3),
                      FUSED_APPEND=True)
+        pool_k, pool_v = pool_k_in, pool_v_in  # the caller's tensors: the kernel writes them (not a view)
+    else:
+        extra = dict(KN=out, VN=out, POS=out, SEEN=out, skb=0, skh=0, skt=0, skd=0, svb=0, svh=0, svt=0, svd=0,
+                     FUSED_APPEND=False)
     launcher(_store_attn_fwd, q)[(n_bh, n_mblk, grid_s)](
         q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks, sem,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -549,6 +558,6 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,
             D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, HAS_SINK=sinks is not None, num_warps=4,
-            **({} if fused_append is None else dict(FUSED_APPEND=True)),
+            FUSED_APPEND=fused_append is not None,
         )
     return out
