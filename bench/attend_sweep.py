@@ -17,7 +17,8 @@ against the plain path once (max relative error). Swept:
 * ``fused``: the split-K merge done by the last piece to finish (``fused_merge=True``) vs a second launch.
 * ``fused_append`` (after the sweep, per batch; issue 17, ``ADAKV_FUSED_APPEND``): append + attention as
   two launches (``static_append_triton`` then the attention: the fast path's default) vs one
-  (``fused_append=``), at the default and the best config; both timings include the copy that resets the
+  (``fused_append=``), at the default and the best config (with a merge launch: the fused append does not
+  combine with ``fused_merge``); both timings include the copy that resets the
   lengths before every replay (``reset_ms`` alone), and the chunk written is the one already in the pool.
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
@@ -208,14 +209,14 @@ def run(args) -> dict:
             fa_rows["best"] = case["best"]
         case["fused_append"] = {}
         for which, r in fa_rows.items():
-            fa = fused_append_rows(q, pk, pv, off, lens, t, scale, launch_kwargs(r, bounds, pk, B * Hkv, D, device),
-                                   ref, args.rep, smoke)
-            case["fused_append"][which] = dict(cfg=r["cfg"], **fa)
+            kw = dict(launch_kwargs(r, bounds, pk, B * Hkv, D, device), fused_merge=False)  # (not combinable)
+            fa = fused_append_rows(q, pk, pv, off, lens, t, scale, kw, ref, args.rep, smoke)
+            case["fused_append"][which] = dict(cfg=r["cfg"].replace("/fused", "/merge"), **fa)
             if not (fa["lens_ok"] and fa["rel_err_two"] < 3e-2 and fa["rel_err_fused"] < 3e-2):
                 case.setdefault("bad_fused_append", []).append(which)
             us = "" if smoke else (f": two launches {fa['two_launch_ms'] * 1e3:.1f} us, fused "
                                    f"{fa['fused_ms'] * 1e3:.1f} us (lens reset {fa['reset_ms'] * 1e3:.1f} us)")
-            print(f"fused_append [{which} {r['cfg']}]{us}; rel err two {fa['rel_err_two']:.1e} fused "
+            print(f"fused_append [{which} {case['fused_append'][which]['cfg']}]{us}; rel err two {fa['rel_err_two']:.1e} fused "
                   f"{fa['rel_err_fused']:.1e}, lens {'ok' if fa['lens_ok'] else 'WRONG'}", flush=True)
         else:
             for r in case["rows"]:

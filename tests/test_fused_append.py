@@ -38,12 +38,11 @@ def _case(seed, B, Hkv, G, D, t, S, dtype):
 
 
 # (B, Hkv, G, D, t, S, dtype, launch kwargs): one pass, split-K with a merge launch, fixed pieces,
-# the fused merge, fewer programs than pieces (grid_pieces)
+# fewer programs than pieces (grid_pieces)
 CASES = [
     (2, 2, 2, 16, 1, 80, torch.float32, {}),
     (3, 2, 4, 24, 1, 96, torch.float32, dict(num_splits=3, block_n=16)),
     (2, 3, 2, 16, 3, 120, torch.bfloat16, dict(max_len_bound=120, split_tokens=16, block_n=16)),
-    (2, 2, 3, 16, 2, 80, torch.float32, dict(max_len_bound=80, split_tokens=16, block_n=16, fused_merge=True)),
     (1, 4, 1, 16, 1, 160, torch.float32, dict(max_len_bound=160, split_tokens=16, block_n=16, grid_pieces=2)),
 ]
 
@@ -92,6 +91,15 @@ def test_too_many_query_rows_is_refused_by_the_kernel():
     q, k_new, v_new, pool_k, pool_v, off, lens, pos, seen, _ = _case(1, 1, 1, 8, 16, 9, 64, torch.float32)
     with pytest.raises(ValueError, match="G \\* t <= 64"):
         store_attention_triton(q, pool_k, pool_v, off, lens, 9, 0.25, fused_append=(k_new, v_new, pos, seen))
+
+
+def test_fused_merge_is_refused():
+    from adakv_compile.kernels.triton_attend import store_attention_triton
+
+    q, k_new, v_new, pool_k, pool_v, off, lens, pos, seen, _ = _case(1, 2, 2, 2, 16, 1, 80, torch.float32)
+    with pytest.raises(ValueError, match="fused_merge"):
+        store_attention_triton(q, pool_k, pool_v, off, lens, 1, 0.25, max_len_bound=80, split_tokens=16,
+                               fused_merge=True, fused_append=(k_new, v_new, pos, seen))
 
 
 def test_env_is_validated(monkeypatch):

@@ -33,8 +33,9 @@ Kernel design
   the lengths passed are the segments' lengths *before* the chunk; slots ``[old, old + t)`` are read from
   k_new/v_new (cast to the pool dtype, as the append writes them), the rest from the pool. Program
   (row, head, m-block 0, piece 0) writes the chunk into the pool and ``pos`` (no program reads the pool
-  at those slots); the length is bumped by its last reader: the one-pass program, the merge launch, or the
-  fused merge's last arrival. One m-block per (row, head) only (G * t <= 64). Pool state and outputs equal
+  at those slots); the length is bumped by its last reader: the one-pass program or the merge launch. One
+  m-block per (row, head) only (G * t <= 64), and not with ``fused_merge`` (the pieces that hold no tokens
+  never arrive, so one could read the length after the merger bumped it). Pool state and outputs equal
   the two-launch path (``triton_append._static_append_kernel`` then this kernel) bit for bit.
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _store_attn_fwd(
                                           KN, VN, kn_base, vn_base, old, skt, skd, svt, svd, FUSED_APPEND)
             _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, hi - lo, length,
                          m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
-                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE, FUSED_APPEND)
+                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE)
     else:
         # this program's piece of the segment (BLOCK_N-aligned; the whole segment when not split)
         if SPLIT:
@@ -152,7 +153,7 @@ def _store_attn_fwd(
         if SPLIT:
             _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, pid_s, hi - lo, length,
                          m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
-                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE, FUSED_APPEND)
+                         D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE)
         else:
             if HAS_SINK:
                 m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
@@ -223,7 +224,7 @@ def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
 def _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, n_tokens, length,
                  m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                 HAS_SINK: tl.constexpr, FUSED_MERGE: tl.constexpr, FUSED_APPEND: tl.constexpr = False):
+                 HAS_SINK: tl.constexpr, FUSED_MERGE: tl.constexpr):
     """Piece ``ps``'s (max, sum, acc) to the split-K workspace; with ``FUSED_MERGE``, the last piece of the
     (row, head) x row block to arrive merges them all."""
     ws_row = (pid_bh * NUM_SPLITS + ps).to(tl.int64) * ROWS + rows
@@ -250,8 +251,6 @@ def _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, n_
                 _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, b, h, g, i, d,
                               d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK,
                               HAS_SINK)
-                if FUSED_APPEND:  # every piece read the old length before it arrived
-                    tl.store(LEN + pid_bh, length.to(LEN.dtype.element_ty))
 
 
 @triton.jit
@@ -448,7 +447,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     [B, Hkv, t, D], ``pos`` the pool's int32 slot positions, ``seen`` the 0-d count of tokens before the
     chunk. ``lengths`` are then the lengths *before* the chunk; this launch appends the chunk (pool, ``pos``,
     ``lengths`` mutated exactly as ``triton_append.static_append_triton``) and attends over old + new.
-    Needs one m-block per (row, head): ``G * t <= 64`` (``fused_append_fits``).
+    Needs one m-block per (row, head): ``G * t <= 64`` (``fused_append_fits``); not with ``fused_merge``.
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -475,6 +474,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         if not fused_append_fits(G, t):
             raise ValueError(f"fused_append needs G * t <= 64 query rows per KV head (one m-block), got "
                              f"G={G}, t={t}")
+        if fused_merge:
+            raise ValueError("fused_append cannot be combined with fused_merge (the length update would race "
+                             "with empty pieces)")
         if not (lengths.is_contiguous() and pos_t.is_contiguous()):
             raise ValueError("fused_append: lengths and pos are written in place and must be contiguous")
     out = torch.empty((B, Hq, t, D), dtype=q.dtype, device=q.device)
