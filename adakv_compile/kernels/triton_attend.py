@@ -188,9 +188,10 @@ def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
         kt_ptrs = K + kv_base + n[None, :].to(tl.int64) * D + d[:, None]          # [BLOCK_D, BLOCK_N]
         kt = tl.load(kt_ptrs, mask=d_ok[:, None] & pool_ok[None, :], other=0.0)
         if FUSED_APPEND:
-            kn = tl.load(KN + kn_base + j[None, :] * skt + d[:, None] * skd,
-                         mask=d_ok[:, None] & new_ok[None, :], other=0.0).to(K.dtype.element_ty)
-            kt = tl.where(new_ok[None, :], kn, kt)
+            if start + BLOCK_N > old:  # only the block(s) reaching the chunk read it
+                kn = tl.load(KN + kn_base + j[None, :] * skt + d[:, None] * skd,
+                             mask=d_ok[:, None] & new_ok[None, :], other=0.0).to(K.dtype.element_ty)
+                kt = tl.where(new_ok[None, :], kn, kt)
         if DOT_F32:  # interpreter: bf16 tl.dot is unsupported there (triton-lang/triton#11584)
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
@@ -208,9 +209,10 @@ def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
         v_ptrs = V + kv_base + n[:, None].to(tl.int64) * D + d[None, :]           # [BLOCK_N, BLOCK_D]
         v = tl.load(v_ptrs, mask=pool_ok[:, None] & d_ok[None, :], other=0.0)
         if FUSED_APPEND:
-            vn = tl.load(VN + vn_base + j[:, None] * svt + d[None, :] * svd,
-                         mask=new_ok[:, None] & d_ok[None, :], other=0.0).to(V.dtype.element_ty)
-            v = tl.where(new_ok[:, None], vn, v)
+            if start + BLOCK_N > old:
+                vn = tl.load(VN + vn_base + j[:, None] * svt + d[None, :] * svd,
+                             mask=new_ok[:, None] & d_ok[None, :], other=0.0).to(V.dtype.element_ty)
+                v = tl.where(new_ok[:, None], vn, v)
         p_lo = p.to(v.dtype)  # P rounded to the storage dtype, as on the GPU path
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
