@@ -15,6 +15,11 @@ against the plain path once (max relative error). Swept:
 * ``grid`` (row bound only): ``gridKx`` launches K x (a mean head's pieces) programs per head, each looping
   over its head's pieces (``grid_pieces``), instead of one program per piece of the bound;
 * ``fused``: the split-K merge done by the last piece to finish (``fused_merge=True``) vs a second launch.
+* ``fused_append`` (after the sweep, per batch; issue 17, ``ADAKV_FUSED_APPEND``): append + attention as
+  two launches (``static_append_triton`` then the attention: the fast path's default) vs one
+  (``fused_append=``), at the default and the best config (with a merge launch: the fused append does not
+  combine with ``fused_merge``); both timings include the copy that resets the
+  lengths before every replay (``reset_ms`` alone), and the chunk written is the one already in the pool.
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
 the ceiling bench/kernels.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
@@ -103,6 +108,36 @@ def cfg_name(c) -> str:
             f"/s{c['num_stages'] or '-'}/{'fused' if c['fused'] else 'merge'}")
 
 
+def fused_append_rows(q, pk, pv, off, lens, t, scale, kw, ref, rep: int, smoke: bool) -> dict:
+    """Two launches (append then attend) vs the fused append, one config ``kw``. The chunk appended is the
+    segments' last ``t`` tokens (already in the pool), so the pools and the reference stay valid."""
+    from adakv_compile.kernels.triton_append import static_append_triton
+
+    D = q.shape[-1]
+    old = (lens - t).contiguous()
+    idx = (off.to(torch.int64) + old)[..., None] + torch.arange(t, device=q.device)      # [B, Hkv, t]
+    k_new, v_new = pk.view(-1, D)[idx], pv[: pk.numel()].view(-1, D)[idx]  # (pv also holds positions)
+    pos = torch.zeros(pk.numel() // D + 1, dtype=torch.int32, device=q.device)
+    seen = torch.zeros((), dtype=torch.int64, device=q.device)
+    lw = old.clone()
+
+    def two():
+        lw.copy_(old)
+        static_append_triton(pk, pv, off, lw, pos, seen, k_new, v_new)
+        return store_attention_triton(q, pk, pv, off, lw, t, scale, **kw)
+
+    def one():
+        lw.copy_(old)
+        return store_attention_triton(q, pk, pv, off, lw, t, scale, fused_append=(k_new, v_new, pos, seen), **kw)
+
+    row = dict(rel_err_two=rel_err(two(), ref), rel_err_fused=rel_err(one(), ref),
+               lens_ok=bool(torch.equal(lw, lens)))
+    if not smoke:
+        row.update(reset_ms=graph_ms(lambda: lw.copy_(old), rep), two_launch_ms=graph_ms(two, rep),
+                   fused_ms=graph_ms(one, rep))
+    return row
+
+
 def run(args) -> dict:
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -168,10 +203,26 @@ def run(args) -> dict:
                       f"{100 * r['frac_copy_same']:6.1f} {r['rel_err']:8.1e}", flush=True)
             print(f"best with sinks: {case['best_with_sinks']['ms'] * 1e3:.1f} us "
                   f"(rel err {case['best_with_sinks']['rel_err']:.1e})", flush=True)
+        fa_rows = {"default": case.get("default") or next(  # the launcher's choice (smoke: the first row)
+            r for r in case["rows"] if r["bound"] == "row" and r["grid"] is None and not r["fused"])}
+        if case.get("best"):
+            fa_rows["best"] = case["best"]
+        case["fused_append"] = {}
+        for which, r in fa_rows.items():
+            kw = dict(launch_kwargs(r, bounds, pk, B * Hkv, D, device), fused_merge=False)  # (not combinable)
+            fa = fused_append_rows(q, pk, pv, off, lens, t, scale, kw, ref, args.rep, smoke)
+            case["fused_append"][which] = dict(cfg=r["cfg"].replace("/fused", "/merge"), **fa)
+            if not (fa["lens_ok"] and fa["rel_err_two"] < 3e-2 and fa["rel_err_fused"] < 3e-2):
+                case.setdefault("bad_fused_append", []).append(which)
+            us = "" if smoke else (f": two launches {fa['two_launch_ms'] * 1e3:.1f} us, fused "
+                                   f"{fa['fused_ms'] * 1e3:.1f} us (lens reset {fa['reset_ms'] * 1e3:.1f} us)")
+            print(f"fused_append [{which} {case['fused_append'][which]['cfg']}]{us}; rel err two {fa['rel_err_two']:.1e} fused "
+                  f"{fa['rel_err_fused']:.1e}, lens {'ok' if fa['lens_ok'] else 'WRONG'}", flush=True)
         else:
             for r in case["rows"]:
                 print(f"{r['cfg']:<42} rel err {r['rel_err']:.1e}", flush=True)
         case["bad"] = [r["cfg"] for r in case["rows"] if not r["rel_err"] < 3e-2]
+        case["bad"] += [f"fused_append/{w}" for w in case.pop("bad_fused_append", [])]
         res["cases"].append(case)
         del q, pk, pv, off, lens, c
         if device.type == "cuda":

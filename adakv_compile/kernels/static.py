@@ -28,6 +28,7 @@ The ops (registered here; the graph pass inserts them, users never call them):
                               dynamic shapes.
 - ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
 - ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
+- ``adakv::static_attend_append`` both in one launch (opt-in, ``ADAKV_FUSED_APPEND=1``; issue 17).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
 inlined into the generated code and the decode step replays as one CUDA graph.
 """
@@ -201,6 +202,11 @@ def segment_slots_plain(keep: torch.Tensor, counts: torch.Tensor, room: int,
 @triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))
 def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                   off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> None:
+    _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen)
+
+
+def _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen) -> None:
+    """``static_append``'s body (also the fused op's fallback)."""
     B, H, t, D = k_new.shape
     if k_new.device.type == "cuda" and use_triton():
         from .triton_append import static_append_triton
@@ -226,6 +232,11 @@ def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, o
     split-K choice and the plain path's padding, never the result. ``bias`` (ALiBi, over every position
     seen) is gathered at the slots' positions ``pos``: plain path (the Triton kernel has no bias input).
     """
+    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, bias, pos)
+
+
+def _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks=None, bias=None, pos=None):
+    """``static_attend``'s body (also the fused op's fallback)."""
     t = q.shape[2]
     if bias is not None:
         return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
@@ -236,3 +247,25 @@ def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, o
                                       sinks=sinks)
     return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
                            sinks)
+
+
+@triton_op("adakv::static_attend_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))
+def static_attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor,
+                         pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor,
+                         seen: torch.Tensor, scale: float, softcap: float, max_len: int,
+                         sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``static_append`` then ``static_attend`` (same outputs, same pool / lens / pos afterwards) as one
+    Triton launch (plus the split-K merge) where the kernels run: the attention reads the segments' old
+    tokens from the pool and the chunk from k_new / v_new, and one program per (row, head) writes the chunk
+    and bumps the length (``triton_attend``, "Fused append"). Opt-in: the rewrite uses it with
+    ``ADAKV_FUSED_APPEND=1`` and no ALiBi bias. Elsewhere (CPU, ``ADAKV_KERNELS=plain``, more than 64 query
+    rows per KV head) it runs the two ops' bodies in turn. ``ADAKV_KERNELS=interpret`` runs the fused kernel
+    on CPU tensors (tests)."""
+    B, Hq, t, D = q.shape
+    if triton_on(q):
+        from .triton_attend import fused_append_fits, store_attention_triton
+        if fused_append_fits(Hq // k_new.shape[1], t):
+            return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len,
+                                          sinks=sinks, fused_append=(k_new, v_new, pos, seen))
+    _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen)
+    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks)

@@ -113,6 +113,16 @@ def inline_compress(device: torch.device | None = None) -> bool:
     return value == "1"
 
 
+def fused_append() -> bool:
+    """Whether a static-store site becomes one ``adakv::static_attend_append`` (the append inside the
+    attention launch, issue 17) instead of ``static_append`` then ``static_attend``. ``ADAKV_FUSED_APPEND``
+    = 1 / 0, default 0 (unmeasured on the GPU: docs/design.md, "Fused append")."""
+    value = os.environ.get("ADAKV_FUSED_APPEND", "").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"ADAKV_FUSED_APPEND must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _scale_arg(graph: fx.Graph, site):
     """The scale as an op argument: a float, or FX nodes computing it (SymFloat under dynamic=True)."""
     if not isinstance(site.scale, ScaleExpr):
@@ -218,12 +228,18 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
                                     + f.static_tensors() + tail)
         elif p.mode == "static-store":
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
-            graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
-            new = graph.call_function(torch.ops.adakv.static_attend.default,
-                                      (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail
-                                      + (() if bias is None else (f.static_arg("pos"),)))
+            if bias is None and fused_append():  # one launch appends and attends (kernels/static.py)
+                new = graph.call_function(torch.ops.adakv.static_attend_append.default,
+                                          (s.q, f.k_new, f.v_new) + f.static_tensors()
+                                          + (scale, s.softcap, max_len) + tail)
+            else:
+                graph.call_function(torch.ops.adakv.static_append.default,
+                                    (f.k_new, f.v_new) + f.static_tensors())
+                new = graph.call_function(torch.ops.adakv.static_attend.default,
+                                          (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail
+                                          + (() if bias is None else (f.static_arg("pos"),)))
         elif p.mode == "window-fill":
             new = prompt_attention(f.k_new, f.v_new)
             keys, values, wpos, _ = f.window_tensors()
