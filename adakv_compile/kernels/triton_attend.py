@@ -72,6 +72,17 @@ def _join_sink(SINKS, qh, row_ok, m_i, l_i, acc):
 
 
 @triton.jit
+def _store_rows(OUT, acc, l_i, b, qh, i, d, row_ok, d_ok, sob, soh, sot, sod):
+    """A row block's output: the accumulator over its softmax denominator (an empty row, l = 0, writes 0),
+    stored at [b, query head, query, d]. The single pass and the split-K merge end here."""
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_use[:, None]
+    o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
+              + d[None, :] * sod)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _store_attn_fwd(
     Q, K, V, OFF, LEN, OUT, WS_ACC, WS_M, WS_L, SINKS, SEM,
     sqb, sqh, sqt, sqd,
@@ -159,11 +170,7 @@ def _store_attn_fwd(
                 m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
             if FUSED_APPEND:  # the only program of this (row, head): it read the old length above
                 tl.store(LEN + pid_bh, length.to(LEN.dtype.element_ty))
-            l_use = tl.where(l_i == 0.0, 1.0, l_i)
-            out = acc / l_use[:, None]
-            o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
-                      + d[None, :] * sod)
-            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            _store_rows(OUT, acc, l_i, b, qh, i, d, row_ok, d_ok, sob, soh, sot, sod)
 
 
 @triton.jit
@@ -285,11 +292,7 @@ def _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, 
     qh = (h * G + g).to(tl.int64)
     if HAS_SINK:  # once per row, after all pieces
         m_t, l_t, acc = _join_sink(SINKS, qh, row_ok, m_t, l_t, acc)
-    l_use = tl.where(l_t == 0.0, 1.0, l_t)
-    out = acc / l_use[:, None]
-    o_ptrs = (OUT + b.to(tl.int64) * sob + qh[:, None] * soh + i[:, None].to(tl.int64) * sot
-              + d[None, :] * sod)
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(OUT, acc, l_t, b, qh, i, d, row_ok, d_ok, sob, soh, sot, sod)
 
 
 @triton.jit
