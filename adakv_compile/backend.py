@@ -192,7 +192,7 @@ class AdaKVBackend:
     def _eager(gm, example_inputs, cudagraphs: bool = False) -> Callable:
         return gm.forward
 
-    def _config_variants(self, gm, merged, example_inputs, result, inner=None) -> Optional[Callable]:
+    def _config_variants(self, gm, merged, example_inputs, result, inner: Callable) -> Optional[Callable]:
         """For a prefill graph whose compression Inductor inlines (``adakv::prefill_compress``: the config's
         values are constants of the compiled code): ``variant(config)``, the graph compiled for ``config``,
         compiled on first use after a ``reconfigure`` from a copy of the rewritten graph retargeted to the
@@ -224,7 +224,7 @@ class AdaKVBackend:
                 retarget_config(copy_gm, config)
                 inputs = merged.inputs(fakes)
                 with tracing(TracingContext(detect_fake_mode(inputs))):
-                    compiled[key] = merged.wrap((inner or self._inner)(copy_gm, inputs))
+                    compiled[key] = merged.wrap(inner(copy_gm, inputs))
                 log.info("adakv: prefill graph recompiled for the reconfigured %s", config)
             return compiled[key]
 
@@ -261,7 +261,7 @@ class AdaKVBackend:
 
         return run
 
-    def _chunked(self, gm, result, inner=None) -> None:
+    def _chunked(self, gm, result, inner: Callable) -> None:
         """Run the prefill's position-wise regions over sequence chunks (passes/chunk.py), each region
         compiled by the inner compiler for a chunk's rows."""
         from .passes.chunk import chunk_regions
@@ -273,7 +273,6 @@ class AdaKVBackend:
         static = {q for q, k in lengths if isinstance(q, int) and isinstance(k, int) and q == k}
         n = static.pop() if len(static) == 1 and len(lengths) == sum(q == k for q, k in lengths
                                                                        if isinstance(q, int)) else None
-        inner = inner or self._inner
         regions = chunk_regions(gm, n, self.config.prefill_chunk, lambda g, ex: self._compile_region(g, ex, inner),
                                 self._region_fns if inner == self._inner else None,
                                 whole=self.config.prefill_compiler == "regions")
@@ -305,7 +304,7 @@ class AdaKVBackend:
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":
-            return gm.forward
+            return self._eager(gm, example_inputs)
         if self.inner == "aot_eager":
             from torch._dynamo.backends.registry import lookup_backend
             return lookup_backend("aot_eager")(gm, example_inputs)

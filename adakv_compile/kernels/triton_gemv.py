@@ -142,9 +142,10 @@ def _measured(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
 
 
 def choose_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemvConfig:
-    """A measured config where the sweep covered the shape (``_MEASURED_SM90``), else the heuristic: ``BLOCK_K`` = 512 bytes of a weight row, ``BLOCK_N`` as large as keeps >= 4 programs per
-    SM (more bytes per program, fewer x re-reads), split-K only when even the smallest ``BLOCK_N`` leaves fewer
-    than 2 programs per SM. The reduction path for M == 1, tensor cores above."""
+    """A measured config where the sweep covered the shape (``_MEASURED_SM90``), else the heuristic:
+    ``BLOCK_K`` = 512 bytes of a weight row, ``BLOCK_N`` as large as keeps >= 4 programs per SM (more bytes per
+    program, fewer x re-reads), split-K only when even the smallest ``BLOCK_N`` leaves fewer than 2 programs
+    per SM. The reduction path for M == 1, tensor cores above."""
     tuned = _measured(M, N, K, dtype, device)
     if tuned is not None:
         return tuned
