@@ -105,22 +105,23 @@ def inline_compress(device: torch.device | None = None) -> bool:
     failed on the traced body (a SplitScan lowering of the slots' int64 cumsum; a user kernel's int argument
     above 2**31 - 1): both are avoided by construction (our own slot kernel, int32-safe kernel arguments:
     docs/design.md, "Compression through Inductor"); bench/inline_check.py passed on the H200."""
-    value = os.environ.get("ADAKV_INLINE_COMPRESS", "").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"ADAKV_INLINE_COMPRESS must be 0 or 1, got {value!r}")
-    if value == "":
-        return device is not None and device.type == "cuda"
-    return value == "1"
+    value = _switch("ADAKV_INLINE_COMPRESS")
+    return device is not None and device.type == "cuda" if value is None else value
 
 
 def fused_append() -> bool:
     """Whether a static-store site becomes one ``adakv::static_attend_append`` (the append inside the
     attention launch, issue 17) instead of ``static_append`` then ``static_attend``. ``ADAKV_FUSED_APPEND``
     = 1 / 0, default 0 (unmeasured on the GPU: docs/design.md, "Fused append")."""
-    value = os.environ.get("ADAKV_FUSED_APPEND", "").strip()
+    return bool(_switch("ADAKV_FUSED_APPEND"))
+
+
+def _switch(name: str) -> bool | None:
+    """An on/off environment variable: "1" / "0", None when unset or empty; anything else names it."""
+    value = os.environ.get(name, "").strip()
     if value not in ("0", "1", ""):
-        raise ValueError(f"ADAKV_FUSED_APPEND must be 0 or 1, got {value!r}")
-    return value == "1"
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return None if value == "" else value == "1"
 
 
 def _scale_arg(graph: fx.Graph, site):
