@@ -1,7 +1,7 @@
 """Where a fast-path decode step goes, per layer: kernels, GPU time by kind, GEMM bandwidth vs copy.
 
 Profiles ``--steps`` decode steps of the adakv fast path (AdaKVCache, CUDA-graph replay; CUPTI sees the
-kernels inside the graphs) for each method — ``adakv`` (linears merged) and ``adakv_nomerge`` — on
+kernels inside the graphs) for each method — ``adakv`` (linears merged), ``adakv_nomerge`` and ``adakv_gemv`` (merged, Triton GEMV) — on
 Llama-3.1-8B shapes, and writes per step and per layer: kernel launches, GPU µs by kind (gemm, attention,
 append, fused Inductor kernels, other), the GEMMs' effective bandwidth (weight bytes per step / GEMM time)
 against the device-to-device copy bandwidth, and the top kernels. This is the before/after table of
@@ -54,7 +54,8 @@ def profile_method(name: str, model, orig_forward, ids, budget: int, steps: int)
     from torch.profiler import ProfilerActivity, profile
 
     kw = cache_kwarg(model)
-    backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name == "adakv"))
+    backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name != "adakv_nomerge",
+                                        gemv=name == "adakv_gemv"))
     cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=3 * steps + 16)
     fwd = torch.compile(orig_forward, backend=backend)
 
