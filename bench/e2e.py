@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -43,6 +44,8 @@ from adakv_compile.cache import cache_kwarg  # noqa: E402
 from adakv_compile.kernels import store  # noqa: E402
 
 
+# the fast-path methods: AdaKVConfig fields of each (budget aside)
+ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gemv": {"gemv": True}}
 DEVICE = "cuda"  # --device cpu: the script's own smoke test (tiny shapes, host timers)
 
 
@@ -179,9 +182,8 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
     elif name == "compile_dyn":
         cache = DynamicCache(config=model.config)
         fwd = prefill = torch.compile(orig_forward)
-    elif name in ("adakv", "adakv_nomerge", "adakv_gemv"):
-        backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name != "adakv_nomerge",
-                                            gemv=name == "adakv_gemv"))
+    elif name in ADAKV_FAST:
+        backend = adakv_backend(AdaKVConfig(budget=budget, **ADAKV_FAST[name]))
         cache = AdaKVCache(model, backend, batch_size=B, max_new_tokens=warm + 2 * steps + 8)
         fwd = prefill = torch.compile(orig_forward, backend=backend)
     elif name == "adakv_general":
@@ -208,7 +210,7 @@ def run_method(name, model, orig_forward, ids, budget, steps, warm):
         graphs_end, rec_end = unique_graphs(), rec.n
     if name == "static_ro":
         kvb = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    elif name in ("adakv", "adakv_nomerge", "adakv_gemv"):
+    elif name in ADAKV_FAST:
         kvb = cache.nbytes()
     else:
         kvb = sum(store.store_bytes(layer.keys) + store.store_bytes(layer.values) for layer in cache.layers)
@@ -254,8 +256,9 @@ def profile_fast_path(model, orig_forward, ids, budget: int, out_dir: Path, step
     return table
 
 
-def check_fast_path(out_dir: Path) -> dict:
-    """Small fp32 model on the GPU: fast-path greedy tokens == eager reference; kernels in Inductor code."""
+def check_fast_path(out_dir: Path, method: str = "adakv") -> dict:
+    """Small fp32 model on the GPU: fast-path greedy tokens == eager reference; kernels in Inductor code.
+    ``method`` (a key of ADAKV_FAST) picks the AdaKVConfig fields of the fast path under test."""
     from torch._inductor.utils import run_and_get_code
 
     from adakv_compile import compile_model
@@ -274,7 +277,7 @@ def check_fast_path(out_dir: Path) -> dict:
     ref_model = build(2, torch.float32, small=True)
     ref_model.load_state_dict(state)
     ref = ReferenceSession(ref_model, cfg).generate(ids, attention_mask=am, max_new_tokens=16)[:, -16:]
-    backend = compile_model(model, cfg)
+    backend = compile_model(model, dataclasses.replace(cfg, **ADAKV_FAST[method]))
     cache = AdaKVCache(model, backend, batch_size=3, max_new_tokens=16)
     kw = cache_kwarg(model)
     got, codes = run_and_get_code(
@@ -295,8 +298,9 @@ def check_fast_path(out_dir: Path) -> dict:
     res["compress_scan_ops"] = scans(code)[0]
     res["cudagraphs"] = [gr.get("cudagraphs") for gr in backend.graphs]
     res["report"] = backend.report.table()
-    (out_dir / "e2e-check-inductor-code.txt").write_text(code[:2_000_000])
-    print("check:", json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
+    res["gemv"] = [gr.get("gemv", 0) for gr in backend.graphs]
+    (out_dir / f"e2e-check-inductor-code-{method}.txt").write_text(code[:2_000_000])
+    print(f"check {method}:", json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
     print(res["report"], flush=True)
     return res
 
@@ -314,14 +318,20 @@ def write_outputs(res: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         m = r["methods"]
+
         def ms(k):
             return f"{m[k]['ms']:.2f}" if k in m and "ms" in m[k] else "—"
         st, ad = m.get("static_ro", {}), m.get("adakv", {})
         sp = f"{st['ms'] / ad['ms']:.2f}×" if "ms" in st and "ms" in ad else "—"
         fl = f"{ad['ms'] / r['floor_ms']:.2f}×" if "ms" in ad else "—"
-        kv = (f"{st.get('kv_bytes', 0) / 1e9:.2f} / {ad.get('kv_bytes', 0) / 1e9:.3f}")
-        pk = f"{st.get('peak_gb', 0):.1f} / {ad.get('peak_gb', 0):.1f}"
-        fc = f"{st.get('first_call_s', 0):.0f} / {ad.get('first_call_s', 0):.0f}"
+
+        def pair(key, f1, f2, scale=1.0):  # static / adakv, "—" for a method this row did not run
+            a = f"{st[key] * scale:{f1}}" if key in st else "—"
+            b = f"{ad[key] * scale:{f2}}" if key in ad else "—"
+            return f"{a} / {b}"
+        kv = pair("kv_bytes", ".2f", ".3f", 1e-9)
+        pk = pair("peak_gb", ".1f", ".1f")
+        fc = pair("first_call_s", ".0f", ".0f")
         rr = f"{ad.get('recompiles_during_decode', '—')}, {ad.get('recordings_during_decode', '—')}"
         lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
                      f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_nomerge')} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
@@ -330,7 +340,9 @@ def write_outputs(res: dict, out: Path) -> None:
     if gemv_rows:  # AdaKVConfig(gemv=True): its own lines, the table above unchanged
         lines += ["", "adakv fast path with `AdaKVConfig(gemv=True)` (Triton GEMV, passes/gemv.py), ms per token:", ""]
         lines += [f"- {r['layers']} layers, {r['batch']} × {r['context']}: {r['methods']['adakv_gemv']['ms']:.2f} "
-                  f"({r['methods']['adakv_gemv']['ms'] / r['floor_ms']:.2f}× floor; GEMVs per graph "
+                  f"({r['methods']['adakv_gemv']['ms'] / r['floor_ms']:.2f}× floor"
+                  + (f"; StaticCache + reduce-overhead {r['methods']['static_ro']['ms']:.2f}"
+                     if "ms" in r["methods"].get("static_ro", {}) else "") + "; GEMVs per graph "
                   f"{r['methods']['adakv_gemv'].get('gemv')})" for r in gemv_rows]
     out.with_suffix(".md").write_text(md_header(card) + "\n".join(lines) + "\n")
     try:
@@ -388,9 +400,10 @@ def main():
         res = json.loads(out.read_text())
         if res["device"] != card:
             sys.exit(f"{out} holds results from {res['device']}: not appending numbers from another card")
-    if a.check:
-        res["check"] = check_fast_path(out.parent)
-        torch._dynamo.reset()
+    if a.check:  # the default fast path, and each other fast-path method asked for
+        for name in ["adakv"] + [m for m in a.methods.split(",") if m in ADAKV_FAST and m != "adakv"]:
+            res["check" if name == "adakv" else f"check_{name}"] = check_fast_path(out.parent, name)
+            torch._dynamo.reset()
     bw = copy_bandwidth()
     res["copy_GBps"] = bw / 1e9
     model = build(a.layers, torch.bfloat16 if DEVICE == "cuda" else torch.float32, small=a.small)

@@ -54,8 +54,7 @@ def profile_method(name: str, model, orig_forward, ids, budget: int, steps: int)
     from torch.profiler import ProfilerActivity, profile
 
     kw = cache_kwarg(model)
-    backend = adakv_backend(AdaKVConfig(budget=budget, merge_linears=name != "adakv_nomerge",
-                                        gemv=name == "adakv_gemv"))
+    backend = adakv_backend(AdaKVConfig(budget=budget, **e2e.ADAKV_FAST[name]))
     cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=3 * steps + 16)
     fwd = torch.compile(orig_forward, backend=backend)
 
