@@ -1,6 +1,7 @@
-"""Run as a script (tests/test_fused_append.py): what Inductor's mutation analysis of a traced launch
+"""Run as a script (tests/test_fused_merge.py): what Inductor's mutation analysis of a traced launch
 (``identify_accessed_tensors``, the TTIR of the CUDA target, compiled here without a GPU) says each store
-attention kernel writes, with and without the fused append. Prints one JSON line."""
+attention kernel writes: one pass, split-K with the merge launch, split-K with the fused merge counting on
+a ``semaphores`` argument. Prints one JSON line."""
 import json
 import os
 import sys
@@ -54,20 +55,14 @@ pool_k = torch.randn(B * S + 1, D, dtype=torch.bfloat16)
 pool_v = torch.randn_like(pool_k)
 off = torch.zeros(B, Hkv, dtype=torch.int32)
 lens = torch.zeros(B, Hkv, dtype=torch.int32)
-pos = torch.zeros(B * S + 1, dtype=torch.int32)
-seen = torch.zeros((), dtype=torch.int64)
-k_new = torch.randn(B, Hkv, t, D, dtype=torch.bfloat16)
-v_new = torch.randn_like(k_new)
+sem = torch.zeros(64, dtype=torch.int32)
 out = {}
-for split in (False, True):
-    for fused in (False, True):
-        launches.clear()
-        kw = dict(max_len_bound=S, split_tokens=128) if split else dict(num_splits=1)
-        if fused:
-            kw["fused_append"] = (k_new, v_new, pos, seen)
-        ta.store_attention_triton(q, pool_k, pool_v, off, lens, t, 0.1, **kw)
-        for kernel, named in launches:
-            writes = identify_accessed_tensors(kernel, named, {}).read_writes.writes
-            key = f"{'split' if split else 'one-pass'}/{'fused' if fused else 'default'}/{kernel.fn.__name__}"
-            out[key] = sorted(str(d.name) for d in writes)
+for name, kw in (("one-pass", dict(num_splits=1)), ("split", dict(max_len_bound=S, split_tokens=128)),
+                 ("split-fused", dict(max_len_bound=S, split_tokens=128, fused_merge=True, semaphores=sem))):
+    launches.clear()
+    ta.store_attention_triton(q, pool_k, pool_v, off, lens, t, 0.1, **kw)
+    for kernel, named in launches:
+        missing = set(kernel.arg_names) - set(named)  # a traced launch must name every argument
+        writes = identify_accessed_tensors(kernel, named, {}).read_writes.writes
+        out[f"{name}/{kernel.fn.__name__}"] = sorted(str(d.name) for d in writes) + sorted(f"missing:{m}" for m in missing)
 print(json.dumps(out))
