@@ -9,7 +9,8 @@ store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.prefill_compress`` (a triton_op Inductor
            inlines; ``adakv.static_compress``, opaque, under tensor parallelism or dynamic shapes) writing the
            kept K/V into the AdaKVCache layer's tensors (declared mutations).
-static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
+static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend`` (with
+           ``ADAKV_FUSED_MERGE=1``: ``adakv.static_attend_merged``, the split-K merge inside the launch).
 window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
            ``adakv.window_write`` (declared mutations). See kernels/window.py.
