@@ -67,7 +67,8 @@ for name, kw in (("one-pass", dict(num_splits=1)), ("split", dict(max_len_bound=
     for kernel, named in launches:
         missing = set(kernel.arg_names) - set(named)  # a traced launch must name every argument
         writes = identify_accessed_tensors(kernel, named, {}).read_writes.writes
-        out[f"{name}/{kernel.fn.__name__}"] = sorted(str(d.name) for d in writes) + sorted(f"missing:{m}" for m in missing)
+        out[f"{name}/{kernel.fn.__name__}"] = (sorted(str(d.name) for d in writes)
+                                               + sorted(f"missing:{m}" for m in missing))
 
 # -- the post-grad graph of one decode layer (what Inductor lowers: user kernels, copies, clones) --------------
 import torch._inductor.fx_passes.post_grad as post_grad  # noqa: E402
@@ -95,7 +96,8 @@ def _last_pass(graph):  # the last post-grad pass: the graph as Inductor lowers 
 
 post_grad.decompose_auto_functionalized = _last_pass
 S = 600
-state = dict(pool_k=torch.zeros(B * S + 1, D, dtype=torch.bfloat16), pool_v=torch.zeros(B * S + 1, D, dtype=torch.bfloat16),
+state = dict(pool_k=torch.zeros(B * S + 1, D, dtype=torch.bfloat16),
+             pool_v=torch.zeros(B * S + 1, D, dtype=torch.bfloat16),
              off=off, lens=lens, pos=torch.zeros(B * S + 1, dtype=torch.int32), seen=torch.zeros((), dtype=torch.int64),
              sem=torch.zeros(64, dtype=torch.int32))
 k_new, v_new = torch.randn(B, Hkv, t, D, dtype=torch.bfloat16), torch.randn(B, Hkv, t, D, dtype=torch.bfloat16)

@@ -28,7 +28,8 @@ Kernel design
 * Benchmark options (bench/attend_sweep.py; off by default, constexpr so they cost nothing when off):
   ``fused_merge`` — the last piece of a (row, head) to finish merges the pieces (an arrival counter per
   program row) instead of a second launch (on the compiled path with ``ADAKV_FUSED_MERGE=1``: the
-  counters are then the cache layer's ``sem`` buffer, docs/design.md "Fused split-K merge"); ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
+  counters are then the cache layer's ``sem`` buffer, docs/design.md "Fused split-K merge");
+  ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
   each looping over its head's pieces (a static cache's row bound leaves most pieces empty).
 """
 from __future__ import annotations
