@@ -32,6 +32,9 @@ from .kernels import static as _static  # noqa: F401  (registers torch.ops.adakv
 from .kernels.store import StoreError
 from .sizing import kept_per_head_bound, rank_kept_bound  # noqa: F401  (moved; re-exported here)
 
+# fused-merge counters per (row, KV head): blocks of up to 64 query rows (triton_attend.merge_counters)
+MERGE_BLOCKS = 8
+
 
 class RequestError(StoreError, ValueError):
     """A call the compiled model refuses before tracing (wrong batch, empty prompt, a used cache, ...).
@@ -112,9 +115,13 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos = torch.zeros(n, dtype=torch.int32, device=device)
         # shared by the cache's layers on one device; advanced between graph calls (AdaKVCache.advance)
         self.seen = torch.zeros((), dtype=torch.int64, device=device) if seen is None else seen
+        # the fused split-K merge's arrival counters (ADAKV_FUSED_MERGE=1; zero between launches: the
+        # kernel leaves them so; reset() re-zeroes them after an aborted launch). MERGE_BLOCKS blocks of
+        # query rows per (row, KV head): a longer chunk falls back to the merge launch.
+        self.sem = torch.zeros(batch_size * heads * MERGE_BLOCKS, dtype=torch.int32, device=device)
         self.device = device
         ref = weakref.ref(owner)
-        for t in self.tensors():
+        for t in self.tensors() + (self.sem,):
             torch._dynamo.mark_static_address(t)
             t._adakv_cache = ref  # lets the backend's wrapper find the cache from a graph input
         self.compressed = False
@@ -136,7 +143,7 @@ class AdaKVLayer(CacheLayerMixin):
             raise StoreError(f"AdaKVCache was built for batch {self.batch_size} x {self.num_heads} KV heads, got "
                              f"K/V of shape {tuple(key_states.shape)}")
         k, v = torch.ops.adakv.cache_slot(key_states, value_states, self.pool_k, self.pool_v, self.off,
-                                          self.lens, self.pos, self.seen, self.room, self.compressed)
+                                          self.lens, self.pos, self.seen, self.room, self.compressed, self.sem)
         self.compressed = True
         return k, v
 
@@ -155,6 +162,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.lens.zero_()
         self.off.zero_()
         self.seen.zero_()
+        self.sem.zero_()
         self.compressed = False
 
     def _unsupported(self, *args, **kwargs):

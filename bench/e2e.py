@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -297,6 +298,10 @@ def check_fast_path(out_dir: Path, method: str = "adakv") -> dict:
     from inline_check import scans  # the compress body's scan ops (issue 17: none expected)
     res["compress_scan_ops"] = scans(code)[0]
     res["cudagraphs"] = [gr.get("cudagraphs") for gr in backend.graphs]
+    # issue 17, ADAKV_FUSED_MERGE: Triton launches in each decode graph's code (those with the append kernel)
+    res["fused_merge"] = os.environ.get("ADAKV_FUSED_MERGE", "")
+    res["decode_triton_launches"] = [c.count(".run(") for c in codes if "_static_append_kernel" in c]
+    res["merge_kernel_in_code"] = "_store_attn_merge" in code
     res["report"] = backend.report.table()
     res["gemv"] = [gr.get("gemv", 0) for gr in backend.graphs]
     (out_dir / f"e2e-check-inductor-code-{method}.txt").write_text(code[:2_000_000])

@@ -28,7 +28,8 @@ The ops (registered here; the graph pass inserts them, users never call them):
                               dynamic shapes.
 - ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
 - ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
-- ``adakv::static_attend_append`` both in one launch (opt-in, ``ADAKV_FUSED_APPEND=1``; issue 17).
+- ``adakv::static_attend_merged`` ``static_attend`` with the split-K merge done inside the attention launch,
+                              counting arrivals on the layer's ``sem`` buffer (opt-in, ``ADAKV_FUSED_MERGE=1``).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
 inlined into the generated code and the decode step replays as one CUDA graph.
 """
@@ -58,15 +59,16 @@ _EAGER_MESSAGE = (
 @torch.library.custom_op("adakv::cache_slot", mutates_args=())
 def cache_slot(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor, room: int,
-               compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               compressed: bool, sem: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Marker: (k_new, v_new) as the attention's K/V, and the layer's static tensors for the pass.
 
-    ``room``: free slots each segment gets after its kept tokens; ``compressed``: False at prefill."""
+    ``room``: free slots each segment gets after its kept tokens; ``compressed``: False at prefill;
+    ``sem``: the layer's fused-merge counters (``static_attend_merged``)."""
     raise StoreError(_EAGER_MESSAGE)
 
 
 @cache_slot.register_fake
-def _(k_new, v_new, pool_k, pool_v, off, lens, pos, seen, room, compressed):
+def _(k_new, v_new, pool_k, pool_v, off, lens, pos, seen, room, compressed, sem=None):
     return torch.empty_like(k_new), torch.empty_like(v_new)
 
 
@@ -206,7 +208,7 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor
 
 
 def _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen) -> None:
-    """``static_append``'s body (also the fused op's fallback)."""
+    """``static_append``'s body."""
     B, H, t, D = k_new.shape
     if k_new.device.type == "cuda" and use_triton():
         from .triton_append import static_append_triton
@@ -235,37 +237,27 @@ def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, o
     return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, bias, pos)
 
 
-def _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks=None, bias=None, pos=None):
-    """``static_attend``'s body (also the fused op's fallback)."""
+def _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks=None, bias=None, pos=None, sem=None):
+    """``static_attend``'s body (and ``static_attend_merged``'s, with its counters ``sem``)."""
     t = q.shape[2]
     if bias is not None:
         return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
                                sinks, bias, pos)
-    if q.device.type == "cuda" and use_triton():
+    if triton_on(q):  # CUDA (or ADAKV_KERNELS=interpret: CPU tensors through the interpreter, tests)
         from .triton_attend import store_attention_triton
         return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len,
-                                      sinks=sinks)
+                                      sinks=sinks, fused_merge=sem is not None, semaphores=sem)
     return store_attention(q, pool_k.reshape(-1), pool_v.reshape(-1), off, lens, max_len, t, scale, softcap,
                            sinks)
 
 
-@triton_op("adakv::static_attend_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))
-def static_attend_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor,
-                         pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor,
-                         seen: torch.Tensor, scale: float, softcap: float, max_len: int,
+@triton_op("adakv::static_attend_merged", mutates_args=("sem",))
+def static_attend_merged(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
+                         lens: torch.Tensor, scale: float, softcap: float, max_len: int, sem: torch.Tensor,
                          sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``static_append`` then ``static_attend`` (same outputs, same pool / lens / pos afterwards) as one
-    Triton launch (plus the split-K merge) where the kernels run: the attention reads the segments' old
-    tokens from the pool and the chunk from k_new / v_new, and one program per (row, head) writes the chunk
-    and bumps the length (``triton_attend``, "Fused append"). Opt-in: the rewrite uses it with
-    ``ADAKV_FUSED_APPEND=1`` and no ALiBi bias. Elsewhere (CPU, ``ADAKV_KERNELS=plain``, more than 64 query
-    rows per KV head) it runs the two ops' bodies in turn. ``ADAKV_KERNELS=interpret`` runs the fused kernel
-    on CPU tensors (tests)."""
-    B, Hq, t, D = q.shape
-    if triton_on(q):
-        from .triton_attend import fused_append_fits, store_attention_triton
-        if fused_append_fits(Hq // k_new.shape[1], t):
-            return store_attention_triton(q, pool_k, pool_v, off, lens, t, scale, softcap, max_len_bound=max_len,
-                                          sinks=sinks, fused_append=(k_new, v_new, pos, seen))
-    _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen)
-    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks)
+    """``static_attend`` (same output) whose split-K pieces are merged by the last piece of each (row, head)
+    to finish, not by a second launch (``triton_attend``, ``fused_merge``): one kernel per layer instead of
+    two. ``sem`` (the cache layer's int32 counters, zero between launches: the kernel leaves them so) is
+    the only tensor written; a separate op so that the default ``static_attend`` stays pure. Opt-in: the
+    rewrite uses it with ``ADAKV_FUSED_MERGE=1`` and no ALiBi bias (docs/design.md, "Fused split-K merge")."""
+    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, sem=sem)

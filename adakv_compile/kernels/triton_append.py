@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_chunk import _write_chunk  # noqa: F401  (shared with triton_attend's fused append)
+from .triton_chunk import _write_chunk  # noqa: F401
 
 
 @triton.jit

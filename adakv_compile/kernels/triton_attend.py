@@ -27,16 +27,10 @@ Kernel design
   ``attend.store_attention``; a row that sees no slot then outputs 0, as there.
 * Benchmark options (bench/attend_sweep.py; off by default, constexpr so they cost nothing when off):
   ``fused_merge`` — the last piece of a (row, head) to finish merges the pieces (an arrival counter per
-  program row) instead of a second launch; ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
+  program row) instead of a second launch (on the compiled path with ``ADAKV_FUSED_MERGE=1``: the
+  counters are then the cache layer's ``sem`` buffer, docs/design.md "Fused split-K merge");
+  ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
   each looping over its head's pieces (a static cache's row bound leaves most pieces empty).
-* Fused append (``fused_append``, issue 17; opt-in via ``ADAKV_FUSED_APPEND=1``, constexpr ``FUSED_APPEND``):
-  the lengths passed are the segments' lengths *before* the chunk; slots ``[old, old + t)`` are read from
-  k_new/v_new (cast to the pool dtype, as the append writes them), the rest from the pool. Program
-  (row, head, m-block 0, piece 0) writes the chunk into the pool and ``pos`` (no program reads the pool
-  at those slots); the length is bumped by its last reader: the one-pass program or the merge launch. One
-  m-block per (row, head) only (G * t <= 64), and not with ``fused_merge`` (the pieces that hold no tokens
-  never arrive, so one could read the length after the merger bumped it). Pool state and outputs equal
-  the two-launch path (``triton_append._static_append_kernel`` then this kernel) bit for bit.
 """
 from __future__ import annotations
 
@@ -47,8 +41,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-
-from .triton_chunk import _write_chunk
 
 @triton.jit
 def _tanh(x):
@@ -94,9 +86,6 @@ def _store_attn_fwd(
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     CHUNK: tl.constexpr = 0, HAS_SINK: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False,
     STRIDED: tl.constexpr = False,
-    KN=None, VN=None, POS=None, SEEN=None,
-    skb=0, skh=0, skt=0, skd=0, svb=0, svh=0, svt=0, svd=0,
-    FUSED_APPEND: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -106,16 +95,6 @@ def _store_attn_fwd(
 
     off = tl.load(OFF + pid_bh).to(tl.int64)
     length = tl.load(LEN + pid_bh).to(tl.int32)
-    old = length  # fused append: slots >= old come from k_new / v_new, not the pool
-    kn_base = 0
-    vn_base = 0
-    if FUSED_APPEND:
-        length = old + T
-        kn_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-        vn_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
-        if (pid_m == 0) & (pid_s == 0):  # the designated writer; the pool is never read at these slots
-            _write_chunk(K, V, KN, VN, POS, b, h, off + old, tl.load(SEEN),
-                         skb, skh, skt, skd, svb, svh, svt, svd, T, D, BLOCK_D)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # flattened (group head, chunk query)
     row_ok = rows < ROWS
@@ -141,8 +120,7 @@ def _store_attn_fwd(
             lo = ps * CHUNK
             hi = tl.minimum(lo + CHUNK, length)
             m_i, l_i, acc = _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
-                                          D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32,
-                                          KN, VN, kn_base, vn_base, old, skt, skd, svt, svd, FUSED_APPEND)
+                                          D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32)
             _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, hi - lo, length,
                          m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
                          D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, FUSED_MERGE)
@@ -159,8 +137,7 @@ def _store_attn_fwd(
             lo = 0
             hi = length
         m_i, l_i, acc = _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
-                                      D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32,
-                                      KN, VN, kn_base, vn_base, old, skt, skd, svt, svd, FUSED_APPEND)
+                                      D, BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, DOT_PREC, DOT_F32)
         if SPLIT:
             _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, pid_s, hi - lo, length,
                          m_i, l_i, acc, rows, row_ok, b, h, g, i, d, d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
@@ -168,18 +145,14 @@ def _store_attn_fwd(
         else:
             if HAS_SINK:
                 m_i, l_i, acc = _join_sink(SINKS, qh, row_ok, m_i, l_i, acc)
-            if FUSED_APPEND:  # the only program of this (row, head): it read the old length above
-                tl.store(LEN + pid_bh, length.to(LEN.dtype.element_ty))
             _store_rows(OUT, acc, l_i, b, qh, i, d, row_ok, d_ok, sob, soh, sot, sod)
 
 
 @triton.jit
 def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                  KN, VN, kn_base, vn_base, old, skt, skd, svt, svd, FUSED_APPEND: tl.constexpr):
-    """Online softmax of the rows over slots [lo, hi) of the segment: (max, sum, unnormalised acc), base 2.
-    With ``FUSED_APPEND`` slots >= ``old`` are read from the chunk (k_new / v_new) instead of the pool."""
+                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax of the rows over slots [lo, hi) of the segment: (max, sum, unnormalised acc), base 2."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -187,18 +160,8 @@ def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        pool_ok = n_ok
-        if FUSED_APPEND:
-            pool_ok = n_ok & (n < old)
-            new_ok = n_ok & (n >= old)
-            j = tl.where(new_ok, n - old, 0).to(tl.int64)                           # index in the chunk
         kt_ptrs = K + kv_base + n[None, :].to(tl.int64) * D + d[:, None]          # [BLOCK_D, BLOCK_N]
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & pool_ok[None, :], other=0.0)
-        if FUSED_APPEND:
-            if start + BLOCK_N > old:  # only the block(s) reaching the chunk read it
-                kn = tl.load(KN + kn_base + j[None, :] * skt + d[:, None] * skd,
-                             mask=d_ok[:, None] & new_ok[None, :], other=0.0).to(K.dtype.element_ty)
-                kt = tl.where(new_ok[None, :], kn, kt)
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_F32:  # interpreter: bf16 tl.dot is unsupported there (triton-lang/triton#11584)
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
@@ -214,12 +177,7 @@ def _attend_range(q, K, V, kv_base, lo, hi, limit, d, d_ok, scale, softcap,
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = V + kv_base + n[:, None].to(tl.int64) * D + d[None, :]           # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptrs, mask=pool_ok[:, None] & d_ok[None, :], other=0.0)
-        if FUSED_APPEND:
-            if start + BLOCK_N > old:
-                vn = tl.load(VN + vn_base + j[:, None] * svt + d[None, :] * svd,
-                             mask=new_ok[:, None] & d_ok[None, :], other=0.0).to(V.dtype.element_ty)
-                v = tl.where(new_ok[:, None], vn, v)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         p_lo = p.to(v.dtype)  # P rounded to the storage dtype, as on the GPU path
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -301,7 +259,7 @@ def _store_attn_merge(
     sob, soh, sot, sod,
     HKV, G, T, ROWS, NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr = 0,
-    HAS_SINK: tl.constexpr = False, FUSED_APPEND: tl.constexpr = False,
+    HAS_SINK: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -314,12 +272,8 @@ def _store_attn_merge(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     length = tl.load(LEN + pid_bh).to(tl.int32)
-    if FUSED_APPEND:  # the forward launch read the old lengths; this launch bumps them (one m-block)
-        length = length + T
     _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, b, h, g, i, d, d_ok,
                   sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK)
-    if FUSED_APPEND:
-        tl.store(LEN + pid_bh, length.to(LEN.dtype.element_ty))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -339,6 +293,18 @@ def _semaphores(n: int, device: torch.device) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _SEMAPHORES[key] = buf
     return buf
+
+
+def merge_counters(batch: int, kv_heads: int, q_heads: int, t: int, head_dim: int) -> int:
+    """How many fused-merge arrival counters a launch needs: one per (row, KV head) x block of query rows."""
+    block_m = default_config(head_dim, (q_heads // kv_heads) * t)[0]
+    return batch * kv_heads * triton.cdiv((q_heads // kv_heads) * t, block_m)
+
+
+def _check_semaphores(sem: torch.Tensor, q: torch.Tensor) -> None:
+    if sem.dtype != torch.int32 or sem.dim() != 1 or sem.device != q.device:
+        raise ValueError(f"semaphores must be a flat int32 tensor on {q.device}, got {sem.dtype} "
+                         f"{tuple(sem.shape)} on {sem.device}")
 
 
 def launcher(kernel, probe: torch.Tensor):
@@ -414,12 +380,6 @@ def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces
     return int(min(2048, max(chunk, block_n, 64)))
 
 
-def fused_append_fits(G: int, t: int) -> bool:
-    """Whether the fused append can run for G query heads per KV head and a chunk of t tokens: its length
-    update needs one m-block (program row) per (row, KV head), the block holding all G * t query rows."""
-    return G * t <= 64
-
-
 def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                            offsets: torch.Tensor, lengths: torch.Tensor, t: int, scale: float,
                            softcap: float = 0.0, max_len_hint: int | None = None,
@@ -428,7 +388,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            max_len_bound: int | None = None, split_tokens: int | None = None,
                            sinks: torch.Tensor | None = None, fused_merge: bool = False,
                            grid_pieces: int | None = None,
-                           fused_append: tuple | None = None) -> torch.Tensor:
+                           semaphores: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -442,17 +402,15 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     same work however skewed the head lengths are, and empty pieces cost only their launch.
     ``sinks`` (optional [Hq] logits, gpt-oss): a per-query-head softmax column with no value, not scaled
     (docs/algorithm.md, "Attention sinks"); None compiles the kernels without it (no cost).
-    ``fused_merge`` (benchmarks; eager launches only): with split-K, the last piece of each (row, head) to
-    finish merges the pieces (an arrival counter per program row, kept zeroed between launches) instead of
-    a second kernel launch.
+    ``fused_merge``: with split-K, the last piece of each (row, head) x row block to finish merges the
+    pieces (an arrival counter per program row, zero between launches: the merger resets it) instead of a
+    second kernel launch. The counters are ``semaphores`` (int32, contiguous, zeroed; written in place: the
+    compiled path passes the cache layer's ``sem``, ``static.static_attend_merged``) or, without it, a
+    zeroed buffer cached per device (eager launches only: a traced launch needs it as an argument). A
+    ``semaphores`` smaller than ``merge_counters`` needs falls back to the merge launch.
     ``grid_pieces`` (benchmarks; fixed pieces only): launch at most this many programs per (row, head) x row
     block, each looping over the pieces ``s, s + grid_pieces, ...`` of its head, instead of one program per
     piece of ``max_len_bound`` (which for a static cache's row bound are mostly empty).
-    ``fused_append`` (issue 17, opt-in): ``(k_new, v_new, pos, seen)`` of a static cache — k_new/v_new
-    [B, Hkv, t, D], ``pos`` the pool's int32 slot positions, ``seen`` the 0-d count of tokens before the
-    chunk. ``lengths`` are then the lengths *before* the chunk; this launch appends the chunk (pool, ``pos``,
-    ``lengths`` mutated exactly as ``triton_append.static_append_triton``) and attends over old + new.
-    Needs one m-block per (row, head): ``G * t <= 64`` (``fused_append_fits``); not with ``fused_merge``.
     """
     B, Hq, tq, D = q.shape
     if tq != t:
@@ -471,25 +429,9 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         raise RuntimeError(
             "store_attention_triton got CPU tensors but its kernels were compiled for the GPU: set "
             "TRITON_INTERPRET=1 before adakv_compile.kernels.triton_attend is first imported to run them on CPU")
-    if fused_append is not None:
-        k_new, v_new, pos_t, seen_t = fused_append
-        if k_new.shape != (B, Hkv, t, D) or v_new.shape != (B, Hkv, t, D):
-            raise ValueError(f"fused_append: k_new/v_new must be [B, Hkv, t, D] = [{B}, {Hkv}, {t}, {D}], got "
-                             f"{tuple(k_new.shape)}, {tuple(v_new.shape)}")
-        if not fused_append_fits(G, t):
-            raise ValueError(f"fused_append needs G * t <= 64 query rows per KV head (one m-block), got "
-                             f"G={G}, t={t}")
-        if fused_merge:
-            raise ValueError("fused_append cannot be combined with fused_merge (the length update would race "
-                             "with empty pieces)")
-        if not (lengths.is_contiguous() and pos_t.is_contiguous()):
-            raise ValueError("fused_append: lengths and pos are written in place and must be contiguous")
     out = torch.empty((B, Hq, t, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    pool_k_in, pool_v_in = pool_k, pool_v
-    if fused_append is not None and not (pool_k.is_contiguous() and pool_v.is_contiguous()):
-        raise ValueError("fused_append: the pools are written in place and must be contiguous")
     pool_k = pool_k.reshape(-1)
     pool_v = pool_v.reshape(-1)
     offsets = offsets.contiguous()
@@ -530,23 +472,20 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         ws_l = torch.empty_like(ws_m)
     else:
         ws_acc = ws_m = ws_l = out  # unused
-    fused = split and fused_merge
-    sem = _semaphores(n_bh * n_mblk, q.device) if fused else out  # (unused when not fused)
+    fused = split and bool(fused_merge)
+    if fused and semaphores is not None:
+        _check_semaphores(semaphores, q)
+        fused = semaphores.numel() >= n_bh * n_mblk  # else: the merge launch (the counters do not fit)
+        sem = semaphores
+    elif fused:
+        if type(q) is not torch.Tensor:
+            raise ValueError("fused_merge in a traced launch needs its counters as the semaphores argument")
+        sem = _semaphores(n_bh * n_mblk, q.device)
+    else:
+        sem = out  # unused
     grid_s = num_splits
     if chunk and grid_pieces is not None:
         grid_s = max(1, min(num_splits, int(grid_pieces)))
-    # the fused append's arguments, passed in every launch: a traced launch (wrap_triton) must name every
-    # kernel argument (Inductor's mutation analysis fails on defaulted ones and then assumes every input
-    # mutated, i.e. cloned per call); without the fused append they are unused dummies (``out``, zeros)
-    if fused_append is not None:
-        extra = dict(KN=k_new, VN=v_new, POS=pos_t, SEEN=seen_t,
-                     skb=k_new.stride(0), skh=k_new.stride(1), skt=k_new.stride(2), skd=k_new.stride(3),
-                     svb=v_new.stride(0), svh=v_new.stride(1), svt=v_new.stride(2), svd=v_new.stride(3),
-                     FUSED_APPEND=True)
-        pool_k, pool_v = pool_k_in, pool_v_in  # the caller's tensors: the kernel writes them (not a view)
-    else:
-        extra = dict(KN=out, VN=out, POS=out, SEEN=out, skb=0, skh=0, skt=0, skd=0, svb=0, svh=0, svt=0, svd=0,
-                     FUSED_APPEND=False)
     launcher(_store_attn_fwd, q)[(n_bh, n_mblk, grid_s)](
         q, pool_k, pool_v, offsets, lengths, out, ws_acc, ws_m, ws_l, q if sinks is None else sinks, sem,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -557,7 +496,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         SOFTCAP=bool(softcap), SPLIT=split, DOT_PREC=dot_prec, DOT_F32=_interpreting(q.device), CHUNK=chunk,
         HAS_SINK=sinks is not None, FUSED_MERGE=fused, STRIDED=grid_s < num_splits,
-        num_warps=num_warps, num_stages=num_stages, **extra,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split and not fused:
         launcher(_store_attn_merge, q)[(n_bh, n_mblk)](
@@ -565,6 +504,5 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,
             D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, HAS_SINK=sinks is not None, num_warps=4,
-            FUSED_APPEND=fused_append is not None,
         )
     return out

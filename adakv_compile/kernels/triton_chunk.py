@@ -1,5 +1,5 @@
-"""The chunk write shared by the append kernels (``triton_append``) and the fused append of the store
-attention (``triton_attend``): a leaf module, so neither imports the other (tests/test_layering.py)."""
+"""The chunk write of the append kernels (``triton_append``). (It was shared with a fused append in the
+store attention, removed in issue 17: it lost on the H200, docs/design.md "Fused append".)"""
 from __future__ import annotations
 
 import triton
@@ -9,7 +9,7 @@ import triton.language as tl
 @triton.jit
 def _write_chunk(PK, PV, KN, VN, POS, b, h, first_slot, first_pos,
                  skb, skh, skt, skd, svb, svh, svt, svd, T, D, BLOCK_D: tl.constexpr):
-    """Token i of (b, h)'s chunk → pool slot ``first_slot + i``, position ``first_pos + i`` (both kernels)."""
+    """Token i of (b, h)'s chunk → pool slot ``first_slot + i``, position ``first_pos + i``."""
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     for i in range(T):

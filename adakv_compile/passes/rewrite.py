@@ -9,7 +9,8 @@ store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.prefill_compress`` (a triton_op Inductor
            inlines; ``adakv.static_compress``, opaque, under tensor parallelism or dynamic shapes) writing the
            kept K/V into the AdaKVCache layer's tensors (declared mutations).
-static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend``.
+static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend`` (with
+           ``ADAKV_FUSED_MERGE=1``: ``adakv.static_attend_merged``, the split-K merge inside the launch).
 window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
            ``adakv.window_write`` (declared mutations). See kernels/window.py.
@@ -109,11 +110,12 @@ def inline_compress(device: torch.device | None = None) -> bool:
     return device is not None and device.type == "cuda" if value is None else value
 
 
-def fused_append() -> bool:
-    """Whether a static-store site becomes one ``adakv::static_attend_append`` (the append inside the
-    attention launch, issue 17) instead of ``static_append`` then ``static_attend``. ``ADAKV_FUSED_APPEND``
-    = 1 / 0, default 0 (unmeasured on the GPU: docs/design.md, "Fused append")."""
-    return bool(_switch("ADAKV_FUSED_APPEND"))
+def fused_merge() -> bool:
+    """Whether a static-store site attends through ``adakv::static_attend_merged`` (the split-K merge done
+    by the attention launch's last piece, counting on the layer's ``sem``: one launch instead of two) instead
+    of ``static_attend``. ``ADAKV_FUSED_MERGE`` = 1 / 0, default 0 until the GPU end-to-end run says it wins
+    (docs/design.md, "Fused split-K merge")."""
+    return bool(_switch("ADAKV_FUSED_MERGE"))
 
 
 def _switch(name: str) -> bool | None:
@@ -231,13 +233,12 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             pool_k, pool_v, off, lens, _, _ = f.static_tensors()
             rows, slots = val(f.k_new).shape[0], val(pool_k).shape[0]
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
-            if bias is None and fused_append():  # one launch appends and attends (kernels/static.py)
-                new = graph.call_function(torch.ops.adakv.static_attend_append.default,
-                                          (s.q, f.k_new, f.v_new) + f.static_tensors()
-                                          + (scale, s.softcap, max_len) + tail)
+            graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
+            sem = f.static_arg("sem")
+            if bias is None and sem is not None and fused_merge():  # one attention launch (kernels/static.py)
+                new = graph.call_function(torch.ops.adakv.static_attend_merged.default,
+                                          (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len, sem) + tail)
             else:
-                graph.call_function(torch.ops.adakv.static_append.default,
-                                    (f.k_new, f.v_new) + f.static_tensors())
                 new = graph.call_function(torch.ops.adakv.static_attend.default,
                                           (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len) + tail
                                           + (() if bias is None else (f.static_arg("pos"),)))

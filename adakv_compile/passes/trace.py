@@ -41,9 +41,10 @@ class CacheFlow:
     window: bool = False              # the marker is a sliding-window layer's (hybrid.AdaKVWindowLayer)
 
     def static_arg(self, name: str):
-        """An argument of the marker by name (cache_slot: pool_k, pool_v, off, lens, pos, seen, room;
-        window_slot: keys, values, wpos, seen)."""
-        return self.static.args[(_WINDOW_ARGS if self.window else _SLOT_ARGS).index(name)]
+        """An argument of the marker by name (cache_slot: pool_k, pool_v, off, lens, pos, seen, room, sem;
+        window_slot: keys, values, wpos, seen); None for an optional one the marker was not given."""
+        i = (_WINDOW_ARGS if self.window else _SLOT_ARGS).index(name)
+        return self.static.args[i] if i < len(self.static.args) else self.static.kwargs.get(name)
 
     def window_tensors(self) -> tuple:
         """A window layer's ring: (keys, values, wpos, seen)."""
@@ -54,7 +55,7 @@ class CacheFlow:
         return tuple(self.static_arg(a) for a in ("pool_k", "pool_v", "off", "lens", "pos", "seen"))
 
 
-_SLOT_ARGS = ("k_new", "v_new", "pool_k", "pool_v", "off", "lens", "pos", "seen", "room", "compressed")
+_SLOT_ARGS = ("k_new", "v_new", "pool_k", "pool_v", "off", "lens", "pos", "seen", "room", "compressed", "sem")
 _WINDOW_ARGS = ("k_new", "v_new", "keys", "values", "wpos", "seen", "filled")
 _MARKERS = ("cache_slot", "window_slot")
 
