@@ -1,0 +1,153 @@
+"""The model's own decode mask on a compressed cache (plan.decode_mask_unusable, rewrite._decode_mask_bias).
+
+A tuple-cache attention that passes a mask which is not causal(+padding) at decode (a sliding window, a
+random bool or additive mask) must attend with it over the kept tokens: the rewrite adds the mask, as a
+bias, at each kept token's original position. Compared against the oracle of the algorithm
+(``reference.select`` for the kept tokens at prefill, ``reference.biased_decode_attention`` with the mask
+as the bias at decode), on prompts longer than the budget (tokens really are evicted). A mask that cannot
+be gathered (its key axis does not cover the positions seen) keeps the cache in full: the compressed cache
+then raises StoreError naming the reason, never attends without the mask. HF decode masks (causal +
+padding) are proven and keep the fast path: tests/test_hybrid.py, tests/test_long_context_mask.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adakv_compile import AdaKVConfig, adakv_backend
+from adakv_compile import reference as ref
+from adakv_compile.kernels.store import StoreError
+
+CFG = AdaKVConfig(budget=8, window=2)
+B, H, D, T0 = 2, 2, 8, 20
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+class _Masked(nn.Module):
+    """Tuple-cache attention with the caller's mask at every step (K/V transformed before the cache)."""
+
+    def forward(self, q, k, v, mask, past):
+        k, v = k * 0.5, v * 2.0
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+
+
+def _sliding(T: int, S: int, window: int = 12) -> torch.Tensor:
+    qpos = torch.arange(T)[:, None] + S - T
+    kpos = torch.arange(S)[None, :]
+    return ((kpos <= qpos) & (kpos > qpos - window))[None, None]
+
+
+def _random_bool(T: int, S: int, gen) -> torch.Tensor:
+    m = torch.rand(B, 1, T, S, generator=gen) < 0.6
+    m[..., -T:] |= torch.ones(T, T, dtype=torch.bool).tril()  # each query sees itself: no empty row
+    return m
+
+
+def _random_additive(T: int, S: int, gen) -> torch.Tensor:
+    return torch.randn(B, 1, T, S, generator=gen) * 2
+
+
+def _masks(kind: str, chunks: list[int], gen) -> list[torch.Tensor]:
+    out, S = [], 0
+    for i, t in enumerate(chunks):
+        S += t
+        if kind == "sliding":
+            out.append(_sliding(t, S))
+        elif i == 0:  # a causal prompt (a graph input: not proven, its last row says every key is valid)
+            out.append(torch.ones(t, t, dtype=torch.bool).tril()[None, None])
+        else:
+            out.append(_random_bool(t, S, gen) if kind == "bool" else _random_additive(t, S, gen))
+    return out
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
+
+
+def _oracle(xs, masks):
+    """The algorithm's outputs: exact prompt attention, kept tokens by ``reference.select``, then each chunk
+    over the kept tokens + the chunks so far, the mask added at every key's position."""
+    (q0, k0, v0), scale = xs[0], 1 / math.sqrt(D)
+    k0, v0 = k0 * 0.5, v0 * 2.0
+    outs = [F.scaled_dot_product_attention(q0, k0, v0, attn_mask=masks[0])]
+    valid = masks[0][:, 0, -1, :].expand(B, T0)
+    keep = ref.select(q0, k0, valid, CFG, 0, 1, scale)
+    assert int(keep[0, 0].sum()) < int(valid[0].sum()), "nothing evicted: the test would not discriminate"
+    keys = [[k0[b, h][keep[b, h]] for h in range(H)] for b in range(B)]
+    vals = [[v0[b, h][keep[b, h]] for h in range(H)] for b in range(B)]
+    pos = [[keep[b, h].nonzero()[:, 0] for h in range(H)] for b in range(B)]
+    seen = T0
+    for (q, k, v), mask in zip(xs[1:], masks[1:]):
+        t = q.shape[2]
+        k, v = k * 0.5, v * 2.0
+        rows = []
+        for b in range(B):
+            for h in range(H):
+                keys[b][h] = torch.cat([keys[b][h], k[b, h]])
+                vals[b][h] = torch.cat([vals[b][h], v[b, h]])
+                pos[b][h] = torch.cat([pos[b][h], torch.arange(seen, seen + t)])
+            bias = _additive(mask)[b if mask.shape[0] > 1 else 0]
+            rows.append(ref.biased_decode_attention(q[b], keys[b], vals[b], pos[b], bias, scale))
+        outs.append(torch.stack(rows))
+        seen += t
+    return outs
+
+
+def _run(kind: str, chunks: list[int]):
+    gen = torch.Generator().manual_seed(len(chunks) + len(kind))
+    xs = [[torch.randn(B, H, t, D, generator=gen) for _ in range(3)] for t in chunks]
+    masks = _masks(kind, chunks, gen)
+    backend = adakv_backend(CFG, inner="eager")
+    fn, past, got = torch.compile(_Masked(), backend=backend), None, []
+    with torch.no_grad():
+        for (q, k, v), mask in zip(xs, masks):
+            o, past = fn(q, k, v, mask, past)
+            got.append(o)
+    return got, xs, masks, backend
+
+
+@pytest.mark.parametrize("kind,chunks", [("sliding", [T0, 1, 1, 1]), ("sliding", [T0, 3, 1]),
+                                         ("bool", [T0, 1, 1]), ("additive", [T0, 1, 2])])
+def test_decode_mask_gathered_at_kept_positions_equals_the_oracle(kind, chunks):
+    got, xs, masks, backend = _run(kind, chunks)
+    assert all(r.action == "rewritten" for r in backend.report), backend.report.table()
+    assert {r.mode for r in backend.report} == {"compress", "store"}, backend.report.table()
+    want = _oracle(xs, masks)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), **TOL)
+    # the mask matters: without it (the old path) the decode outputs differ from the oracle
+    plain = _oracle(xs, [masks[0]] + [torch.ones_like(m, dtype=torch.bool) for m in masks[1:]])
+    assert not torch.allclose(plain[1], want[1], **TOL)
+
+
+class _OneColumnMask(nn.Module):
+    """A decode mask [.., t, 1] broadcast over the keys: it cannot be gathered at the kept positions."""
+
+    def forward(self, q, k, v, mask, past):
+        k, v = k * 0.5, v * 2.0
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+            mask = torch.ones(1, 1, q.shape[2], 1, dtype=torch.bool)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+
+
+def test_a_decode_mask_that_cannot_be_gathered_keeps_the_cache_in_full_and_is_loud():
+    gen = torch.Generator().manual_seed(5)
+    backend = adakv_backend(CFG, inner="eager")
+    fn = torch.compile(_OneColumnMask(), backend=backend)
+    with torch.no_grad():
+        causal = torch.ones(T0, T0, dtype=torch.bool).tril()[None, None]
+        _, past = fn(*[torch.randn(1, H, T0, D, generator=gen) for _ in range(3)], causal, None)
+        with pytest.raises(StoreError, match="decode mask"):
+            fn(*[torch.randn(1, H, 1, D, generator=gen) for _ in range(3)], None, past)
+    decode = [r for r in backend.report if r.phase == "decode"]
+    assert decode and all("decode mask" in r.reason and "kept in full" in r.reason for r in decode), \
+        backend.report.table()
