@@ -151,3 +151,33 @@ def test_a_decode_mask_that_cannot_be_gathered_keeps_the_cache_in_full_and_is_lo
     decode = [r for r in backend.report if r.phase == "decode"]
     assert decode and all("decode mask" in r.reason and "kept in full" in r.reason for r in decode), \
         backend.report.table()
+
+
+def test_hf_decode_and_extend_masks_are_proven_and_not_read():
+    """HF's causal+padding mask after a cache (decode, and a chunk of 3) is proven (passes/mask.py,
+    ``decode=True``): ``attend_append`` gets no bias, the store's fast path is kept."""
+    from tests.prompts import left_padded
+    from tests.zoo import build
+
+    model = build("llama")
+    graphs = []
+    inner = adakv_backend(CFG, inner="eager")
+
+    def spy(gm, example_inputs):
+        fn = inner(gm, example_inputs)
+        graphs.append(gm)
+        return fn
+
+    ids, am = left_padded([20, 14], seed=5)
+    fwd = torch.compile(model.forward, backend=spy)
+    with torch.no_grad():
+        past = fwd(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
+        new = torch.randint(3, 100, (2, 3))
+        am = torch.cat([am, torch.ones_like(new)], 1)
+        past = fwd(input_ids=new, attention_mask=am, past_key_values=past, use_cache=True).past_key_values
+        am = torch.cat([am, torch.ones_like(new[:, :1])], 1)
+        fwd(input_ids=new[:, :1], attention_mask=am, past_key_values=past, use_cache=True)
+    assert {r.phase for r in inner.report if r.mode == "store"} == {"extend", "decode"}, inner.report.table()
+    calls = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.adakv.attend_append.default]
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert all(len(n.args) == 7 and not n.kwargs for n in calls), [n.args[7:] for n in calls]
