@@ -181,3 +181,63 @@ def test_hf_decode_and_extend_masks_are_proven_and_not_read():
     calls = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.adakv.attend_append.default]
     assert len(calls) == 2 * model.config.num_hidden_layers
     assert all(len(n.args) == 7 and not n.kwargs for n in calls), [n.args[7:] for n in calls]
+
+
+def _random_decode_mask_graph(rng, B: int, t: int, S: int):
+    """An FX graph building a [B, 1, t, S] bool mask (t queries after S - t cached keys) from aranges and
+    a [B, S] int padding mask: causal spellings, shifted offsets, windows, padding reads, ``& | ~``."""
+    import operator
+
+    import torch.fx as fx
+
+    g = fx.Graph()
+    padb = g.call_method("to", (g.placeholder("pad"),), {"dtype": torch.bool})
+    b = g.call_function(operator.getitem, (g.call_function(torch.arange, (B,)), (slice(None), None, None, None)))
+    past = S - t + rng.choice([0, 0, 0, 1, -1])  # the queries' first position (wrong by one, at times)
+    qpos = g.call_function(operator.add, (g.call_function(torch.arange, (t,)), past))
+    q = g.call_function(operator.getitem, (qpos, (None, None, slice(None), None)))
+    kv = g.call_function(operator.getitem, (g.call_function(torch.arange, (S,)), (None, None, None, slice(None))))
+    atoms = [lambda: g.call_function(operator.le, (kv, q)), lambda: g.call_function(operator.ge, (q, kv)),
+             lambda: g.call_function(operator.invert, (g.call_function(operator.gt, (kv, q)),)),
+             lambda: g.call_function(operator.gt, (kv, g.call_function(operator.sub, (q, rng.choice([2, 4]))))),
+             lambda: g.call_function(operator.le, (kv, g.call_function(operator.add, (q, rng.choice([-1, 1]))))),
+             lambda: g.call_function(operator.getitem, (padb, (b, kv))),
+             lambda: g.call_function(operator.eq, (kv, q))]
+
+    def expr(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(atoms)()
+        op = rng.choice([operator.and_, operator.and_, operator.or_, operator.invert])
+        if op is operator.invert:
+            return g.call_function(op, (expr(depth - 1),))
+        return g.call_function(op, (expr(depth - 1), expr(depth - 1)))
+
+    out = g.call_method("expand", (expr(3), B, -1, t, S))
+    g.output(out)
+    return fx.GraphModule(torch.nn.Module(), g), out
+
+
+def test_fuzz_a_decode_mask_proven_is_the_stores_rule():
+    """Whatever ``prove(decode=True)`` accepts equals ``(kv <= q + S - t) ∧ pad[b, kv]`` on random pads."""
+    import random
+
+    from adakv_compile.passes import mask as mask_pass
+    from tests.test_long_context_mask import _Record
+
+    rng = random.Random(int(torch.randint(0, 10**6, ())))
+    proven = wrong = 0
+    for _ in range(100):
+        B, t, S = rng.choice([(1, 1, 6), (2, 1, 7), (2, 3, 8), (3, 2, 5)])
+        gm, out = _random_decode_mask_graph(rng, B, t, S)
+        pads = [torch.randint(0, 2, (B, S)) for _ in range(5)] + [torch.ones(B, S, dtype=torch.long)]
+        masks = [_Record(gm).run(p) for p in pads]
+        verdict = mask_pass.prove(out, decode=True)
+        if isinstance(verdict, str):
+            continue
+        proven += 1
+        causal = torch.ones(t, S, dtype=torch.bool).tril(S - t)
+        for p, m in zip(pads, masks):
+            want = causal[None, None] & (p.bool()[:, None, None, :] if verdict.pad is not None else True)
+            wrong += not torch.equal(m.expand(B, 1, t, S), want.expand(B, 1, t, S))
+    assert wrong == 0
+    assert proven > 5  # the fuzzer does reach provable constructions
