@@ -119,6 +119,7 @@ def test_decode_mask_gathered_at_kept_positions_equals_the_oracle(kind, chunks):
     got, xs, masks, backend = _run(kind, chunks)
     assert all(r.action == "rewritten" for r in backend.report), backend.report.table()
     assert {r.mode for r in backend.report} == {"compress", "store"}, backend.report.table()
+    assert all("decode mask added at the kept positions" in r.reason for r in backend.report if r.mode == "store")
     want = _oracle(xs, masks)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.to(g.dtype), **TOL)
@@ -181,6 +182,7 @@ def test_hf_decode_and_extend_masks_are_proven_and_not_read():
     calls = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.adakv.attend_append.default]
     assert len(calls) == 2 * model.config.num_hidden_layers
     assert all(len(n.args) == 7 and not n.kwargs for n in calls), [n.args[7:] for n in calls]
+    assert not any(r.reason for r in inner.report if r.mode == "store"), inner.report.table()
 
 
 def _random_decode_mask_graph(rng, B: int, t: int, S: int):

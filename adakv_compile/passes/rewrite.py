@@ -96,15 +96,15 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
     return total
 
 
-def _decode_mask_read(site, hints: dict | None) -> bool:
-    """Whether a decode / extend attention must apply its mask to the compacted store: a mask that
-    passes/mask.py does not prove causal(+padding) (the store's own rule). Memoised per mask node."""
+def _decode_mask_read(site, hints: dict | None) -> str:
+    """Why a decode / extend attention must apply its mask to the compacted store ('' when it need not):
+    a mask that passes/mask.py does not prove causal(+padding) (the store's own rule). Memoised per mask."""
     if site.mask is None:
-        return False
+        return ""
     memo = {} if hints is None else hints.setdefault("decode", {})
     key = (site.mask, site.mask_is_bool_inverted)
     if key not in memo:
-        memo[key] = bool(mask_proof.decode_unproven(site))
+        memo[key] = mask_proof.decode_unproven(site)
     return memo[key]
 
 
@@ -212,12 +212,14 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
         bias = None
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
-            bias = _bias_sum(graph, s, fp32=p.mode == "store" and _decode_mask_read(s, hints))
+            bias = _bias_sum(graph, s, fp32=p.mode == "store" and bool(_decode_mask_read(s, hints)))
             mask, hint = _bias_mask(graph, s, mask), None
             tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
-        if p.mode == "store" and _decode_mask_read(s, hints):  # the model's own decode mask, at the kept positions
+        unproven = _decode_mask_read(s, hints) if p.mode == "store" else ""
+        if unproven:  # the model's own decode mask, at the kept positions (plain decode path)
             bias = _decode_mask_bias(graph, s, bias)
             tail = (sinks, bias)
+            p.reason = p.reason or f"decode mask added at the kept positions (not proven causal: {unproven})"
 
         def prompt_attention(k, v):
             """Exact attention over a whole prompt (with the sink column when the model has one; without an
