@@ -128,6 +128,39 @@ def test_decode_mask_gathered_at_kept_positions_equals_the_oracle(kind, chunks):
     assert not torch.allclose(plain[1], want[1], **TOL)
 
 
+class _OwnCausal(nn.Module):
+    """A hand-written model building its own 2-D causal mask after the cache (bottom-right aligned)."""
+
+    def forward(self, q, k, v, past):
+        k, v = k * 0.5, v * 2.0
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        S, t = k.shape[2], q.shape[2]
+        mask = torch.arange(S)[None, :] <= torch.arange(t)[:, None] + (S - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+
+
+def test_a_causal_decode_mask_built_in_the_graph_is_proven_and_equals_the_oracle():
+    gen = torch.Generator().manual_seed(7)
+    chunks = [T0, 1, 3, 1]
+    xs = [[torch.randn(B, H, t, D, generator=gen) for _ in range(3)] for t in chunks]
+    backend = adakv_backend(CFG, inner="eager")
+    fn, past, got = torch.compile(_OwnCausal(), backend=backend), None, []
+    with torch.no_grad():
+        for q, k, v in xs:
+            o, past = fn(q, k, v, past)
+            got.append(o)
+    stores = [r for r in backend.report if r.mode == "store"]
+    assert len(stores) >= 2 and not any(r.reason for r in stores), backend.report.table()
+    masks, S = [], 0
+    for t in chunks:
+        S += t
+        masks.append(torch.ones(t, S, dtype=torch.bool).tril(S - t)[None, None])
+    for g, w in zip(got, _oracle(xs, masks)):
+        torch.testing.assert_close(g, w.to(g.dtype), **TOL)
+
+
 class _OneColumnMask(nn.Module):
     """A decode mask [.., t, 1] broadcast over the keys: it cannot be gathered at the kept positions."""
 

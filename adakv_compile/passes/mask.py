@@ -327,9 +327,10 @@ def prove(mask: fx.Node, inverted: bool = False, decode: bool = False) -> MaskPr
     cache (``nk`` keys in all), proven equal to ``(kv <= q + nk - nq) ∧ pad[b, kv]`` for every value of the
     graph's scalar inputs (no 'nothing seen yet' assumption: nothing checks it at run time)."""
     v = val(mask)
-    if v is None or v.dtype != torch.bool or v.dim() != 4:
-        return "the mask is not a recorded 4-d bool tensor"
-    B, _, nq, nk = (_size(s) for s in v.shape)
+    if v is None or v.dtype != torch.bool or not (v.dim() == 4 or decode and v.dim() in (2, 3)):
+        return "the mask is not a recorded 4-d bool tensor" + (" (2-d or 3-d at decode)" if decode else "")
+    shape4 = (1,) * (4 - v.dim()) + tuple(_size(s) for s in v.shape)  # [q, k] / [1, q, k] broadcast
+    B, _, nq, nk = shape4
     if nq != nk and not decode:
         return "the mask is not square (a chunk after a cache)"
     ev = _Eval()
@@ -337,10 +338,10 @@ def prove(mask: fx.Node, inverted: bool = False, decode: bool = False) -> MaskPr
         s = ev(mask)
         if s.leaf is not None:
             return "the mask is an input of the graph, not built in it"
-        e = _bool(_on(s, s.shape))
+        e = _bool(_on(s, shape4))
         if inverted:
             e = sp.Not(e)
-        q, kv, b = _D[2], _D[3], (_D[0] if s.shape[0] != 1 else sp.Integer(0))
+        q, kv, b = _D[2], _D[3], (_D[0] if shape4[0] != 1 else sp.Integer(0))
         causal = kv - q
         if decode:  # bottom-right aligned; a one-query mask's query index is pinned to 0 (_on)
             causal = kv - (sp.Integer(0) if nq == 1 else q) - (sp.sympify(nk) - sp.sympify(nq))
@@ -351,7 +352,7 @@ def prove(mask: fx.Node, inverted: bool = False, decode: bool = False) -> MaskPr
             same = ps[1] == nk if len(ps) == 2 else False
             if decode and len(ps) == 2 and not same:  # the 2-D padding mask's own length symbol
                 from .plan import _guarded_equal
-                same = _guarded_equal(val(node).shape[1], v.shape[3])
+                same = _guarded_equal(val(node).shape[1], v.shape[-1])
             if len(ps) == 2 and same and ps[0] in (1, B):
                 bb = sp.Integer(0) if ps[0] == 1 else b
                 cands.append((sp.Eq(sp.Function(name)(bb, kv), 1), node, is_bool))
