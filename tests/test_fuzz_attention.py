@@ -697,8 +697,8 @@ def test_fuzz_attention_detection(_quiet_trace_log):
 
 
 # ------------------------------------------------------------------------------------------------
-# what the fuzzer found outside detection: compressed decode paths that differ from the model
-# (xfail until fixed in the files named; detection describes these attentions correctly)
+# what the fuzzer found outside detection: compressed decode paths that differed from the model
+# (each now applied or refused loudly; detection describes these attentions correctly)
 # ------------------------------------------------------------------------------------------------
 
 class _Cached(nn.Module):
