@@ -697,8 +697,8 @@ def test_fuzz_attention_detection(_quiet_trace_log):
 
 
 # ------------------------------------------------------------------------------------------------
-# what the fuzzer found outside detection: compressed decode paths that differ from the model
-# (xfail until fixed in the files named; detection describes these attentions correctly)
+# what the fuzzer found outside detection: compressed decode paths that differed from the model
+# (each now applied or refused loudly; detection describes these attentions correctly)
 # ------------------------------------------------------------------------------------------------
 
 class _Cached(nn.Module):
@@ -750,11 +750,8 @@ def _prefill_then_decode(form: str):
     return outs, backend
 
 
-@pytest.mark.xfail(strict=True, reason="kernels attend_append ignores the model's mask at decode: a "
-                   "sliding-window mask (or any mask that is not causal/padding) is dropped; "
-                   "plan/rewrite should pass the decode mask (gathered at the kept positions) or keep "
-                   "the cache in full")
 def test_sliding_window_mask_with_a_compressed_cache():
+    """The decode mask (a window, not causal) is applied at the kept tokens' positions (rewrite)."""
     (ref, got), backend = _prefill_then_decode("sliding")
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, **TOL)

@@ -321,37 +321,46 @@ def _abstract(e, causal: sp.Expr, pad_atom, env: dict):
     raise Unproven(f"the mask formula has a term {e} that is not boolean")
 
 
-def prove(mask: fx.Node, inverted: bool = False) -> MaskProof | str:
+def prove(mask: fx.Node, inverted: bool = False, decode: bool = False) -> MaskProof | str:
     """A MaskProof when ``mask`` (``~mask`` when ``inverted``) is causal(+padding) for every element,
-    else the reason it is not proven (a string)."""
+    else the reason it is not proven (a string). ``decode``: the mask of a chunk of ``nq`` queries after a
+    cache (``nk`` keys in all), proven equal to ``(kv <= q + nk - nq) ∧ pad[b, kv]`` for every value of the
+    graph's scalar inputs (no 'nothing seen yet' assumption: nothing checks it at run time)."""
     v = val(mask)
-    if v is None or v.dtype != torch.bool or v.dim() != 4:
-        return "the mask is not a recorded 4-d bool tensor"
-    B, _, nq, nk = (_size(s) for s in v.shape)
-    if nq != nk:
+    if v is None or v.dtype != torch.bool or not (v.dim() == 4 or decode and v.dim() in (2, 3)):
+        return "the mask is not a recorded 4-d bool tensor" + (" (2-d or 3-d at decode)" if decode else "")
+    shape4 = (1,) * (4 - v.dim()) + tuple(_size(s) for s in v.shape)  # [q, k] / [1, q, k] broadcast
+    B, _, nq, nk = shape4
+    if nq != nk and not decode:
         return "the mask is not square (a chunk after a cache)"
     ev = _Eval()
     try:
         s = ev(mask)
         if s.leaf is not None:
             return "the mask is an input of the graph, not built in it"
-        e = _bool(_on(s, s.shape))
+        e = _bool(_on(s, shape4))
         if inverted:
             e = sp.Not(e)
-        q, kv, b = _D[2], _D[3], (_D[0] if s.shape[0] != 1 else sp.Integer(0))
+        q, kv, b = _D[2], _D[3], (_D[0] if shape4[0] != 1 else sp.Integer(0))
         causal = kv - q
+        if decode:  # bottom-right aligned; a one-query mask's query index is pinned to 0 (_on)
+            causal = kv - (sp.Integer(0) if nq == 1 else q) - (sp.sympify(nk) - sp.sympify(nq))
         leaves = getattr(ev, "leaves", {})
         cands = []
         for name, (node, is_bool) in leaves.items():
             ps = _shape(node)
-            if len(ps) == 2 and ps[1] == nk and ps[0] in (1, B):
+            same = ps[1] == nk if len(ps) == 2 else False
+            if decode and len(ps) == 2 and not same:  # the 2-D padding mask's own length symbol
+                from .plan import _guarded_equal
+                same = _guarded_equal(val(node).shape[1], v.shape[-1])
+            if len(ps) == 2 and same and ps[0] in (1, B):
                 bb = sp.Integer(0) if ps[0] == 1 else b
                 cands.append((sp.Eq(sp.Function(name)(bb, kv), 1), node, is_bool))
         targets = [(None, None, True)] + cands
         by_name = {x.name: x for x in ev.memo if isinstance(x, fx.Node)}
         scalars = sorted((x for x in e.free_symbols if x.name.startswith("S_")), key=str)
         # first for every value of the scalar inputs; else assuming they are 0 (a prefill: nothing seen)
-        for zero in ((), tuple(scalars)) if scalars else ((),):
+        for zero in ((), tuple(scalars)) if scalars and not decode else ((),):
             ez = e.xreplace({x: sp.Integer(0) for x in zero}) if zero else e
             for atom, node, is_bool in targets:
                 env: dict = {}
@@ -514,3 +523,16 @@ def proven_args(graph: fx.Graph, site) -> tuple | str:
         with graph.inserting_after(plan):
             pad4 = graph.call_function(operator.getitem, (pad, (slice(None), None, None, slice(None))))
     return pad, plan, pad4
+
+
+def decode_unproven(site) -> str:
+    """'' when the mask of an attention over a cache plus a chunk (decode / extend) is proven
+    ``(kv <= q + past) ∧ pad[b, kv]``: what the compacted store already applies (causal within the chunk,
+    the prompt's padding dropped at compression), so the mask is not read. Else the reason: the rewrite
+    then passes the mask to the store's attention, gathered at the kept tokens' positions."""
+    proof = prove(site.mask, site.mask_is_bool_inverted, decode=True)
+    if isinstance(proof, str):
+        log.info("adakv: decode mask %s of %s not proven causal, gathered at the kept positions: %s",
+                 site.mask.name, site.anchor.name, proof)
+        return proof
+    return ""

@@ -77,6 +77,8 @@ def plan(found: list, flows: list, config: AdaKVConfig, needs_grad: bool = False
                                        "is_causal=True with a cache is SDPA's top-left causal mask (a "
                                        "query shorter than the keys does not see the end of the cache): "
                                        "a compressed cache cannot reproduce it"))
+        elif flow.phase != "prefill" and site.mask is not None and (why := decode_mask_unusable(site, flow)):
+            planned.append(PlannedSite(site, flow, ordinal, layer, "exact", f"cache kept in full: {why}"))
         else:
             mode = "compress" if flow.phase == "prefill" else "store"
             planned.append(PlannedSite(site, flow, ordinal, layer, mode))
@@ -93,27 +95,47 @@ def bias_unproven(site: AttentionSite, flow: CacheFlow) -> str:
     with a key axis covering every position the cache has seen (the prompt at prefill, past + chunk after):
     the ops then add ``bias[b, h, i, pos]`` at each kept token's position, exactly the model's logit.
     Else the reason (shapes are compared without guards: 'cannot prove' leaves the cache in full)."""
+    return _terms_unproven(site, flow, site.bias, "a per-head additive bias (ALiBi)")
+
+
+def decode_mask_unusable(site: AttentionSite, flow: CacheFlow) -> str:
+    """'' when the mask of a decode / extend attention can be applied to a compacted store: proven
+    causal(+padding) (passes/mask.py: the store's own rule, the mask is not read), or indexing [batch, head,
+    query, key] over every position seen (the rewrite adds it, as a bias, at each kept token's position).
+    Else the reason: the cache is kept in full (a compacted one then raises StoreError, never attends
+    without the mask)."""
+    why = _terms_unproven(site, flow, [(site.mask, False, 1.0)], "the model's decode mask")
+    if why:
+        from .mask import decode_unproven
+        if decode_unproven(site):  # not causal either: the mask cannot be applied to the kept tokens
+            return why
+    return ""
+
+
+def _terms_unproven(site: AttentionSite, flow: CacheFlow, terms, what: str) -> str:
+    """'' when every term (node, folded, factor) indexes [batch, head, query, key] of ``site`` over every
+    key position the cache has seen, else the reason (``what`` names the terms)."""
     from .detect import _same, val
     q = val(site.q)
     keys = flow.k_new if flow.phase == "prefill" else flow.k_cat
     kv = val(keys) if keys is not None else None
     if q is None or kv is None:
-        return "a per-head additive bias (ALiBi) on an attention whose shapes were not recorded"
+        return f"{what} on an attention whose shapes were not recorded"
     B, H, t = q.shape[0], q.shape[1], q.shape[2]
-    for node, folded, _ in site.bias:
+    for node, folded, _ in terms:
         bv = val(node)
         if bv is None:
-            return "a per-head additive bias (ALiBi) whose shape was not recorded"
+            return f"{what} whose shape was not recorded"
         shape = list(bv.shape)
         if folded:  # [B·H, q, k]: the rewrite unflattens it to [B, H, q, k]
             shape = [B, H] + shape[1:]
         lead = [1] * (4 - len(shape)) + shape[:-2]
         if len(shape) < 2 or len(lead) != 2 or not (_same(lead[0], 1) or _same(lead[0], B)) \
                 or not (_same(lead[1], 1) or _same(lead[1], H)) or not (_same(shape[-2], 1) or _same(shape[-2], t)):
-            return (f"a per-head additive bias (ALiBi) of shape {tuple(bv.shape)} that does not index "
+            return (f"{what} of shape {tuple(bv.shape)} that does not index "
                     "[batch, head, query, key] of this attention")
         if not (_same(shape[-1], kv.shape[2]) or _guarded_equal(shape[-1], kv.shape[2])):
-            return (f"a per-head additive bias (ALiBi) over {shape[-1]} keys, not provably the {kv.shape[2]} "
+            return (f"{what} over {shape[-1]} keys, not provably the {kv.shape[2]} "
                     "positions the cache has seen: it cannot be gathered at the kept positions")
     return ""
 

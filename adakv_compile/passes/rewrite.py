@@ -97,6 +97,31 @@ def _bias_mask(graph: fx.Graph, site, mask) -> fx.Node:
     return total
 
 
+def _decode_mask_read(site, hints: dict | None) -> str:
+    """Why a decode / extend attention must apply its mask to the compacted store ('' when it need not):
+    a mask that passes/mask.py does not prove causal(+padding) (the store's own rule). Memoised per mask."""
+    if site.mask is None:
+        return ""
+    memo = {} if hints is None else hints.setdefault("decode", {})
+    key = (site.mask, site.mask_is_bool_inverted)
+    if key not in memo:
+        memo[key] = mask_proof.decode_unproven(site)
+    return memo[key]
+
+
+def _decode_mask_bias(graph: fx.Graph, site, bias) -> fx.Node:
+    """The decode mask as an fp32 additive term [.., t, S] (bool: 0 / -inf), plus ``bias`` (the fp32 ALiBi
+    sum) when given: what ``attend_append`` gathers at the kept tokens' positions (docs/design.md, "The
+    model's own decode mask"). plan.decode_mask_unusable checked it indexes every position seen."""
+    m = site.mask
+    if val(m).dtype == torch.bool:
+        allowed, blocked = (float("-inf"), 0.0) if site.mask_is_bool_inverted else (0.0, float("-inf"))
+        term = graph.call_function(torch.where, (m, allowed, blocked))
+    else:
+        term = graph.call_method("to", (m, torch.float32))
+    return term if bias is None else graph.call_function(operator.add, (bias, term))
+
+
 def inline_compress(device: torch.device | None = None) -> bool:
     """Whether a static-shape prefill compresses through ``adakv::prefill_compress`` (Inductor traces it)
     instead of the opaque ``adakv::static_compress``. ``ADAKV_INLINE_COMPRESS`` = 1 / 0; unset: inline on
@@ -189,9 +214,14 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
         bias = None
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
-            bias = _bias_sum(graph, s, fp32=False)
+            bias = _bias_sum(graph, s, fp32=p.mode == "store" and bool(_decode_mask_read(s, hints)))
             mask, hint = _bias_mask(graph, s, mask), None
             tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
+        unproven = _decode_mask_read(s, hints) if p.mode == "store" else ""
+        if unproven:  # the model's own decode mask, at the kept positions (plain decode path)
+            bias = _decode_mask_bias(graph, s, bias)
+            tail = (sinks, bias)
+            p.reason = p.reason or f"decode mask added at the kept positions (not proven causal: {unproven})"
 
         def prompt_attention(k, v):
             """Exact attention over a whole prompt (with the sink column when the model has one; without an
