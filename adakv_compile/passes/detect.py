@@ -179,6 +179,19 @@ def _same(a, b) -> bool:
         return False
 
 
+def _guarded_equal(a, b) -> bool:
+    """``a == b`` for symbolic sizes true at the traced sizes, made a guard of the graph (Dynamo recompiles
+    where it fails, and the new graph is planned again). Needed where the model slices its bias with
+    ``max(0, longest - seen)`` (mpt): equal to ``seen`` only while ``seen <= longest``."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+        return bool(guard_or_false(a == b))
+    except Exception:
+        return False
+
+
 def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 

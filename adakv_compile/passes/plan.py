@@ -115,7 +115,7 @@ def decode_mask_unusable(site: AttentionSite, flow: CacheFlow) -> str:
 def _terms_unproven(site: AttentionSite, flow: CacheFlow, terms, what: str) -> str:
     """'' when every term (node, folded, factor) indexes [batch, head, query, key] of ``site`` over every
     key position the cache has seen, else the reason (``what`` names the terms)."""
-    from .detect import _same, val
+    from .detect import _guarded_equal, _same, val
     q = val(site.q)
     keys = flow.k_new if flow.phase == "prefill" else flow.k_cat
     kv = val(keys) if keys is not None else None
@@ -160,16 +160,3 @@ def _plan_static(site, flow: CacheFlow, ordinal: int, layer: int, config: AdaKVC
                            "(not compressed)")
     mode = "static-compress" if flow.phase == "prefill" else "static-store"
     return PlannedSite(site, flow, ordinal, layer, mode)
-
-
-def _guarded_equal(a, b) -> bool:
-    """``a == b`` for symbolic sizes true at the traced sizes, made a guard of the graph (Dynamo recompiles
-    where it fails, and the new graph is planned again). Needed where the model slices its bias with
-    ``max(0, longest - seen)`` (mpt): equal to ``seen`` only while ``seen <= longest``."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        from torch.fx.experimental.symbolic_shapes import guard_or_false
-        return bool(guard_or_false(a == b))
-    except Exception:
-        return False
