@@ -35,7 +35,11 @@ class _Masked(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
+            mask = self.decode_mask(q, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+
+    def decode_mask(self, q, mask):
+        return mask
 
 
 def _sliding(T: int, S: int, window: int = 12) -> torch.Tensor:
@@ -161,16 +165,11 @@ def test_a_causal_decode_mask_built_in_the_graph_is_proven_and_equals_the_oracle
         torch.testing.assert_close(g, w.to(g.dtype), **TOL)
 
 
-class _OneColumnMask(nn.Module):
+class _OneColumnMask(_Masked):
     """A decode mask [.., t, 1] broadcast over the keys: it cannot be gathered at the kept positions."""
 
-    def forward(self, q, k, v, mask, past):
-        k, v = k * 0.5, v * 2.0
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-            mask = torch.ones(1, 1, q.shape[2], 1, dtype=torch.bool)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+    def decode_mask(self, q, mask):
+        return torch.ones(1, 1, q.shape[2], 1, dtype=torch.bool)
 
 
 def test_a_decode_mask_that_cannot_be_gathered_keeps_the_cache_in_full_and_is_loud():
