@@ -19,6 +19,9 @@ against the plain path once (max relative error). Swept:
   ``semaphores`` buffer as the compiled path's ``ADAKV_FUSED_MERGE=1`` does) vs a second launch. Per batch
   ``fused_merge`` sums up: the default config (what the static cache launches) with the merge launch and
   fused, and the best of each. (The fused append was measured here too and removed: docs/design.md.)
+* ``merge_stages`` (per batch, after the sweep): the default and the best merge-launch config again with the
+  merge's loads of the pieces software-pipelined (``store_attention_triton(merge_stages=2..4)``; 0, the
+  default, is a plain loop: one dependent load chain per piece).
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
 the ceiling bench/kernels.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
@@ -106,6 +109,31 @@ def configs(args, smoke: bool):
             for (b, gp), p, bn, w, s, f in grid]
 
 
+def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, device, rep, smoke) -> list:
+    """The split-K merge launch with its loads of the pieces software-pipelined (``merge_stages`` 2..4) for
+    the launcher's default config and the best merge-launch config: at batch 1 the merge walked ~17 pieces
+    one dependent load after another (9.3 µs a layer on the H200). Each row: rel err, and µs when timed."""
+    picks = {r["cfg"]: r for r in (case.get("default"), case.get("best")) if r and not r["fused"]}
+    if smoke:  # the first merge-launch config of the smoke list, correctness only
+        picks = {r["cfg"]: r for r in case["rows"] if not r["fused"]}
+        picks = dict(list(picks.items())[:1])
+    out = []
+    for name, r in picks.items():
+        for stages in (2, 3, 4):
+            kw = launch_kwargs(r, bounds, pk, off.numel(), D, device, None)  # off: [B, Hkv]
+            fn = lambda kw=kw, s_=stages: store_attention_triton(q, pk, pv, off, lens, t, scale,  # noqa: E731
+                                                                  merge_stages=s_, **kw)
+            row = dict(cfg=name, merge_stages=stages, rel_err=rel_err(fn(), ref), base_us=(r.get("ms") or 0) * 1e3)
+            if not smoke:
+                ms = graph_ms(fn, rep)
+                row["us"] = ms * 1e3 if ms else None
+            out.append(row)
+            if not smoke:
+                print(f"merge_stages={stages} {name:<42} {row['us'] or float('nan'):7.1f} us (0 stages: "
+                      f"{row['base_us']:.1f} us)", flush=True)
+    return out
+
+
 def cfg_name(c) -> str:
     grid = "" if c["grid"] is None else f"/grid{c['grid']}x"
     return (f"{c['bound']}{grid}/piece{c['piece']}/bn{c['block_n'] or '-'}/w{c['num_warps'] or '-'}"
@@ -191,7 +219,11 @@ def run(args) -> dict:
         else:
             for r in case["rows"]:
                 print(f"{r['cfg']:<42} rel err {r['rel_err']:.1e}", flush=True)
+        case["merge_stages"] = merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, device,
+                                                args.rep, smoke)
         case["bad"] = [r["cfg"] for r in case["rows"] if not r["rel_err"] < 3e-2]
+        case["bad"] += [f"{r['cfg']} merge_stages={r['merge_stages']}" for r in case["merge_stages"]
+                        if not r["rel_err"] < 3e-2]
         if smoke and sem.any():
             case["bad"].append("fused merge left its counters dirty")
         res["cases"].append(case)

@@ -103,6 +103,28 @@ def test_matches_plain_path(dtype, G, t, softcap):
 
 
 @needs_device
+@pytest.mark.parametrize("merge_stages", [2, 3])
+def test_pipelined_merge_matches_plain_path(merge_stages):
+    """``merge_stages`` only changes how the merge launch loads the pieces, never what it computes."""
+    t, G, D = 1, 4, 64
+    c = _store(SKEWED, D, torch.float32, t, seed=40 + merge_stages)
+    q = _randn(c.g, c.B, c.Hkv * G, t, D)
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, D ** -0.5 * 3, 0.0)
+    for kw in (dict(num_splits=3), dict(max_len_bound=c.max_len + 70, split_tokens=64)):
+        out = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, D ** -0.5 * 3, 0.0,
+                                     merge_stages=merge_stages, **kw)
+        _check(out, ref, torch.float32)
+
+
+def test_merge_stages_must_be_a_count():
+    q = torch.randn(1, 2, 1, 16)
+    z = torch.zeros(1, 1, dtype=torch.int32)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="merge_stages"):
+            store_attention_triton(q, torch.randn(4, 16), torch.randn(4, 16), z, z, 1, 0.25, merge_stages=bad)
+
+
+@needs_device
 @pytest.mark.parametrize("D", [64, 80, 96, 128])
 def test_head_dims_int64_layout_strided_q(D):
     t, G = 2, 3

@@ -217,14 +217,30 @@ def _write_piece(WS_ACC, WS_M, WS_L, OUT, LEN, SINKS, SEM, pid_bh, pid_m, ps, n_
                 tl.atomic_xchg(sem, 0)
                 _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, b, h, g, i, d,
                               d_ok, sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK,
-                              HAS_SINK)
+                              HAS_SINK, 0)
+
+
+@triton.jit
+def _merge_one(WS_ACC, WS_M, WS_L, pid_bh, s, rows, row_ok, d, d_ok, ROWS, NUM_SPLITS, D: tl.constexpr,
+               m_t, l_t, acc):
+    """Fold piece ``s`` of the split-K workspace into the running (max, sum, acc) of the merge."""
+    ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
+    m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0, cache_modifier=".cg")
+    a_s = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                  other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m_t, m_s)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_t - m_use)
+    beta = tl.exp2(m_s - m_use)
+    return m_new, l_t * alpha + l_s * beta, acc * alpha[:, None] + a_s * beta[:, None]
 
 
 @triton.jit
 def _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, b, h, g, i, d, d_ok,
                   sob, soh, sot, sod, G, ROWS, NUM_SPLITS,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                  HAS_SINK: tl.constexpr):
+                  HAS_SINK: tl.constexpr, MERGE_STAGES: tl.constexpr):
     """Merge the split-K pieces of one (row, KV head) x row block and write the output (``.cg`` loads: in
     the fused merge the pieces were written by other programs, so they are read from L2, not L1)."""
     m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -233,19 +249,14 @@ def _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, 
     n_pieces = NUM_SPLITS
     if CHUNK > 0:  # only the pieces that hold tokens of this head
         n_pieces = tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK))
-    for s in range(0, n_pieces):
-        ws_row = (pid_bh * NUM_SPLITS + s).to(tl.int64) * ROWS + rows
-        m_s = tl.load(WS_M + ws_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(WS_L + ws_row, mask=row_ok, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_t, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_t - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_t = l_t * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m_t = m_new
+    if MERGE_STAGES > 0:  # software-pipelined loads of the pieces (benchmarks: bench/attend_sweep.py)
+        for s in tl.range(0, n_pieces, num_stages=MERGE_STAGES):
+            m_t, l_t, acc = _merge_one(WS_ACC, WS_M, WS_L, pid_bh, s, rows, row_ok, d, d_ok, ROWS, NUM_SPLITS, D,
+                                       m_t, l_t, acc)
+    else:
+        for s in range(0, n_pieces):
+            m_t, l_t, acc = _merge_one(WS_ACC, WS_M, WS_L, pid_bh, s, rows, row_ok, d, d_ok, ROWS, NUM_SPLITS, D,
+                                       m_t, l_t, acc)
 
     qh = (h * G + g).to(tl.int64)
     if HAS_SINK:  # once per row, after all pieces
@@ -259,7 +270,7 @@ def _store_attn_merge(
     sob, soh, sot, sod,
     HKV, G, T, ROWS, NUM_SPLITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr = 0,
-    HAS_SINK: tl.constexpr = False,
+    HAS_SINK: tl.constexpr = False, MERGE_STAGES: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -273,7 +284,7 @@ def _store_attn_merge(
     d_ok = d < D
     length = tl.load(LEN + pid_bh).to(tl.int32)
     _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, b, h, g, i, d, d_ok,
-                  sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK)
+                  sob, soh, sot, sod, G, ROWS, NUM_SPLITS, D, BLOCK_M, BLOCK_D, CHUNK, HAS_SINK, MERGE_STAGES)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -388,7 +399,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            max_len_bound: int | None = None, split_tokens: int | None = None,
                            sinks: torch.Tensor | None = None, fused_merge: bool = False,
                            grid_pieces: int | None = None,
-                           semaphores: torch.Tensor | None = None) -> torch.Tensor:
+                           semaphores: torch.Tensor | None = None, merge_stages: int = 0) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -411,7 +422,12 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     ``grid_pieces`` (benchmarks; fixed pieces only): launch at most this many programs per (row, head) x row
     block, each looping over the pieces ``s, s + grid_pieces, ...`` of its head, instead of one program per
     piece of ``max_len_bound`` (which for a static cache's row bound are mostly empty).
+    ``merge_stages`` (benchmarks; the merge launch only): > 0 software-pipelines the merge's loads of the
+    pieces (``tl.range(num_stages=)``); at batch 1 the merge walks ~17 pieces one dependent load after
+    another (9.3 µs a layer on the H200, more than the attention itself).
     """
+    if isinstance(merge_stages, bool) or not isinstance(merge_stages, int) or merge_stages < 0:
+        raise ValueError(f"merge_stages must be an integer >= 0, got {merge_stages!r}")
     B, Hq, tq, D = q.shape
     if tq != t:
         raise ValueError(f"q has {tq} queries but t={t}")
@@ -503,6 +519,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
             ws_acc, ws_m, ws_l, out, lengths, q if sinks is None else sinks,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             Hkv, G, t, rows, num_splits,
-            D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, HAS_SINK=sinks is not None, num_warps=4,
+            D=D, BLOCK_M=block_m, BLOCK_D=block_d, CHUNK=chunk, HAS_SINK=sinks is not None,
+            MERGE_STAGES=merge_stages, num_warps=4,
         )
     return out
