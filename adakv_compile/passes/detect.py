@@ -170,24 +170,23 @@ def _is_symbolic_number(node) -> bool:
 
 def _same(a, b) -> bool:
     """Shape entries equal without adding guards (SymInts compare only when provably equal)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
+    return _sizes_equal(a, b, guard=False)
 
 
 def _guarded_equal(a, b) -> bool:
     """``a == b`` for symbolic sizes true at the traced sizes, made a guard of the graph (Dynamo recompiles
     where it fails, and the new graph is planned again). Needed where the model slices its bias with
     ``max(0, longest - seen)`` (mpt): equal to ``seen`` only while ``seen <= longest``."""
+    return _sizes_equal(a, b, guard=True)
+
+
+def _sizes_equal(a, b, guard: bool) -> bool:
+    """``a == b`` for ints or SymInts: proven without guards, or (``guard``) true now and made a guard."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     try:
-        from torch.fx.experimental.symbolic_shapes import guard_or_false
-        return bool(guard_or_false(a == b))
+        from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+        return bool((guard_or_false if guard else statically_known_true)(a == b))
     except Exception:
         return False
 
