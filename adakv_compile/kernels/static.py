@@ -204,11 +204,6 @@ def segment_slots_plain(keep: torch.Tensor, counts: torch.Tensor, room: int,
 @triton_op("adakv::static_append", mutates_args=("pool_k", "pool_v", "lens", "pos"))
 def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                   off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> None:
-    _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen)
-
-
-def _append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen) -> None:
-    """``static_append``'s body."""
     B, H, t, D = k_new.shape
     if k_new.device.type == "cuda" and use_triton():
         from .triton_append import static_append_triton
