@@ -119,8 +119,8 @@ def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, devic
         picks = dict(list(picks.items())[:1])
     out = []
     for name, r in picks.items():
+        kw = launch_kwargs(r, bounds, pk, off.numel(), D, device, None)  # off: [B, Hkv]
         for stages in (2, 3, 4):
-            kw = launch_kwargs(r, bounds, pk, off.numel(), D, device, None)  # off: [B, Hkv]
             fn = lambda kw=kw, s_=stages: store_attention_triton(q, pk, pv, off, lens, t, scale,  # noqa: E731
                                                                   merge_stages=s_, **kw)
             row = dict(cfg=name, merge_stages=stages, rel_err=rel_err(fn(), ref), base_us=(r.get("ms") or 0) * 1e3)

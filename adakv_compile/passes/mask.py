@@ -28,7 +28,7 @@ import sympy as sp
 import torch
 import torch.fx as fx
 
-from .detect import val
+from .detect import _guarded_equal, val
 
 
 log = logging.getLogger("adakv_compile")
@@ -351,7 +351,6 @@ def prove(mask: fx.Node, inverted: bool = False, decode: bool = False) -> MaskPr
             ps = _shape(node)
             same = ps[1] == nk if len(ps) == 2 else False
             if decode and len(ps) == 2 and not same:  # the 2-D padding mask's own length symbol
-                from .detect import _guarded_equal
                 same = _guarded_equal(val(node).shape[1], v.shape[-1])
             if len(ps) == 2 and same and ps[0] in (1, B):
                 bb = sp.Integer(0) if ps[0] == 1 else b

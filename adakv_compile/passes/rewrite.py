@@ -213,11 +213,11 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             sinks = graph.call_method("reshape", (sinks, -1))
         tail = () if sinks is None else (sinks,)  # the ops' optional last argument
         bias = None
+        unproven = _decode_mask_read(s, hints) if p.mode == "store" else ""
         if getattr(s, "bias", None):  # ALiBi: bias + mask as one additive mask (no causal hint)
-            bias = _bias_sum(graph, s, fp32=p.mode == "store" and bool(_decode_mask_read(s, hints)))
+            bias = _bias_sum(graph, s, fp32=bool(unproven))
             mask, hint = _bias_mask(graph, s, mask), None
             tail = (sinks, bias)  # compress / decode ops: the bias gathered at the kept positions
-        unproven = _decode_mask_read(s, hints) if p.mode == "store" else ""
         if unproven:  # the model's own decode mask, at the kept positions (plain decode path)
             bias = _decode_mask_bias(graph, s, bias)
             tail = (sinks, bias)
