@@ -9,6 +9,7 @@ pipelined, CUDA events between step starts, no host sync; and each step synchron
   adakv          adakv fast path: AdaKVCache + adakv backend (Triton ops inlined, CUDA-graph decode)
   adakv_nomerge  the same with AdaKVConfig(merge_linears=False) (q/k/v, gate/up as the model's own GEMMs)
   adakv_gemv     the same with AdaKVConfig(gemv=True) (decode projections by the Triton GEMV, passes/gemv.py)
+  adakv_fm, adakv_gemv_fm  adakv / adakv_gemv with ADAKV_FUSED_MERGE=1 (split-K merge inside the attention launch)
   adakv_general  adakv general path: DynamicCache + adakv backend                    (--with-general)
 
     python bench/e2e.py --shapes 1x8192,1x32768,8x32768,32x8192 --layers 8 --out bench/results/e2e-<card>.json
@@ -46,7 +47,26 @@ from adakv_compile.kernels import store  # noqa: E402
 
 
 # the fast-path methods: AdaKVConfig fields of each (budget aside)
-ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gemv": {"gemv": True}}
+ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gemv": {"gemv": True},
+              "adakv_fm": {}, "adakv_gemv_fm": {"gemv": True}}
+# environment switches of a fast-path method, set while it compiles and runs (the rewrite reads them at trace time)
+ADAKV_ENV = {"adakv_fm": {"ADAKV_FUSED_MERGE": "1"}, "adakv_gemv_fm": {"ADAKV_FUSED_MERGE": "1"}}
+
+
+@contextlib.contextmanager
+def method_env(name: str):
+    """Set ``ADAKV_ENV[name]`` for the duration (restoring what was there)."""
+    env = ADAKV_ENV.get(name, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 DEVICE = "cuda"  # --device cpu: the script's own smoke test (tiny shapes, host timers)
 
 
@@ -341,14 +361,19 @@ def write_outputs(res: dict, out: Path) -> None:
         lines.append(f"| {r['layers']} | {r['batch']} × {r['context']} | {r['floor_ms']:.2f} | {ms('static_ro')} | "
                      f"{ms('adakv')} | {sp} | {fl} | {ms('adakv_nomerge')} | {ms('adakv_general')} | {ms('compile_dyn')} | {kv} | {pk} | "
                      f"{fc} | {rr} |")
-    gemv_rows = [r for r in res["rows"] if "ms" in r["methods"].get("adakv_gemv", {})]
-    if gemv_rows:  # AdaKVConfig(gemv=True): its own lines, the table above unchanged
-        lines += ["", "adakv fast path with `AdaKVConfig(gemv=True)` (Triton GEMV, passes/gemv.py), ms per token:", ""]
-        lines += [f"- {r['layers']} layers, {r['batch']} × {r['context']}: {r['methods']['adakv_gemv']['ms']:.2f} "
-                  f"({r['methods']['adakv_gemv']['ms'] / r['floor_ms']:.2f}× floor"
+    for meth, what in (("adakv_gemv", "`AdaKVConfig(gemv=True)` (Triton GEMV, passes/gemv.py)"),
+                       ("adakv_fm", "`ADAKV_FUSED_MERGE=1` (split-K merge in the attention launch)"),
+                       ("adakv_gemv_fm", "`gemv=True` and `ADAKV_FUSED_MERGE=1`")):
+        extra = [r for r in res["rows"] if "ms" in r["methods"].get(meth, {})]
+        if not extra:  # each extra fast-path variant: its own lines, the table above unchanged
+            continue
+        lines += ["", f"adakv fast path with {what}, ms per token:", ""]
+        lines += [f"- {r['layers']} layers, {r['batch']} × {r['context']}: {r['methods'][meth]['ms']:.2f} "
+                  f"({r['methods'][meth]['ms'] / r['floor_ms']:.2f}× floor"
                   + (f"; StaticCache + reduce-overhead {r['methods']['static_ro']['ms']:.2f}"
-                     if "ms" in r["methods"].get("static_ro", {}) else "") + "; GEMVs per graph "
-                  f"{r['methods']['adakv_gemv'].get('gemv')})" for r in gemv_rows]
+                     if "ms" in r["methods"].get("static_ro", {}) else "")
+                  + (f"; GEMVs per graph {r['methods'][meth].get('gemv')}" if "gemv" in meth else "") + ")"
+                  for r in extra]
     out.with_suffix(".md").write_text(md_header(card) + "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -407,7 +432,8 @@ def main():
             sys.exit(f"{out} holds results from {res['device']}: not appending numbers from another card")
     if a.check:  # the default fast path, and each other fast-path method asked for
         for name in ["adakv"] + [m for m in a.methods.split(",") if m in ADAKV_FAST and m != "adakv"]:
-            res["check" if name == "adakv" else f"check_{name}"] = check_fast_path(out.parent, name)
+            with method_env(name):
+                res["check" if name == "adakv" else f"check_{name}"] = check_fast_path(out.parent, name)
             torch._dynamo.reset()
     bw = copy_bandwidth()
     res["copy_GBps"] = bw / 1e9
@@ -428,7 +454,8 @@ def main():
                    weight_bytes=wbytes, floor_ms=floor, methods={})
         for name in a.methods.split(","):
             try:
-                m = run_method(name, model, orig_forward, ids, a.budget, a.steps, a.warm)
+                with method_env(name):
+                    m = run_method(name, model, orig_forward, ids, a.budget, a.steps, a.warm)
             except Exception as e:  # record and go on: one method failing must not lose the others
                 import traceback
                 traceback.print_exc()
