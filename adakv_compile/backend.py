@@ -19,7 +19,7 @@ from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
 from .passes.cache_key import PASS_KEY, config_key
-from .passes.gemv import replace_gemv
+from .passes.gemv import gemv_wanted, replace_gemv
 from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
 
@@ -135,7 +135,7 @@ class AdaKVBackend:
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result, inner)
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
-        if self.config.gemv and not needs_grad:  # decode graphs only; after the merge (one GEMV per input)
+        if gemv_wanted(self.config.gemv, example_inputs) and not needs_grad:  # decode graphs only; after the merge
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
         variants = self._config_variants(gm, merged, example_inputs, result, inner)  # before inner changes merged.gm
         compiled = merged.wrap(inner(merged.gm, merged.inputs(example_inputs), graphed))

@@ -65,8 +65,10 @@ class AdaKVConfig:
         passes/chunk.py), so their intermediates are O(chunk) and not O(prompt). None (default): chosen from
         the shapes and free memory (~4 GiB of intermediates, at most free/16); 0: off.
     gemv: decode graphs only: linears/mm/addmm of 1..8 rows become the Triton GEMV ``adakv::gemv`` (inlined by
-        Inductor; passes/gemv.py), after ``merge_linears``. Off by default until bench/gemv.py shows it beats
-        cuBLAS on the card; exact up to fp32 accumulation order.
+        Inductor; passes/gemv.py), after ``merge_linears``; exact up to fp32 accumulation order. None (default):
+        on for graphs on a CUDA card of compute capability 9.0 (H100/H200: there it beats cuBLAS, 32 layers
+        1 x 8k 4.67 vs 5.06 ms per token, tokens equal to the eager reference, bench/results/
+        e2e-32L-check-h200.md), off elsewhere (not measured); True / False: always / never.
     prefill_compiler: how the backend compiles a prefill graph (the one that fills the cache from the prompt)
         after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops),
         "regions" (the same, but the position-wise regions between attentions are cut out also when the prompt
@@ -95,7 +97,7 @@ class AdaKVConfig:
     merge_linears: bool = True
     head_floor: int = 192
     prefill_chunk: Optional[int] = None
-    gemv: bool = False
+    gemv: bool | None = None
     prefill_compiler: str = "inductor"
 
     def __post_init__(self):
@@ -146,8 +148,8 @@ class AdaKVConfig:
             _fail("head_floor", self.head_floor, "must be an integer >= 0 (tokens per KV head)")
         if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 0):
             _fail("prefill_chunk", self.prefill_chunk, "must be None (automatic), 0 (off) or rows >= 1")
-        if not isinstance(self.gemv, bool):
-            _fail("gemv", self.gemv, "must be True or False")
+        if self.gemv is not None and not isinstance(self.gemv, bool):
+            _fail("gemv", self.gemv, "must be True, False or None (on where measured)")
         if self.prefill_compiler not in _PREFILL_COMPILERS:
             _fail("prefill_compiler", self.prefill_compiler, f"must be one of {_PREFILL_COMPILERS}")
         skip = self.skip_layers

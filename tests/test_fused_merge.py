@@ -82,7 +82,10 @@ def test_env_is_validated(monkeypatch):
     monkeypatch.setenv("ADAKV_FUSED_MERGE", "1")
     assert fused_merge()
     monkeypatch.delenv("ADAKV_FUSED_MERGE")
-    assert not fused_merge()
+    assert not fused_merge() and not fused_merge(torch.device("cpu"))  # unset: on for CUDA only
+    assert fused_merge(torch.device("cuda"))
+    monkeypatch.setenv("ADAKV_FUSED_MERGE", "0")
+    assert not fused_merge(torch.device("cuda"))
 
 
 def _spy_launches(monkeypatch):

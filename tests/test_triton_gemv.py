@@ -166,3 +166,22 @@ def test_pass_takes_linear_mm_addmm_of_few_rows_in_decode_graphs_only():
     got = gm(*args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_gemv_default_follows_the_card(monkeypatch):
+    """``AdaKVConfig.gemv`` None: on for CUDA graphs of a measured capability only; True / False as given;
+    anything else names the field."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from adakv_compile.passes.gemv import gemv_wanted
+
+    cpu = [torch.randn(2, 3), 4]
+    assert not gemv_wanted(None, cpu) and gemv_wanted(True, cpu) and not gemv_wanted(False, cpu)
+    with FakeTensorMode():
+        cuda = [3, torch.empty(2, 3, device="cuda")]
+    for cap, want in (((9, 0), True), ((8, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert gemv_wanted(None, cuda) is want
+        assert not gemv_wanted(False, cuda)
+    with pytest.raises(ValueError, match="gemv"):
+        AdaKVConfig(budget=64, gemv="yes")

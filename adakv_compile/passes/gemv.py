@@ -1,9 +1,9 @@
-"""Decode graphs: the projections' ``linear``/``mm``/``addmm`` of a few rows become ``adakv::gemv`` (opt-in).
+"""Decode graphs: the projections' ``linear``/``mm``/``addmm`` of a few rows become ``adakv::gemv``.
 
 Why: at batch 1..8 a decode step's projections are GEMVs bound by reading the weights; the Triton GEMV
 (kernels/triton_gemv.py) is built for that, and as a ``triton_op`` Inductor inlines its launch into the decode
-step's generated code and CUDA graph. Whether it beats cuBLAS on a card is measured by bench/gemv.py, so the
-pass is off by default (``AdaKVConfig.gemv``).
+step's generated code and CUDA graph. Whether it beats cuBLAS on a card is measured (bench/gemv.py, bench/e2e.py),
+so by default (``AdaKVConfig.gemv`` None) the pass runs only on the cards where it was: compute capability 9.0.
 
 What is rewritten, in a graph whose every attention is at the *decode* phase (never a prefill or extend
 graph), after ``merge_linears`` (so a merged q/k/v or gate/up is one GEMV):
@@ -30,6 +30,21 @@ log = logging.getLogger("adakv_compile")
 MM_TARGETS = (torch.mm, torch.ops.aten.mm.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 _TRANSPOSES = ("t", "transpose", "permute")
+
+
+# (major, minor) compute capabilities where the GEMV was measured to beat cuBLAS end to end (H100/H200 class)
+MEASURED_CAPABILITIES = ((9, 0),)
+
+
+def gemv_wanted(setting: Optional[bool], example_inputs) -> bool:
+    """``AdaKVConfig.gemv`` for one graph: True / False as given; None: whether the graph's tensors live on a
+    CUDA card of a measured capability (the first CUDA tensor among the example inputs decides)."""
+    if setting is not None:
+        return setting
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+            return torch.cuda.get_device_capability(x.device) in MEASURED_CAPABILITIES
+    return False
 
 
 @dataclass

@@ -135,12 +135,15 @@ def inline_compress(device: torch.device | None = None) -> bool:
     return device is not None and device.type == "cuda" if value is None else value
 
 
-def fused_merge() -> bool:
+def fused_merge(device: torch.device | None = None) -> bool:
     """Whether a static-store site attends through ``adakv::static_attend_merged`` (the split-K merge done
     by the attention launch's last piece, counting on the layer's ``sem``: one launch instead of two) instead
-    of ``static_attend``. ``ADAKV_FUSED_MERGE`` = 1 / 0, default 0 until the GPU end-to-end run says it wins
-    (docs/design.md, "Fused split-K merge")."""
-    return bool(_switch("ADAKV_FUSED_MERGE"))
+    of ``static_attend``. ``ADAKV_FUSED_MERGE`` = 1 / 0; unset: on for CUDA, where it was measured (H200, 32
+    layers 1 x 8k: 4.53 vs 4.67 ms per token with the GEMV, tokens equal to the eager reference,
+    bench/results/e2e-32L-check-h200.md; batch-8 attention 84.5-85.4 % of copy instead of 76 %), off
+    elsewhere (the plain path has no split-K; docs/design.md, "Fused split-K merge")."""
+    value = _switch("ADAKV_FUSED_MERGE")
+    return device is not None and device.type == "cuda" if value is None else value
 
 
 def _switch(name: str) -> bool | None:
@@ -265,7 +268,7 @@ def rewrite_site(graph: fx.Graph, p: PlannedSite, config_key: str, num_layers: i
             max_len = (int(slots) - 1) // int(rows)  # a segment never outgrows its row
             graph.call_function(torch.ops.adakv.static_append.default, (f.k_new, f.v_new) + f.static_tensors())
             sem = f.static_arg("sem")
-            if bias is None and sem is not None and fused_merge():  # one attention launch (kernels/static.py)
+            if bias is None and sem is not None and fused_merge(_device(s.q)):  # one attention launch (kernels/static.py)
                 new = graph.call_function(torch.ops.adakv.static_attend_merged.default,
                                           (s.q, pool_k, pool_v, off, lens, scale, s.softcap, max_len, sem) + tail)
             else:
