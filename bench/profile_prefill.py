@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--out", default="profile-prefill.txt")
+    ap.add_argument("--variants", default="eager,compiled,adakv", help="comma-separated subset")
     a = ap.parse_args()
     model = build(a.layers)
     fwd0 = model.forward
@@ -37,6 +38,7 @@ def main():
     variants = [("eager", fwd0, lambda: DynamicCache(config=model.config)),
                 ("compiled", torch.compile(fwd0), lambda: DynamicCache(config=model.config)),
                 ("adakv", torch.compile(fwd0, backend=backend), lambda: (cache.reset(), cache)[1])]
+    variants = [v for v in variants if v[0] in a.variants.split(",")]
     lines = [f"# {torch.cuda.get_device_name(0)}, 1 x {a.context}, {a.layers} layers"]
     for name, fwd, make in variants:
         def go():
@@ -58,6 +60,24 @@ def main():
         Path(a.out).write_text("\n".join(lines) + "\n")
         if name == "adakv":
             print(backend.report.table(), flush=True)
+            lines += ["", "### adakv: every GPU kernel (GPU µs total, launches), longest first", "",
+                      *kernel_list(prof)]
+            Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+def kernel_list(prof) -> list[str]:
+    """Each device-side kernel of a profile: total GPU time and launch count, longest first (to attribute the
+    compression's share kernel by kernel: the scorer's, the allocation's and the compaction's)."""
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0 and e.cpu_time_total == 0:  # a kernel (device event), not an operator
+            rows.append((us, e.count, e.key))
+    total = sum(r[0] for r in rows) or 1.0
+    return [f"{us:10.1f} µs {100 * us / total:5.1f} % {count:5d}x  {key[:150]}" for us, count, key in
+            sorted(rows, reverse=True)]
 
 
 if __name__ == "__main__":
