@@ -22,7 +22,8 @@ from ..config import AdaKVConfig
 from . import store as kv_store
 from .dispatch import _have_triton, triton_on, use_triton  # noqa: F401  (moved; re-exported here)
 from .shard import keep_mask_tp
-from .attend import exact_attention, is_causal_mask, sink_attention as _sink_attention, store_attention
+from .attend import (attention_out, empty_attention_out, exact_attention, is_causal_mask,
+                     sink_attention as _sink_attention, store_attention)
 from .score import window_scores
 
 _CONFIGS: dict[str, AdaKVConfig] = {}
@@ -103,12 +104,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
               scale: float, is_causal: bool, softcap: float, mask_is_causal: Optional[torch.Tensor] = None
               ) -> torch.Tensor:
     """``mask_is_causal``: the mask's ``adakv::causal_hint`` when the graph computed it (else checked here)."""
-    return exact_attention(q, k, v, attn_mask, scale, is_causal, softcap, mask_is_causal).contiguous()
+    return attention_out(exact_attention(q, k, v, attn_mask, scale, is_causal, softcap, mask_is_causal))
 
 
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, softcap, mask_is_causal=None):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    return empty_attention_out(q, v)
 
 
 def _attention_setup(ctx, inputs, output):

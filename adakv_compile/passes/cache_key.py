@@ -4,17 +4,23 @@ The rewrite runs before ``compile_fx``, so the rewritten graph is already part o
 AOTAutograd cache keys; but the *Python* bodies of our ops (launch logic, fallbacks) are not. A no-op
 ``CustomGraphPass`` whose ``uuid()`` is ``PASS_UUID`` + a hash of the package's source goes into Inductor's
 config for our compiles, so a code change misses the cache and an unchanged install hits it on a restart.
-Nothing process-specific (ids, addresses, counters) goes into it.
+Nothing process-specific (ids, addresses, counters) goes into it. The ``ADAKV_*`` switches do: some change
+what an op does without changing the graph that is keyed (``ADAKV_HEADS_LAST``: the prompt attention ops'
+output strides, asserted by the compiled code; ``ADAKV_KERNELS``: the body a ``triton_op`` traces), so a
+restart under another setting must miss.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 PASS_UUID = "adakv-passes-v2"
+# environment switches read by the passes or the ops (each validated where it is read)
+SWITCHES = ("ADAKV_FUSED_MERGE", "ADAKV_HEADS_LAST", "ADAKV_INLINE_COMPRESS", "ADAKV_KERNELS")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +41,8 @@ class PassKey(CustomGraphPass):
         return None
 
     def uuid(self) -> str:
-        return f"{PASS_UUID}-{source_hash()}"
+        switches = ",".join(f"{k}={os.environ.get(k, '').strip()}" for k in SWITCHES)
+        return f"{PASS_UUID}-{source_hash()}-{hashlib.sha256(switches.encode()).hexdigest()[:16]}"
 
 
 PASS_KEY = PassKey()

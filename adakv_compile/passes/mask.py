@@ -460,12 +460,14 @@ def proven_attention(q, k, v, pad, plan, scale: float, softcap: float):
 def attention_proven(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Optional[torch.Tensor],
                      plan: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
     """Prompt attention under a mask proven causal(+padding) by this stage; no n × n tensor."""
-    return proven_attention(q, k, v, pad, plan, scale, softcap).contiguous()
+    from ..kernels.attend import attention_out
+    return attention_out(proven_attention(q, k, v, pad, plan, scale, softcap))
 
 
 @attention_proven.register_fake
 def _(q, k, v, pad, plan, scale, softcap):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    from ..kernels.attend import empty_attention_out
+    return empty_attention_out(q, v)
 
 
 def _proven_setup(ctx, inputs, output):
