@@ -1,0 +1,210 @@
+"""An in-process memo of torch's access analysis of a traced Triton launch, for our kernels only.
+
+Why: every ``wrap_triton`` launch traced by torch.compile has its kernel's TTIR generated and walked by
+``torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors`` (``identify_mutated_tensors`` in older
+torch) -- from AOT functionalization (``get_mutated_tensors``) and again from Inductor (``UserDefinedTritonKernel``),
+per launch per layer: ~25 ms a call on a CPU core, so seconds of a model's first compile. Our kernels are launched
+with the same argument kinds in every layer, so one analysis per distinct launch serves them all.
+
+Key (everything ``generate_ttir`` reads; see docs/design.md "TTIR analysis memo"): the kernel object (a
+``JITFunction``: identity, and its hash is its source hash), Triton's active target, and per argument, in the
+caller's order, its name and its kind -- a tensor is its dtype and 16-byte alignment (fake tensors and Inductor's
+``TensorBox`` are replaced by torch with an aligned ``torch.empty(2, dtype)``); a SymInt/SymFloat/SymBool/sympy
+expression is the constant 2 torch substitutes; any other value is its exact (type, value). Launches with TMA
+metadata, kernels outside ``adakv_compile`` and arguments of other kinds go to torch untouched. An ``Autotuner``
+(Dynamo wraps a launch given ``num_warps`` in a fresh one per trace) is keyed as its ``JITFunction`` plus the
+first config's kwargs, which is all ``generate_ttir`` reads of it.
+
+The result names kernel *argument names* (``StarDep(name)``), never buffers, so it is shareable between launches
+with equal keys; each caller gets its own copy. ``ADAKV_TTIR_MEMO=0`` switches the memo off (read at install).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import sys
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_FUNCS = ("identify_accessed_tensors", "identify_mutated_tensors")  # torch >= 2.12-ish, older
+_PARAMS = ["kernel", "kwargs", "tma_descriptor_metadata"]
+_PREFIX = "adakv_compile"
+
+_memo: dict = {}
+_torch_fn: dict = {}  # name -> the function the memo calls on a miss (torch's, or a timing wrapper of it)
+_installed: dict = {}  # name -> our wrapper, as set on torch's module
+_stats = dict(hits=0, misses=0, foreign=0, bypass=0, torch_calls=0, torch_s=0.0)
+
+
+class _NoKey(Exception):
+    """An argument the memo does not understand: the call goes to torch, unmemoised."""
+
+
+def _ours(kernel) -> bool:
+    fn = getattr(kernel, "fn", None)
+    return callable(fn) and str(getattr(fn, "__module__", "")).startswith(_PREFIX)
+
+
+def _arg_kind(v):
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym",)
+    sympy = sys.modules.get("sympy")
+    if sympy is not None and isinstance(v, sympy.Expr):
+        return ("sym",)
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    ir = sys.modules.get("torch._inductor.ir")
+    if (fake is not None and isinstance(v, fake.FakeTensor)) or (ir is not None and isinstance(v, ir.TensorBox)):
+        return ("tensor", v.dtype, True)  # torch substitutes torch.empty(2, dtype): aligned
+    if type(v) is torch.Tensor or type(v) is torch.nn.Parameter:
+        return ("tensor", v.dtype, v.data_ptr() % 16 == 0)  # passed to Triton as is: dtype + alignment
+    if v is None or type(v) in (bool, int, str, torch.dtype):
+        return (type(v), v)
+    if type(v) is float and v == v:  # nan != nan: never a hit
+        return (float, v)
+    raise _NoKey(type(v).__name__)
+
+
+def _key(kernel, kwargs, tma):
+    if tma:
+        raise _NoKey("TMA metadata")
+    import triton.runtime
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    extra = ()
+    if type(kernel) is Autotuner:
+        # Dynamo wraps every launch given num_warps/num_stages in a new one-config Autotuner (call_triton_kernel);
+        # generate_ttir then analyses ``kernel.fn`` with the first config's kwargs added (num_warps & co. are not
+        # read): those kwargs join the key
+        if kernel.configs:
+            extra = tuple((name, _arg_kind(v)) for name, v in kernel.configs[0].kwargs.items())
+        kernel = kernel.fn
+    if type(kernel) is not JITFunction:  # Heuristics and other wrappers
+        raise _NoKey(type(kernel).__name__)
+    target = triton.runtime.driver.active.get_current_target()
+    return (kernel, target, tuple((name, _arg_kind(v)) for name, v in kwargs.items()), extra)
+
+
+def _copy(result):
+    """A copy the caller may mutate without touching the memo (None: a result type we do not know)."""
+    if isinstance(result, list) and all(isinstance(x, str) for x in result):  # identify_mutated_tensors
+        return list(result)
+    rw = getattr(result, "read_writes", None)
+    if dataclasses.is_dataclass(result) and dataclasses.is_dataclass(rw):  # TensorAccesses
+        sets = {f: type(getattr(rw, f))(getattr(rw, f)) for f in ("reads", "writes", "index_exprs")
+                if hasattr(rw, f)}  # deps are frozen dataclasses: copying the sets suffices
+        return dataclasses.replace(result, read_writes=dataclasses.replace(rw, **sets))
+    return None
+
+
+def _make_wrapper(name: str, orig):
+    @functools.wraps(orig)
+    def analysis(kernel, kwargs, tma_descriptor_metadata):
+        if not _ours(kernel):
+            _stats["foreign"] += 1
+            return _call_torch(name, kernel, kwargs, tma_descriptor_metadata)
+        try:
+            key = _key(kernel, kwargs, tma_descriptor_metadata)
+            hash(key)
+        except Exception as e:  # noqa: BLE001 - anything unexpected: torch decides, unmemoised
+            log.debug("ttir_memo: %s not memoised (%s)", getattr(kernel, "__name__", kernel), e)
+            _stats["bypass"] += 1
+            return _call_torch(name, kernel, kwargs, tma_descriptor_metadata)
+        hit = _memo.get(key)
+        if hit is not None:
+            _stats["hits"] += 1
+            return _copy(hit)
+        _stats["misses"] += 1
+        result = _call_torch(name, kernel, kwargs, tma_descriptor_metadata)
+        stored = _copy(result)
+        if stored is None:
+            log.debug("ttir_memo: %s returned a %s; not memoised", name, type(result).__name__)
+        else:
+            _memo[key] = stored
+        return result
+    analysis._adakv_ttir_memo = True
+    return analysis
+
+
+def _call_torch(name, kernel, kwargs, tma):
+    t0 = time.perf_counter()
+    try:
+        return _torch_fn[name](kernel, kwargs, tma)
+    finally:
+        _stats["torch_calls"] += 1
+        _stats["torch_s"] += time.perf_counter() - t0
+
+
+def install() -> bool:
+    """Put the memo in front of torch's analysis function(s); idempotent. False (and a debug log saying why)
+    where it is switched off or torch's API is not the one this module understands."""
+    if _installed:
+        return True
+    if os.environ.get("ADAKV_TTIR_MEMO", "1") == "0":
+        log.debug("ttir_memo: off (ADAKV_TTIR_MEMO=0)")
+        return False
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as tkw
+    except Exception as e:  # noqa: BLE001
+        log.debug("ttir_memo: not installed, torch's triton_kernel_wrap does not import (%s)", e)
+        return False
+    return bool(_install_into(tkw))
+
+
+def _install_into(tkw) -> dict:
+    """Wrap the analysis function(s) found in module ``tkw`` whose signature is the one we know."""
+    found = {n: getattr(tkw, n) for n in _FUNCS if callable(getattr(tkw, n, None))}
+    if not found:
+        log.debug("ttir_memo: not installed, torch has none of %s", _FUNCS)
+    done = {}
+    for n, fn in found.items():
+        if getattr(fn, "_adakv_ttir_memo", False):
+            continue  # a second copy of this module (reload): already wrapped
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            params = None
+        if params != _PARAMS:
+            log.debug("ttir_memo: torch's %s takes %s, not %s; not patched", n, params, _PARAMS)
+            continue
+        _torch_fn[n] = fn
+        done[n] = _make_wrapper(n, fn)
+        setattr(tkw, n, done[n])
+    _installed.update(done)
+    return done
+
+
+def installed() -> bool:
+    return bool(_installed)
+
+
+def wrap_torch(wrap) -> None:
+    """Wrap torch's analysis function(s) with ``wrap(fn) -> fn`` (a benchmark's timer): behind the memo where
+    it is installed (then only misses and unmemoised calls reach the wrapper), else in torch's module."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    for n in _FUNCS:
+        if n in _torch_fn:
+            _torch_fn[n] = wrap(_torch_fn[n])
+        elif callable(getattr(tkw, n, None)):
+            setattr(tkw, n, wrap(getattr(tkw, n)))
+
+
+def stats() -> dict:
+    """Counters: hits, misses (memoisable, computed by torch), foreign (not our kernel), bypass (ours, not
+    memoisable), torch_calls / torch_s (calls into torch's analysis through the memo and their seconds),
+    entries, installed."""
+    return dict(_stats, entries=len(_memo), installed=installed())
+
+
+def reset() -> None:
+    """Forget the memo and zero the counters (tests, benchmarks)."""
+    _memo.clear()
+    for k in _stats:
+        _stats[k] = 0.0 if k == "torch_s" else 0
