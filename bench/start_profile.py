@@ -14,6 +14,10 @@ excludes the stages it calls), over:
   inductor[kind]    Inductor's ``_compile_fx_inner``: FX-graph cache lookup, lowering, codegen, C++/Triton
                     compile; kind = prefill | decode | region (a chunked region, compiled at its first run)
                     | hf (HF static's own compile)
+  triton analysis   torch's TTIR access analysis of traced Triton launches (``identify_accessed_tensors``, from
+                    AOT functionalization and Inductor's lowering): the calls that reach torch -- memo misses and
+                    calls the memo does not take (kernels/ttir_memo.py; hits cost microseconds, in their caller).
+                    Each row also has ``ttir_memo`` (hits, misses, foreign, bypass, torch_calls, torch_s)
   run               everything else: the model's eager code, the compiled code, the cache setup
 Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switched on with
 ``CompileConfig._compile_all_devices``, on CUDA it is on by itself), ``adakv`` (``compile_model`` +
@@ -24,6 +28,8 @@ Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switch
     python bench/start_profile.py --layers 2 --context 256 --new 2 --out /tmp/sp.json   # smoke test
     python bench/start_profile.py --device cuda --layers 8 --context 8192 --new 16 \
         --out bench/results/start-profile-8L-h200.json
+
+``--no-ttir-memo`` runs the children with ``ADAKV_TTIR_MEMO=0`` (torch's analysis on every launch) to compare.
 
 Writes JSON (rows: layers, context, method, phase cold|warm, total_s, stages{...}, cache counters, device)
 and a Markdown table next to it.
@@ -118,6 +124,8 @@ def instrument() -> None:
     _patch(backend, "merge_linears", "adakv: merge_linears")
     _patch(backend.AdaKVBackend, "_config_variants", "adakv: config_variants")
     _patch(chunk.Region, "run", "run", kind="region")
+    from adakv_compile.kernels import ttir_memo
+    ttir_memo.wrap_torch(lambda fn: _timed("triton analysis", fn))  # behind the memo: misses + unmemoised calls
 
 
 def child(a) -> dict:
@@ -161,16 +169,20 @@ def child(a) -> dict:
     total = time.perf_counter() - t0
     from torch._dynamo.utils import counters
     ind, aot = counters["inductor"], counters["aot_autograd"]
+    from adakv_compile.kernels import ttir_memo
     stages = {k: round(v, 4) for k, v in sorted(TOTAL.items(), key=lambda kv: -kv[1])}
     return dict(total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
                 tokens=out[0, -a.new:].tolist(), fx_hit=ind["fxgraph_cache_hit"],
                 fx_miss=ind["fxgraph_cache_miss"], aot_hit=aot["autograd_cache_hit"],
-                aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"])
+                aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"],
+                ttir_memo=ttir_memo.stats())
 
 
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if a.no_ttir_memo:
+        env["ADAKV_TTIR_MEMO"] = "0"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
            "--context", str(a.context), "--new", str(a.new), "--batch", str(a.batch), "--budget", str(a.budget),
            "--device", a.device] + (["--small"] if a.small else []) + (
@@ -184,7 +196,7 @@ def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
     return res
 
 
-GROUPS = ("dynamo", "adakv", "aot", "inductor", "run")
+GROUPS = ("dynamo", "adakv", "aot", "inductor", "triton", "run")
 
 
 def grouped(stages: dict) -> dict:
@@ -205,7 +217,7 @@ def write(res: dict, out: Path) -> None:
     lines = [f"# First `generate`, stage by stage ({res['device']})", "",
              f"torch {res['torch']}, transformers {res['transformers']}; batch {res['batch']}, context "
              f"{res['context']} + {res['new']} new tokens, budget {res['budget']}, prefill_chunk "
-             f"{res['prefill_chunk']}; seconds, exclusive "
+             f"{res['prefill_chunk']}, TTIR analysis memo {'on' if res.get('ttir_memo', True) else 'off'}; seconds, exclusive "
              "(bench/start_profile.py).", "",
              "| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines.append("| **total** | " + " | ".join(f"**{r['total_s']:.2f}**" for r in rows) + " |")
@@ -214,6 +226,9 @@ def write(res: dict, out: Path) -> None:
     for k in names:
         lines.append(f"| {k} | " + " | ".join(f"{r['stages'].get(k, 0):.2f}" for r in rows) + " |")
     lines.append("| fx cache hit/miss | " + " | ".join(f"{r['fx_hit']}/{r['fx_miss']}" for r in rows) + " |")
+    lines.append("| ttir memo hit/miss (calls to torch) | " + " | ".join(
+        f"{m.get('hits', 0)}/{m.get('misses', 0)} ({m.get('torch_calls', 0)})" if m.get("installed") else
+        f"off ({r['calls'].get('triton analysis', 0)})" for r in rows for m in [r.get("ttir_memo", {})]) + " |")
     out.with_suffix(".md").write_text(md_header(res["device"]) + "\n".join(lines) + "\n")
 
 
@@ -231,6 +246,8 @@ def main():
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--small", action="store_true", help="hidden 256 (always on for --device cpu)")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--no-ttir-memo", action="store_true",
+                    help="children run with ADAKV_TTIR_MEMO=0: torch's TTIR analysis on every traced launch")
     ap.add_argument("--out", default="bench/results/start-profile-cpu.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -247,7 +264,7 @@ def main():
     device = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     res = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "batch": a.batch, "context": a.context, "new": a.new, "budget": a.budget,
-           "prefill_chunk": a.prefill_chunk, "rows": []}
+           "prefill_chunk": a.prefill_chunk, "ttir_memo": not a.no_ttir_memo, "rows": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for layers in (int(x) for x in a.layers.split(",")):
@@ -262,7 +279,8 @@ def main():
                         break
                     g = grouped(r["stages"])
                     print(f"{layers:>2}L {method:<20} {phase}: {r['total_s']:7.2f} s  " + "  ".join(
-                        f"{k} {v:.2f}" for k, v in g.items()) + f"  fx {r['fx_hit']}/{r['fx_miss']}", flush=True)
+                        f"{k} {v:.2f}" for k, v in g.items()) + f"  fx {r['fx_hit']}/{r['fx_miss']}  ttir analyses "
+                        f"{r['calls'].get('triton analysis', 0)} (memo hits {r['ttir_memo'].get('hits', 0)})", flush=True)
                     write(res, out)
 
 
