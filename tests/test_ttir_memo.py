@@ -48,6 +48,8 @@ def test_memo_answers_as_torch_for_every_launch_of_ours():
         else:  # constexpr / dtype / int value (1, divisibility by 16) / a config overriding a constexpr
             assert r["hit"] == 0 and r["calls"] == 1, (name, r)
     assert got["after_mutation"], "a caller's mutation of its result reached the memo"
+    old = got["old_api"]  # torch's older identify_mutated_tensors (a list of names): same memo, list copies
+    assert old["list"] and old["writes"] == old["want"] and (old["hits"], old["misses"]) == (1, 1), old
     assert got["foreign"] == dict(calls=2, foreign=2, entries=0, writes=["Y"], same=True), got["foreign"]
 
 

@@ -267,6 +267,22 @@ f1, f2 = norm(memo_fn(_foreign_kernel, dict(fargs), {})), norm(memo_fn(_foreign_
 after = ttir_memo.stats()
 out["foreign"] = dict(calls=TORCH_CALLS[0] - calls, foreign=after["foreign"] - before["foreign"],
                       entries=after["entries"] - before["entries"], writes=f1["writes"], same=f1 == f2)
+# the older torch API (identify_mutated_tensors -> list of names), emulated from the current one
+import types  # noqa: E402
+
+
+def identify_mutated_tensors(kernel, kwargs, tma_descriptor_metadata):
+    return norm(torch_fn(kernel, kwargs, tma_descriptor_metadata))["writes"]
+
+
+old_api = types.SimpleNamespace(identify_mutated_tensors=identify_mutated_tensors)
+if "identify_mutated_tensors" not in ttir_memo._torch_fn and ttir_memo._install_into(old_api):
+    ttir_memo.reset()
+    r1 = old_api.identify_mutated_tensors(kernel, dict(named), {})
+    r1.clear()  # the caller's copy
+    r2 = old_api.identify_mutated_tensors(kernel, fake(named), {})
+    out["old_api"] = dict(list=isinstance(r2, list), writes=r2, want=norm(torch_fn(kernel, dict(named), {}))["writes"],
+                          **{k: ttir_memo.stats()[k] for k in ("hits", "misses")})
 out["ms"] = {k: [round(1e3 * a, 3), round(1e3 * b, 3)] for k, (a, b) in times.items()}
 print("per launch, ms: first call (torch's analysis + memo) / repeat (hit):", file=sys.stderr)
 for k, (a, b) in times.items():

@@ -66,11 +66,11 @@ def _arg_kind(v):
     if v is None or type(v) in (bool, int, str, torch.dtype):
         return (type(v), v)
     if type(v) is float and v == v:  # nan != nan: never a hit
-        return (float, v)
+        return (float, v.hex())  # hex: -0.0 and 0.0 apart
     raise _NoKey(type(v).__name__)
 
 
-def _key(kernel, kwargs, tma):
+def _key(kernel, kwargs, tma, api):
     if tma:
         raise _NoKey("TMA metadata")
     import triton.runtime
@@ -88,7 +88,10 @@ def _key(kernel, kwargs, tma):
     if type(kernel) is not JITFunction:  # Heuristics and other wrappers
         raise _NoKey(type(kernel).__name__)
     target = triton.runtime.driver.active.get_current_target()
-    return (kernel, target, tuple((name, _arg_kind(v)) for name, v in kwargs.items()), extra)
+    args = tuple((name, _arg_kind(v)) for name, v in kwargs.items())
+    if api == "identify_mutated_tensors":  # its failure path names only torch.Tensor values (not TensorBoxes)
+        args += (tuple(isinstance(v, torch.Tensor) for v in kwargs.values()),)
+    return (kernel, target, args, extra)
 
 
 def _copy(result):
@@ -110,7 +113,7 @@ def _make_wrapper(name: str, orig):
             _stats["foreign"] += 1
             return _call_torch(name, kernel, kwargs, tma_descriptor_metadata)
         try:
-            key = _key(kernel, kwargs, tma_descriptor_metadata)
+            key = _key(kernel, kwargs, tma_descriptor_metadata, name)
             hash(key)
         except Exception as e:  # noqa: BLE001 - anything unexpected: torch decides, unmemoised
             log.debug("ttir_memo: %s not memoised (%s)", getattr(kernel, "__name__", kernel), e)
