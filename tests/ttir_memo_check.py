@@ -9,7 +9,7 @@ attention launch a changed constexpr / dtype / int specialisation is a miss (and
 mutated result does not corrupt the memo; a foreign kernel is not memoised. Times torch's call and a hit.
 
 ``compile``: how many analysis calls reach torch while Inductor compiles two decode layers (static_append then
-static_attend, each layer its own cache tensors; ADAKV_KERNELS=interpret, lowering stopped before codegen).
+static_attend and an adakv::gemv projection, each layer its own cache tensors and weight; ADAKV_KERNELS=interpret, lowering stopped before codegen).
 Run with ADAKV_TTIR_MEMO=0 for the count without the memo.
 """
 import json
@@ -62,7 +62,10 @@ if PART == "compile":
     from adakv_compile.kernels import triton_attend as ta  # noqa: E402
 
     os.environ["ADAKV_KERNELS"] = "interpret"  # the ops' Triton branch on CPU tensors (traced, never run)
-    ta._sm_count = lambda device: 132  # split as on an H200
+    from adakv_compile.kernels import triton_gemv as tg  # noqa: E402
+
+    ta._sm_count = tg._sm_count = lambda device: 132  # split as on an H200
+    tg._interpreting = lambda device: False  # the CUDA configs
     ta.is_interpreted = lambda: True  # CPU tensors stand in for the device ones (traced only, never run)
 
     class _Stop(Exception):
@@ -84,6 +87,7 @@ if PART == "compile":
                   pos=torch.zeros(B * S + 1, dtype=torch.int32), seen=torch.zeros((), dtype=torch.int64))
         for x in st.values():
             torch._dynamo.mark_static_address(x)
+        st["w"] = torch.randn(Hkv * G * D, Hkv * G * D, dtype=torch.bfloat16)  # a projection (adakv::gemv)
         layers.append(st)
 
     def model(q, k_new, v_new):
@@ -93,6 +97,7 @@ if PART == "compile":
                                           st["pos"], st["seen"])
             out = out + torch.ops.adakv.static_attend(out, st["pool_k"], st["pool_v"], st["off"], st["lens"],
                                                       0.1, 0.0, S)
+            out = torch.ops.adakv.gemv(out.reshape(B, -1), st["w"]).reshape(out.shape)
         return out
 
     q = torch.randn(B, Hkv * G, t, D, dtype=torch.bfloat16)
