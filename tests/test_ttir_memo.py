@@ -55,8 +55,9 @@ def test_memo_answers_as_torch_for_every_launch_of_ours():
 
 def test_two_layer_compile_analyses_each_distinct_launch_once():
     on, off = _run("compile"), _run("compile", ADAKV_TTIR_MEMO="0")
-    print(f"analysis calls reaching torch, 2-layer decode compile: {off['analysis_calls']} without the memo, "
-          f"{on['analysis_calls']} with it ({on['hits']} hits)")
+    print(f"analysis calls reaching torch, 2-layer decode compile: {off['analysis_calls']} without the memo "
+          f"({off['analysis_s']:.2f} s of {off['compile_s']:.2f} s), {on['analysis_calls']} with it "
+          f"({on['analysis_s']:.2f} s of {on['compile_s']:.2f} s; {on['hits']} hits)")
     assert not off["installed"] and on["installed"]
     assert on["lowered"] == off["lowered"] == 1  # Inductor lowered the graph (its own analysis calls included)
     assert on["bypass"] == 0 and on["foreign"] == 0

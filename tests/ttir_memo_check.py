@@ -46,6 +46,17 @@ from adakv_compile.kernels import ttir_memo  # noqa: E402  (installed by adakv_c
 
 PART = sys.argv[1] if len(sys.argv) > 1 else "unit"
 TORCH_CALLS = [0]
+ANALYSIS_S = [0.0]
+
+
+def _timed(fn):
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            ANALYSIS_S[0] += time.perf_counter() - t0
+    return timed
 
 
 def _counting(fn):
@@ -102,12 +113,15 @@ if PART == "compile":
 
     q = torch.randn(B, Hkv * G, t, D, dtype=torch.bfloat16)
     kv = torch.randn(B, Hkv, t, D, dtype=torch.bfloat16)
+    ttir_memo.wrap_torch(lambda fn: _timed(fn))
+    t0 = time.perf_counter()
     try:
         torch.compile(model, backend="inductor", fullgraph=True)(q, kv, kv)
     except Exception:  # noqa: BLE001 - _Stop, wrapped by Dynamo
         if not lowered:
             raise
-    print(json.dumps(dict(ttir_memo.stats(), layers=L, analysis_calls=TORCH_CALLS[0], lowered=len(lowered))))
+    print(json.dumps(dict(ttir_memo.stats(), layers=L, analysis_calls=TORCH_CALLS[0], lowered=len(lowered),
+                          compile_s=time.perf_counter() - t0, analysis_s=ANALYSIS_S[0])))
     sys.exit(0)
 
 # ---- unit -----------------------------------------------------------------------------------------------------
