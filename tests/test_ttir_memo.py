@@ -87,3 +87,23 @@ def test_install_is_idempotent():
     assert all(getattr(f, "_adakv_ttir_memo", False) for f in before.values())
     s = ttir_memo.stats()
     assert {"hits", "misses", "foreign", "bypass", "torch_calls", "torch_s", "entries", "installed"} <= set(s)
+
+
+def test_results_are_copied_and_launch_specific_ones_not_kept():
+    torch = pytest.importorskip("torch")
+    from torch._higher_order_ops.triton_kernel_wrap import TensorAccesses
+    from torch._inductor.dependencies import ReadWrites, StarDep
+    from torch.utils._ordered_set import OrderedSet
+
+    acc = TensorAccesses(ReadWrites(OrderedSet([StarDep("X")]), OrderedSet([StarDep("OUT")]), OrderedSet()), True)
+    c = ttir_memo._copy(acc)
+    assert c == acc and c.read_writes.writes is not acc.read_writes.writes
+    c.read_writes.writes.clear()
+    assert [d.name for d in acc.read_writes.writes] == ["OUT"]
+    names = ["OUT"]  # the older API's answer
+    assert ttir_memo._copy(names) == names and ttir_memo._copy(names) is not names
+    import sympy
+    with_index = TensorAccesses(ReadWrites(OrderedSet(), OrderedSet([StarDep("OUT")]),
+                                           OrderedSet([sympy.Symbol("s0")])), False)
+    assert ttir_memo._copy(with_index) is None  # index expressions: in terms of one launch's sizes
+    assert ttir_memo._copy(object()) is None and ttir_memo._copy(torch.zeros(1)) is None

@@ -94,16 +94,27 @@ def _key(kernel, kwargs, tma, api):
     return (kernel, target, args, extra)
 
 
+_RESULT_FIELDS = {"read_writes", "can_fuse_epilogue"}  # TensorAccesses, as of torch 2.13
+_RW_FIELDS = {"reads", "writes", "index_exprs", "range_vars", "var_ranges"}  # ReadWrites
+
+
 def _copy(result):
-    """A copy the caller may mutate without touching the memo (None: a result type we do not know)."""
+    """A copy the caller may mutate without touching the memo; None for a result we do not know to be
+    launch-independent (then it is not memoised): another type, other fields, or index expressions (those
+    would be in terms of one launch's sizes)."""
     if isinstance(result, list) and all(isinstance(x, str) for x in result):  # identify_mutated_tensors
         return list(result)
     rw = getattr(result, "read_writes", None)
-    if dataclasses.is_dataclass(result) and dataclasses.is_dataclass(rw):  # TensorAccesses
-        sets = {f: type(getattr(rw, f))(getattr(rw, f)) for f in ("reads", "writes", "index_exprs")
-                if hasattr(rw, f)}  # deps are frozen dataclasses: copying the sets suffices
-        return dataclasses.replace(result, read_writes=dataclasses.replace(rw, **sets))
-    return None
+    if not (dataclasses.is_dataclass(result) and dataclasses.is_dataclass(rw)):
+        return None
+    if ({f.name for f in dataclasses.fields(result)} != _RESULT_FIELDS
+            or {f.name for f in dataclasses.fields(rw)} != _RW_FIELDS
+            or rw.index_exprs or rw.range_vars or rw.var_ranges):
+        return None
+    # deps are frozen dataclasses naming kernel arguments: new sets of the same deps are a full copy
+    return dataclasses.replace(result, read_writes=dataclasses.replace(
+        rw, reads=type(rw.reads)(rw.reads), writes=type(rw.writes)(rw.writes),
+        index_exprs=type(rw.index_exprs)()))
 
 
 def _make_wrapper(name: str, orig):
@@ -123,12 +134,13 @@ def _make_wrapper(name: str, orig):
         if hit is not None:
             _stats["hits"] += 1
             return _copy(hit)
-        _stats["misses"] += 1
         result = _call_torch(name, kernel, kwargs, tma_descriptor_metadata)
         stored = _copy(result)
         if stored is None:
-            log.debug("ttir_memo: %s returned a %s; not memoised", name, type(result).__name__)
+            log.debug("ttir_memo: %s returned %r; not memoised", name, result)
+            _stats["bypass"] += 1
         else:
+            _stats["misses"] += 1
             _memo[key] = stored
         return result
     analysis._adakv_ttir_memo = True
@@ -200,8 +212,8 @@ def wrap_torch(wrap) -> None:
 
 
 def stats() -> dict:
-    """Counters: hits, misses (memoisable, computed by torch), foreign (not our kernel), bypass (ours, not
-    memoisable), torch_calls / torch_s (calls into torch's analysis through the memo and their seconds),
+    """Counters: hits, misses (computed by torch, then memoised), foreign (not our kernel), bypass (ours, not
+    memoisable: an unknown argument kind or result shape), torch_calls / torch_s (calls into torch's analysis through the memo and their seconds),
     entries, installed."""
     return dict(_stats, entries=len(_memo), installed=installed())
 
