@@ -29,7 +29,8 @@ Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switch
     python bench/start_profile.py --device cuda --layers 8 --context 8192 --new 16 \
         --out bench/results/start-profile-8L-h200.json
 
-``--no-ttir-memo`` runs the children with ``ADAKV_TTIR_MEMO=0`` (torch's analysis on every launch) to compare.
+``--no-ttir-memo``: the children take the memo out (``ttir_memo.uninstall``; torch's analysis on every launch),
+to compare.
 
 Writes JSON (rows: layers, context, method, phase cold|warm, total_s, stages{...}, cache counters, device)
 and a Markdown table next to it.
@@ -96,7 +97,7 @@ def _patch(obj, attr: str, name: str, **kw) -> None:
     setattr(obj, attr, _timed(name, getattr(obj, attr), **kw))
 
 
-def instrument() -> None:
+def instrument(no_memo: bool = False) -> None:
     import torch._dynamo.convert_frame as cf
     import torch._inductor.compile_fx as cfx
 
@@ -125,6 +126,8 @@ def instrument() -> None:
     _patch(backend.AdaKVBackend, "_config_variants", "adakv: config_variants")
     _patch(chunk.Region, "run", "run", kind="region")
     from adakv_compile.kernels import ttir_memo
+    if no_memo:
+        ttir_memo.uninstall()
     ttir_memo.wrap_torch(lambda fn: _timed("triton analysis", fn))  # behind the memo: misses + unmemoised calls
 
 
@@ -132,7 +135,7 @@ def child(a) -> dict:
     import torch
     from e2e import build
 
-    instrument()
+    instrument(a.no_ttir_memo)
     from adakv_compile import AdaKVCache, AdaKVConfig, compile_model
     from adakv_compile.cache import cache_kwarg
 
@@ -181,11 +184,10 @@ def child(a) -> dict:
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if a.no_ttir_memo:
-        env["ADAKV_TTIR_MEMO"] = "0"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
            "--context", str(a.context), "--new", str(a.new), "--batch", str(a.batch), "--budget", str(a.budget),
            "--device", a.device] + (["--small"] if a.small else []) + (
+               ["--no-ttir-memo"] if a.no_ttir_memo else []) + (
                ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk is not None else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -247,7 +249,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="hidden 256 (always on for --device cpu)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--no-ttir-memo", action="store_true",
-                    help="children run with ADAKV_TTIR_MEMO=0: torch's TTIR analysis on every traced launch")
+                    help="children without the TTIR analysis memo: torch's analysis on every traced launch")
     ap.add_argument("--out", default="bench/results/start-profile-cpu.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)

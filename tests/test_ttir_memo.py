@@ -20,11 +20,10 @@ from adakv_compile.kernels import ttir_memo
 SCRIPT = os.path.join(os.path.dirname(__file__), "ttir_memo_check.py")
 
 
-def _run(part: str, **env) -> dict:
+def _run(*part: str) -> dict:
     pytest.importorskip("triton.backends.nvidia")
-    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADAKV_TTIR_MEMO")}
-    e.update(env)
-    run = subprocess.run([sys.executable, SCRIPT, part], capture_output=True, text=True, env=e, timeout=240)
+    e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, SCRIPT, *part], capture_output=True, text=True, env=e, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "assuming every input is mutated" not in run.stderr, run.stderr[-3000:]
     sys.stderr.write(run.stderr[run.stderr.find("per launch"):] if "per launch" in run.stderr else "")
@@ -54,7 +53,7 @@ def test_memo_answers_as_torch_for_every_launch_of_ours():
 
 
 def test_two_layer_compile_analyses_each_distinct_launch_once():
-    on, off = _run("compile"), _run("compile", ADAKV_TTIR_MEMO="0")
+    on, off = _run("compile"), _run("compile", "off")
     print(f"analysis calls reaching torch, 2-layer decode compile: {off['analysis_calls']} without the memo "
           f"({off['analysis_s']:.2f} s of {off['compile_s']:.2f} s), {on['analysis_calls']} with it "
           f"({on['analysis_s']:.2f} s of {on['compile_s']:.2f} s; {on['hits']} hits)")
@@ -80,7 +79,7 @@ def test_install_is_idempotent():
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
     if not ttir_memo.installed():
-        pytest.skip("memo off in this process (ADAKV_TTIR_MEMO=0 or another torch API)")
+        pytest.skip("memo not installed in this process (another torch API)")
     before = {n: getattr(tkw, n) for n in ttir_memo._installed}
     assert ttir_memo.install()
     assert {n: getattr(tkw, n) for n in ttir_memo._installed} == before
@@ -107,3 +106,18 @@ def test_results_are_copied_and_launch_specific_ones_not_kept():
                                            OrderedSet([sympy.Symbol("s0")])), False)
     assert ttir_memo._copy(with_index) is None  # index expressions: in terms of one launch's sizes
     assert ttir_memo._copy(object()) is None and ttir_memo._copy(torch.zeros(1)) is None
+
+
+def test_uninstall_puts_torch_back_and_install_returns():
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    if not ttir_memo.installed():
+        pytest.skip("memo not installed in this process (another torch API)")
+    names = list(ttir_memo._installed)
+    try:
+        ttir_memo.uninstall()
+        assert not ttir_memo.installed()
+        assert all(getattr(tkw, n) is ttir_memo._original[n] for n in names)
+    finally:
+        assert ttir_memo.install()
+    assert all(getattr(getattr(tkw, n), "_adakv_ttir_memo", False) for n in names)

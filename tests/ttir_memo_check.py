@@ -10,7 +10,7 @@ mutated result does not corrupt the memo; a foreign kernel is not memoised. Time
 
 ``compile``: how many analysis calls reach torch while Inductor compiles two decode layers (static_append then
 static_attend and an adakv::gemv projection, each layer its own cache tensors and weight; ADAKV_KERNELS=interpret, lowering stopped before codegen).
-Run with ADAKV_TTIR_MEMO=0 for the count without the memo.
+``compile off``: the same without the memo (``ttir_memo.uninstall()``).
 """
 import json
 import os
@@ -67,6 +67,8 @@ def _counting(fn):
 
 
 if PART == "compile":
+    if sys.argv[2:] == ["off"]:
+        ttir_memo.uninstall()
     ttir_memo.wrap_torch(_counting)
     import torch._inductor.graph as ind_graph  # noqa: E402
 

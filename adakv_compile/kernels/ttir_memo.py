@@ -16,7 +16,8 @@ metadata, kernels outside ``adakv_compile`` and arguments of other kinds go to t
 first config's kwargs, which is all ``generate_ttir`` reads of it.
 
 The result names kernel *argument names* (``StarDep(name)``), never buffers, so it is shareable between launches
-with equal keys; each caller gets its own copy. ``ADAKV_TTIR_MEMO=0`` switches the memo off (read at install).
+with equal keys; each caller gets its own copy. ``uninstall()`` puts torch's functions back (benchmarks compare).
+Not an environment switch: the memo changes no compiled output, so it stays out of the cache key (passes/cache_key).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 import sys
 import time
 
@@ -39,6 +39,8 @@ _PREFIX = "adakv_compile"
 _memo: dict = {}
 _torch_fn: dict = {}  # name -> the function the memo calls on a miss (torch's, or a timing wrapper of it)
 _installed: dict = {}  # name -> our wrapper, as set on torch's module
+_original: dict = {}  # name -> torch's function, as found there
+_module: dict = {}  # name -> the module patched
 _stats = dict(hits=0, misses=0, foreign=0, bypass=0, torch_calls=0, torch_s=0.0)
 
 
@@ -158,12 +160,9 @@ def _call_torch(name, kernel, kwargs, tma):
 
 def install() -> bool:
     """Put the memo in front of torch's analysis function(s); idempotent. False (and a debug log saying why)
-    where it is switched off or torch's API is not the one this module understands."""
+    where torch's API is not the one this module understands."""
     if _installed:
         return True
-    if os.environ.get("ADAKV_TTIR_MEMO", "1") == "0":
-        log.debug("ttir_memo: off (ADAKV_TTIR_MEMO=0)")
-        return False
     try:
         from torch._higher_order_ops import triton_kernel_wrap as tkw
     except Exception as e:  # noqa: BLE001
@@ -188,11 +187,23 @@ def _install_into(tkw) -> dict:
         if params != _PARAMS:
             log.debug("ttir_memo: torch's %s takes %s, not %s; not patched", n, params, _PARAMS)
             continue
-        _torch_fn[n] = fn
+        _torch_fn[n] = _original[n] = fn
         done[n] = _make_wrapper(n, fn)
         setattr(tkw, n, done[n])
     _installed.update(done)
+    _module.update((n, tkw) for n in done)
     return done
+
+
+def uninstall() -> None:
+    """Put torch's function(s) back where the memo stands in for them (a later ``wrap_torch`` then wraps them
+    in torch's module); the memo is forgotten."""
+    for n, wrapper in list(_installed.items()):
+        if getattr(_module[n], n, None) is wrapper:
+            setattr(_module[n], n, _original[n])
+        _installed.pop(n)
+        _torch_fn.pop(n, None)
+    _memo.clear()
 
 
 def installed() -> bool:
