@@ -14,6 +14,10 @@ excludes the stages it calls), over:
   inductor[kind]    Inductor's ``_compile_fx_inner``: FX-graph cache lookup, lowering, codegen, C++/Triton
                     compile; kind = prefill | decode | region (a chunked region, compiled at its first run)
                     | hf (HF static's own compile)
+  triton analysis   torch's TTIR access analysis of traced Triton launches (``identify_accessed_tensors``, from
+                    AOT functionalization and Inductor's lowering): the calls that reach torch -- memo misses and
+                    calls the memo does not take (kernels/ttir_memo.py; hits cost microseconds, in their caller).
+                    Each row also has ``ttir_memo`` (hits, misses, foreign, bypass, torch_calls, torch_s)
   run               everything else: the model's eager code, the compiled code, the cache setup
 Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switched on with
 ``CompileConfig._compile_all_devices``, on CUDA it is on by itself), ``adakv`` (``compile_model`` +
@@ -24,6 +28,9 @@ Methods: ``hf_static`` (HF's static cache; on the CPU its auto-compile is switch
     python bench/start_profile.py --layers 2 --context 256 --new 2 --out /tmp/sp.json   # smoke test
     python bench/start_profile.py --device cuda --layers 8 --context 8192 --new 16 \
         --out bench/results/start-profile-8L-h200.json
+
+``--no-ttir-memo``: the children take the memo out (``ttir_memo.uninstall``; torch's analysis on every launch),
+to compare.
 
 Writes JSON (rows: layers, context, method, phase cold|warm, total_s, stages{...}, cache counters, device)
 and a Markdown table next to it.
@@ -90,7 +97,7 @@ def _patch(obj, attr: str, name: str, **kw) -> None:
     setattr(obj, attr, _timed(name, getattr(obj, attr), **kw))
 
 
-def instrument() -> None:
+def instrument(no_memo: bool = False) -> None:
     import torch._dynamo.convert_frame as cf
     import torch._inductor.compile_fx as cfx
 
@@ -118,13 +125,17 @@ def instrument() -> None:
     _patch(backend, "merge_linears", "adakv: merge_linears")
     _patch(backend.AdaKVBackend, "_config_variants", "adakv: config_variants")
     _patch(chunk.Region, "run", "run", kind="region")
+    from adakv_compile.kernels import ttir_memo
+    if no_memo:
+        ttir_memo.uninstall()
+    ttir_memo.wrap_torch(lambda fn: _timed("triton analysis", fn))  # behind the memo: misses + unmemoised calls
 
 
 def child(a) -> dict:
     import torch
     from e2e import build
 
-    instrument()
+    instrument(a.no_ttir_memo)
     from adakv_compile import AdaKVCache, AdaKVConfig, compile_model
     from adakv_compile.cache import cache_kwarg
 
@@ -161,11 +172,13 @@ def child(a) -> dict:
     total = time.perf_counter() - t0
     from torch._dynamo.utils import counters
     ind, aot = counters["inductor"], counters["aot_autograd"]
+    from adakv_compile.kernels import ttir_memo
     stages = {k: round(v, 4) for k, v in sorted(TOTAL.items(), key=lambda kv: -kv[1])}
     return dict(total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
                 tokens=out[0, -a.new:].tolist(), fx_hit=ind["fxgraph_cache_hit"],
                 fx_miss=ind["fxgraph_cache_miss"], aot_hit=aot["autograd_cache_hit"],
-                aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"])
+                aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"],
+                ttir_memo=ttir_memo.stats())
 
 
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
@@ -174,6 +187,7 @@ def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
            "--context", str(a.context), "--new", str(a.new), "--batch", str(a.batch), "--budget", str(a.budget),
            "--device", a.device] + (["--small"] if a.small else []) + (
+               ["--no-ttir-memo"] if a.no_ttir_memo else []) + (
                ["--prefill-chunk", str(a.prefill_chunk)] if a.prefill_chunk is not None else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -184,7 +198,7 @@ def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
     return res
 
 
-GROUPS = ("dynamo", "adakv", "aot", "inductor", "run")
+GROUPS = ("dynamo", "adakv", "aot", "inductor", "triton", "run")
 
 
 def grouped(stages: dict) -> dict:
@@ -205,7 +219,7 @@ def write(res: dict, out: Path) -> None:
     lines = [f"# First `generate`, stage by stage ({res['device']})", "",
              f"torch {res['torch']}, transformers {res['transformers']}; batch {res['batch']}, context "
              f"{res['context']} + {res['new']} new tokens, budget {res['budget']}, prefill_chunk "
-             f"{res['prefill_chunk']}; seconds, exclusive "
+             f"{res['prefill_chunk']}, TTIR analysis memo {'on' if res.get('ttir_memo', True) else 'off'}; seconds, exclusive "
              "(bench/start_profile.py).", "",
              "| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines.append("| **total** | " + " | ".join(f"**{r['total_s']:.2f}**" for r in rows) + " |")
@@ -214,6 +228,9 @@ def write(res: dict, out: Path) -> None:
     for k in names:
         lines.append(f"| {k} | " + " | ".join(f"{r['stages'].get(k, 0):.2f}" for r in rows) + " |")
     lines.append("| fx cache hit/miss | " + " | ".join(f"{r['fx_hit']}/{r['fx_miss']}" for r in rows) + " |")
+    lines.append("| ttir memo hit/miss (calls to torch) | " + " | ".join(
+        f"{m.get('hits', 0)}/{m.get('misses', 0)} ({m.get('torch_calls', 0)})" if m.get("installed") else
+        f"off ({r['calls'].get('triton analysis', 0)})" for r in rows for m in [r.get("ttir_memo", {})]) + " |")
     out.with_suffix(".md").write_text(md_header(res["device"]) + "\n".join(lines) + "\n")
 
 
@@ -231,6 +248,8 @@ def main():
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--small", action="store_true", help="hidden 256 (always on for --device cpu)")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--no-ttir-memo", action="store_true",
+                    help="children without the TTIR analysis memo: torch's analysis on every traced launch")
     ap.add_argument("--out", default="bench/results/start-profile-cpu.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -247,7 +266,7 @@ def main():
     device = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     res = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "batch": a.batch, "context": a.context, "new": a.new, "budget": a.budget,
-           "prefill_chunk": a.prefill_chunk, "rows": []}
+           "prefill_chunk": a.prefill_chunk, "ttir_memo": not a.no_ttir_memo, "rows": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for layers in (int(x) for x in a.layers.split(",")):
@@ -262,7 +281,8 @@ def main():
                         break
                     g = grouped(r["stages"])
                     print(f"{layers:>2}L {method:<20} {phase}: {r['total_s']:7.2f} s  " + "  ".join(
-                        f"{k} {v:.2f}" for k, v in g.items()) + f"  fx {r['fx_hit']}/{r['fx_miss']}", flush=True)
+                        f"{k} {v:.2f}" for k, v in g.items()) + f"  fx {r['fx_hit']}/{r['fx_miss']}  ttir analyses "
+                        f"{r['calls'].get('triton analysis', 0)} (memo hits {r['ttir_memo'].get('hits', 0)})", flush=True)
                     write(res, out)
 
 
