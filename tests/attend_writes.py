@@ -12,23 +12,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.runtime  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from tests.sm90_target import use_sm90_target  # noqa: E402
 
-
-class _TargetOnly:
-    """Enough of a driver for TTIR generation: the target (H100/H200 class)."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-if not torch.cuda.is_available():
-    triton.runtime.driver.set_active(_TargetOnly())
+use_sm90_target()
 
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors  # noqa: E402
 

@@ -1,0 +1,23 @@
+"""A stand-in Triton driver for the scripts that compile our kernels' TTIR on a machine without a GPU
+(tests/attend_writes.py, tests/ttir_memo_check.py): enough of a driver for TTIR generation, the target of an
+H100/H200-class card. Run those scripts with ``TRITON_INTERPRET`` unset (the real compiler)."""
+import torch
+import triton
+import triton.runtime
+from triton.backends.compiler import GPUTarget
+
+
+class TargetOnly:
+    """The current target (sm_90) and the torch device the launches' tensors live on (CPU)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def use_sm90_target() -> None:
+    """Make the stand-in the active driver, unless a real GPU is there."""
+    if not torch.cuda.is_available():
+        triton.runtime.driver.set_active(TargetOnly())
