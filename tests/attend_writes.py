@@ -12,7 +12,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from tests.sm90_target import use_sm90_target  # noqa: E402
+from tests.sm90_target import capturing_launcher, use_sm90_target  # noqa: E402
 
 use_sm90_target()
 
@@ -23,15 +23,7 @@ from adakv_compile.kernels import triton_attend as ta  # noqa: E402
 launches = []
 
 
-def _capture(kernel, probe):
-    class Grid:
-        def __getitem__(self, grid):
-            def call(*args, **kw):
-                named = dict(zip(kernel.arg_names, args))
-                named.update({k: v for k, v in kw.items() if k in kernel.arg_names})
-                launches.append((kernel, named))
-            return call
-    return Grid()
+_capture = capturing_launcher(launches)
 
 
 real_launcher = ta.launcher

@@ -21,3 +21,18 @@ def use_sm90_target() -> None:
     """Make the stand-in the active driver, unless a real GPU is there."""
     if not torch.cuda.is_available():
         triton.runtime.driver.set_active(TargetOnly())
+
+
+def capturing_launcher(launches: list):
+    """A stand-in for the kernels' ``launcher``: each launch is recorded as (kernel, {argument name: value}),
+    nothing runs (what torch's TTIR analysis of a traced launch is given)."""
+    def launcher(kernel, probe):
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    named = dict(zip(kernel.arg_names, args))
+                    named.update({k: v for k, v in kw.items() if k in kernel.arg_names})
+                    launches.append((kernel, named))
+                return call
+        return Grid()
+    return launcher

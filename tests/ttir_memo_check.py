@@ -26,7 +26,7 @@ import triton.language as tl  # noqa: E402
 import triton.runtime  # noqa: E402
 
 
-from tests.sm90_target import use_sm90_target  # noqa: E402
+from tests.sm90_target import capturing_launcher, use_sm90_target  # noqa: E402
 
 use_sm90_target()
 
@@ -132,15 +132,7 @@ from adakv_compile.kernels import triton_score as ts  # noqa: E402
 launches = []
 
 
-def _capture(kernel, probe):
-    class Grid:
-        def __getitem__(self, grid):
-            def call(*args, **kw):
-                named = dict(zip(kernel.arg_names, args))
-                named.update({k: v for k, v in kw.items() if k in kernel.arg_names})
-                launches.append((kernel, named))
-            return call
-    return Grid()
+_capture = capturing_launcher(launches)
 
 
 for mod in (ta, ts, tg):
