@@ -44,7 +44,7 @@ def test_real_and_fake_strides_agree(monkeypatch, plan):
                                                                    0.0).float(), atol=1e-6)
 
 
-def test_switch_is_validated(monkeypatch):
+def test_switches_are_validated(monkeypatch):
     monkeypatch.setenv("ADAKV_HEADS_LAST", "yes")
     with pytest.raises(ValueError, match="ADAKV_HEADS_LAST must be 0 or 1"):
         attend.heads_last(torch.device("cuda"))
@@ -52,6 +52,13 @@ def test_switch_is_validated(monkeypatch):
     assert not attend.heads_last(torch.device("cuda"))
     monkeypatch.delenv("ADAKV_HEADS_LAST")
     assert attend.heads_last(torch.device("cuda")) and not attend.heads_last(torch.device("cpu"))
+    from adakv_compile.kernels.dispatch import kernel_mode, use_triton
+
+    monkeypatch.setenv("ADAKV_KERNELS", "plian")
+    with pytest.raises(ValueError, match="ADAKV_KERNELS must be one of triton, plain, interpret"):
+        use_triton()
+    monkeypatch.setenv("ADAKV_KERNELS", "")
+    assert kernel_mode() == "triton"
 
 
 def _compiled_generate(monkeypatch, cfg, ids, am, new, layout_on: bool):
