@@ -7,6 +7,7 @@ wall time, so a slow compiled prefill can be attributed (attention kernel, mask,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ def main():
                 ("compiled", torch.compile(fwd0), lambda: DynamicCache(config=model.config)),
                 ("adakv", torch.compile(fwd0, backend=backend), lambda: (cache.reset(), cache)[1])]
     variants = [v for v in variants if v[0] in a.variants.split(",")]
-    lines = [f"# {torch.cuda.get_device_name(0)}, 1 x {a.context}, {a.layers} layers"]
+    card = torch.cuda.get_device_name(0)
+    lines = [json.dumps({"device": card}),  # the stamp bench/stamp.py gives a non-Markdown result
+             f"# {card}, 1 x {a.context}, {a.layers} layers"]
     for name, fwd, make in variants:
         def go():
             with torch.no_grad():
