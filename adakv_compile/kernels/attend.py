@@ -6,12 +6,11 @@ each (row, KV head) has its own length; a chunk of t new queries is causal withi
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from . import store as kv_store
+from .dispatch import switch
 
 
 def _triton_ok() -> bool:
@@ -26,10 +25,7 @@ def heads_last(device: torch.device) -> bool:
     result cost a 64 MB copy per layer of a 1 x 8k Llama-8B prefill: 0.78 ms of 55 on an H200). On CUDA only
     (elsewhere SDPA writes [B, H, n, D] contiguous); ``ADAKV_HEADS_LAST=0`` turns it off. Fake and real
     outputs follow this one rule, so their strides agree (Inductor asserts them)."""
-    value = os.environ.get("ADAKV_HEADS_LAST", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"ADAKV_HEADS_LAST must be 0 or 1, got {value!r}")
-    return device.type == "cuda" and value != "0"
+    return device.type == "cuda" and switch("ADAKV_HEADS_LAST") is not False
 
 
 def attention_out(out: torch.Tensor) -> torch.Tensor:

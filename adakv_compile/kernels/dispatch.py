@@ -14,6 +14,14 @@ def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def switch(name: str) -> bool | None:
+    """An on/off environment variable: "1" / "0", None when unset or empty; anything else names it."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return None if value == "" else value == "1"
+
+
 KERNEL_MODES = ("triton", "plain", "interpret")
 
 

@@ -28,6 +28,7 @@ import sympy as sp
 import torch
 import torch.fx as fx
 
+from ..kernels.attend import attention_out, empty_attention_out, exact_attention
 from .detect import _guarded_equal, val
 
 
@@ -422,8 +423,6 @@ def proven_attention(q, k, v, pad, plan, scale: float, softcap: float):
     on the rows' last ``n - o`` positions (views, no copy); the padded query rows have no allowed key and
     get zeros, as SDPA gives for an all-False mask row. Other padding: query blocks with their own mask
     block (``B × block × n`` entries, never n × n)."""
-    from ..kernels.attend import exact_attention
-
     B, Hq, n, _ = q.shape
     plan = plan.tolist()
     kind, offs = plan[-1], plan[:-1]
@@ -460,13 +459,11 @@ def proven_attention(q, k, v, pad, plan, scale: float, softcap: float):
 def attention_proven(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Optional[torch.Tensor],
                      plan: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
     """Prompt attention under a mask proven causal(+padding) by this stage; no n × n tensor."""
-    from ..kernels.attend import attention_out
     return attention_out(proven_attention(q, k, v, pad, plan, scale, softcap))
 
 
 @attention_proven.register_fake
 def _(q, k, v, pad, plan, scale, softcap):
-    from ..kernels.attend import empty_attention_out
     return empty_attention_out(q, v)
 
 

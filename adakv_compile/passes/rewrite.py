@@ -9,8 +9,8 @@ store    → ``adakv.attend_append(q, k_new, v_new, k_past, v_past)``; the graph
 static-compress → exact ``adakv.attention`` on the prompt, and ``adakv.prefill_compress`` (a triton_op Inductor
            inlines; ``adakv.static_compress``, opaque, under tensor parallelism or dynamic shapes) writing the
            kept K/V into the AdaKVCache layer's tensors (declared mutations).
-static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend`` (with
-           ``ADAKV_FUSED_MERGE=1``: ``adakv.static_attend_merged``, the split-K merge inside the launch).
+static-store → ``adakv.static_append`` (declared mutations) then ``adakv.static_attend`` (on CUDA,
+           unless ``ADAKV_FUSED_MERGE=0``: ``adakv.static_attend_merged``, the split-K merge inside the launch).
 window-fill → exact ``adakv.attention`` on the prompt, and ``adakv.window_fill`` (the last W tokens into the
            sliding-window layer's ring). window-attend → ``adakv.window_attend`` over ring + chunk, then
            ``adakv.window_write`` (declared mutations). See kernels/window.py.
@@ -22,12 +22,12 @@ kept positions at decode (docs/algorithm.md, "Per-head additive biases").
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 import torch.fx as fx
 
 from ..kernels import ops as adakv_ops  # noqa: F401  (registers torch.ops.adakv)
+from ..kernels.dispatch import switch
 from ..kernels.ops import config_for
 from ..kernels.static import inline_config_key
 from . import mask as mask_proof
@@ -131,7 +131,7 @@ def inline_compress(device: torch.device | None = None) -> bool:
     failed on the traced body (a SplitScan lowering of the slots' int64 cumsum; a user kernel's int argument
     above 2**31 - 1): both are avoided by construction (our own slot kernel, int32-safe kernel arguments:
     docs/design.md, "Compression through Inductor"); bench/inline_check.py passed on the H200."""
-    value = _switch("ADAKV_INLINE_COMPRESS")
+    value = switch("ADAKV_INLINE_COMPRESS")
     return device is not None and device.type == "cuda" if value is None else value
 
 
@@ -142,16 +142,8 @@ def fused_merge(device: torch.device | None = None) -> bool:
     layers 1 x 8k: 4.53 vs 4.67 ms per token with the GEMV, tokens equal to the eager reference,
     bench/results/e2e-32L-check-h200.md; batch-8 attention 84.5-85.4 % of copy instead of 76 %), off
     elsewhere (the plain path has no split-K; docs/design.md, "Fused split-K merge")."""
-    value = _switch("ADAKV_FUSED_MERGE")
+    value = switch("ADAKV_FUSED_MERGE")
     return device is not None and device.type == "cuda" if value is None else value
-
-
-def _switch(name: str) -> bool | None:
-    """An on/off environment variable: "1" / "0", None when unset or empty; anything else names it."""
-    value = os.environ.get(name, "").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return None if value == "" else value == "1"
 
 
 def _scale_arg(graph: fx.Graph, site):
