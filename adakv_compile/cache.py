@@ -115,7 +115,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.pos = torch.zeros(n, dtype=torch.int32, device=device)
         # shared by the cache's layers on one device; advanced between graph calls (AdaKVCache.advance)
         self.seen = torch.zeros((), dtype=torch.int64, device=device) if seen is None else seen
-        # the fused split-K merge's arrival counters (ADAKV_FUSED_MERGE=1; zero between launches: the
+        # the fused split-K merge's arrival counters (ADAKV_FUSED_MERGE, on for CUDA; zero between launches: the
         # kernel leaves them so; reset() re-zeroes them after an aborted launch). MERGE_BLOCKS blocks of
         # query rows per (row, KV head): a longer chunk falls back to the merge launch.
         self.sem = torch.zeros(batch_size * heads * MERGE_BLOCKS, dtype=torch.int32, device=device)

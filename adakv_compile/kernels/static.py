@@ -29,7 +29,7 @@ The ops (registered here; the graph pass inserts them, users never call them):
 - ``adakv::static_append``    decode/extend: write the chunk at the end of each segment (mutates them).
 - ``adakv::static_attend``    attention of the chunk's queries over the segments (pure).
 - ``adakv::static_attend_merged`` ``static_attend`` with the split-K merge done inside the attention launch,
-                              counting arrivals on the layer's ``sem`` buffer (opt-in, ``ADAKV_FUSED_MERGE=1``).
+                              counting arrivals on the layer's ``sem`` buffer (CUDA default; ``ADAKV_FUSED_MERGE=0`` off).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
 inlined into the generated code and the decode step replays as one CUDA graph.
 """
@@ -253,6 +253,7 @@ def static_attend_merged(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Te
     """``static_attend`` (same output) whose split-K pieces are merged by the last piece of each (row, head)
     to finish, not by a second launch (``triton_attend``, ``fused_merge``): one kernel per layer instead of
     two. ``sem`` (the cache layer's int32 counters, zero between launches: the kernel leaves them so) is
-    the only tensor written; a separate op so that the default ``static_attend`` stays pure. Opt-in: the
-    rewrite uses it with ``ADAKV_FUSED_MERGE=1`` and no ALiBi bias (docs/design.md, "Fused split-K merge")."""
+    the only tensor written; a separate op so that ``static_attend`` stays pure. The rewrite uses it where
+    ``passes/rewrite.fused_merge`` says so (CUDA by default) and there is no ALiBi bias (docs/design.md,
+    "Fused split-K merge")."""
     return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, sem=sem)

@@ -25,11 +25,11 @@ Kernel design
   joins each row's (max, sum) once, after the whole segment: at the end of the one-pass path or after the
   split-K merge, never per piece (``_join_sink``). It is not scaled or soft-capped, as
   ``attend.store_attention``; a row that sees no slot then outputs 0, as there.
-* Benchmark options (bench/attend_sweep.py; off by default, constexpr so they cost nothing when off):
-  ``fused_merge`` — the last piece of a (row, head) to finish merges the pieces (an arrival counter per
-  program row) instead of a second launch (on the compiled path with ``ADAKV_FUSED_MERGE=1``: the
-  counters are then the cache layer's ``sem`` buffer, docs/design.md "Fused split-K merge");
-  ``grid_pieces`` — with fixed pieces, fewer programs than pieces,
+* Options (constexpr, so they cost nothing when off): ``fused_merge`` — the last piece of a (row, head) to
+  finish merges the pieces (an arrival counter per program row) instead of a second launch (the compiled
+  path's default on CUDA, ``ADAKV_FUSED_MERGE``: the counters are then the cache layer's ``sem`` buffer,
+  docs/design.md "Fused split-K merge"); benchmarks only (bench/attend_sweep.py): ``grid_pieces`` — with
+  fixed pieces, fewer programs than pieces,
   each looping over its head's pieces (a static cache's row bound leaves most pieces empty).
 """
 from __future__ import annotations
