@@ -96,12 +96,23 @@ def child(a) -> dict:
                 aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"])
 
 
+def child_env(cache_dir: Path) -> dict:
+    """The environment of a child process whose Inductor and Triton caches live in ``cache_dir`` (empty: cold;
+    left by an earlier child: warm), importing this checkout."""
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def child_args(a, method: str, layers: int, context: int, new: int) -> list[str]:
+    """This script's ``--child`` arguments (after the interpreter): one first ``generate`` (``child``)."""
+    return [str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
+            "--context", str(context), "--new", str(new), "--batch", str(a.batch), "--budget", str(a.budget),
+            "--device", a.device] + (["--small"] if a.small else [])
+
+
 def spawn(a, method: str, layers: int, context: int, new: int, cache_dir: Path) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
-           "--context", str(context), "--new", str(new), "--batch", str(a.batch), "--budget", str(a.budget),
-           "--device", a.device] + (["--small"] if a.small else [])
+    env = child_env(cache_dir)
+    cmd = [sys.executable] + child_args(a, method, layers, context, new)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
     wall = time.perf_counter() - t0

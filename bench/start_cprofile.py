@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pstats
 import re
 import subprocess
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from start import child_args, child_env  # noqa: E402  (the child it profiles is bench/start.py's)
 
 
 def main():
@@ -43,12 +44,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="adakv-cprofile-") as tmp:
         cache = Path(tmp) / "cache"
         prof = Path(tmp) / "child.prof"
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"),
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), str(ROOT / "bench" / "start.py"), "--child",
-               "--method", a.method, "--layers", str(a.layers), "--context", str(a.context), "--new", str(a.new),
-               "--batch", str(a.batch), "--budget", str(a.budget), "--device", a.device] + (
-                   ["--small"] if a.small else [])
+        env = child_env(cache)
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(prof)] + child_args(a, a.method, a.layers, a.context,
+                                                                                a.new)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
         wall = time.perf_counter() - t0

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from start import child_env  # noqa: E402  (the children's cache environment, as bench/start.py)
 
 TOTAL: dict = defaultdict(float)
 COUNT: dict = defaultdict(int)
@@ -182,8 +182,7 @@ def child(a) -> dict:
 
 
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env(cache_dir)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
            "--context", str(a.context), "--new", str(a.new), "--batch", str(a.batch), "--budget", str(a.budget),
            "--device", a.device] + (["--small"] if a.small else []) + (
