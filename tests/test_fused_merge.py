@@ -99,8 +99,10 @@ def _spy_launches(monkeypatch):
         return real(kernel, probe)
 
     monkeypatch.setattr(triton_attend, "launcher", spying)
-    # pieces sized as on an H200 (132 SMs): 64-token pieces here, so the decode attention splits on CPU too
+    # pieces sized as on an H200 (132 SMs) with a 64-token floor (the launcher's is MIN_PIECE = 256): 64-token
+    # pieces here, so the decode attention of these tiny models splits on CPU too
     monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_attend, "MIN_PIECE", 64)
     return names
 
 

@@ -36,7 +36,7 @@ class _Case:
     pass
 
 
-def _store(kept, D, dtype, t, seed):
+def _store(kept, D, dtype, t, seed, n_ctx=N_CTX):
     """A store built from fresh random K/V with a random keep mask of the given per-head sizes, plus a chunk.
 
     ``off``/``lens``: int32 device views of the header, as ``store.append`` returns them (what the op
@@ -44,12 +44,12 @@ def _store(kept, D, dtype, t, seed):
     """
     g = torch.Generator().manual_seed(seed)
     B, Hkv = len(kept), len(kept[0])
-    k = _randn(g, B, Hkv, N_CTX, D, dtype=dtype)
-    v = _randn(g, B, Hkv, N_CTX, D, dtype=dtype)
-    keep = torch.zeros(B, Hkv, N_CTX, dtype=torch.bool)
+    k = _randn(g, B, Hkv, n_ctx, D, dtype=dtype)
+    v = _randn(g, B, Hkv, n_ctx, D, dtype=dtype)
+    keep = torch.zeros(B, Hkv, n_ctx, dtype=torch.bool)
     for b in range(B):
         for h in range(Hkv):
-            keep[b, h, torch.randperm(N_CTX, generator=g)[: kept[b][h]]] = True
+            keep[b, h, torch.randperm(n_ctx, generator=g)[: kept[b][h]]] = True
     kv, vv = store.build(k, v, keep.to(DEVICE), reserve=2)
     k_new = _randn(g, B, Hkv, t, D, dtype=dtype)
     v_new = _randn(g, B, Hkv, t, D, dtype=dtype)
@@ -100,6 +100,37 @@ def test_matches_plain_path(dtype, G, t, softcap):
         out_f = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, softcap,
                                        max_len_bound=c.max_len + 70, split_tokens=piece)
         _check(out_f, ref, dtype)
+
+
+@needs_device
+@pytest.mark.parametrize("fused", [False, True], ids=["merge", "fused"])
+def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
+    """The static cache's launch (a row bound, no overrides) as it runs on a 132-SM card: pieces of
+    ``MIN_PIECE`` tokens (``fixed_piece_config``; BLOCK_N 128 with the fused merge, 64 with the merge
+    launch), heads spanning 1-3 pieces and most pieces of the row bound empty; the output equals the plain
+    path with and without the fused merge."""
+    from adakv_compile.kernels import triton_attend
+    import tests.sm90_target as sm90
+
+    monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
+    t, G, D = 1, 4, 64
+    c = _store([[300, 5, 590], [130, 520, 77]], D, torch.float32, t, seed=77, n_ctx=600)
+    q = _randn(c.g, c.B, c.Hkv * G, t, D)
+    scale = D ** -0.5 * 3
+    bound = 3 * 600
+    ref = store_attention(q, c.pool_k, c.pool_v, c.off, c.lens, c.max_len, t, scale, 0.0)
+    sem = torch.zeros(triton_attend.merge_counters(c.B, c.Hkv, c.Hkv * G, t, D), dtype=torch.int32, device=DEVICE)
+    kw = dict(fused_merge=True, semaphores=sem) if fused else {}
+    out = store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, 0.0, max_len_bound=bound, **kw)
+    _check(out, ref, torch.float32)
+    assert not sem.any()  # the fused merge leaves its counters zeroed for the next launch
+    launches = []
+    monkeypatch.setattr(triton_attend, "launcher", sm90.capturing_launcher(launches))
+    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, t, scale, 0.0, max_len_bound=bound, **kw)
+    args = launches[0][1]
+    assert (args["CHUNK"], args["BLOCK_N"]) == (triton_attend.MIN_PIECE, 128 if fused else 64)
+    assert args["NUM_SPLITS"] == -(-bound // triton_attend.MIN_PIECE) and args["FUSED_MERGE"] == fused
+    assert len(launches) == (1 if fused else 2)
 
 
 @needs_device

@@ -290,6 +290,7 @@ def _store_attn_merge(
 _SM_COUNT: dict[int, int] = {}
 # Without a max_len_hint the longest segment is assumed to be SKEW x the mean (Ada-KV head budgets are skewed)
 SKEW = 4.0
+MIN_PIECE = 256  # tokens: the smallest fixed-size split-K piece (choose_chunk)
 
 
 _SEMAPHORES: dict[str, torch.Tensor] = {}
@@ -384,11 +385,26 @@ def choose_splits(n_programs: int, mean_len: float, max_len: float, device: torc
 
 def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces_per_sm: int = 2) -> int:
     """Tokens per piece for fixed-size split-K: about ``pieces_per_sm`` pieces per SM over the whole job
-    (a power of two, at least one K/V block and 64 tokens, at most 2048). Two per SM matched the best
-    graph-timed piece size of a sweep on an H200 (bench/results/kernels-h200.json) at batch 8 and 32."""
+    (a power of two, at least one K/V block and ``MIN_PIECE`` tokens, at most 2048). Two per SM matched the
+    best graph-timed piece size of a sweep on an H200 (bench/results/kernels-h200.json) at batch 8 and 32;
+    below ``MIN_PIECE`` the pieces only multiply empty programs and merge work (batch 1, session 10)."""
     want = total_tokens / max(1, pieces_per_sm * _sm_count(device))
     chunk = triton.next_power_of_2(max(1, math.ceil(want)))
-    return int(min(2048, max(chunk, block_n, 64)))
+    return int(min(2048, max(chunk, block_n, MIN_PIECE)))
+
+
+def fixed_piece_config(total_tokens: float, device: torch.device, fused: bool) -> tuple[int, int, int]:
+    """(tokens per piece, BLOCK_N, num_stages) of the fixed-piece split-K launch (a static cache's row
+    bound). From the H200 sweeps at ~1k and ~2k kept tokens per head (bench/results/attend-sweep-s10-h200.json,
+    attend-sweep-s10-2k-h200.json; docs/design.md "Fixed pieces at small batch"): pieces of at least
+    ``MIN_PIECE`` tokens (batch 1: 16.7 -> 9.9 us a layer), and with the fused merge BLOCK_N 128 and 2 stages
+    for pieces of at most 512 tokens (batch 8 at 2k: 31.4 -> 30.4 us = 86.6 % of a same-size copy); above
+    that, and always with the merge launch, BLOCK_N 64 and 3 stages (batch 32; BLOCK_N 128 with 3 stages and
+    the merge launch was 35 % slower at batch 8)."""
+    chunk = choose_chunk(total_tokens, device, 64)
+    if fused and chunk <= 512:
+        return chunk, 128, 2
+    return chunk, 64, 3
 
 
 def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
@@ -457,17 +473,17 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     block_d = max(16, triton.next_power_of_2(D))
     block_m, bn, nw, ns = default_config(D, rows)
     fixed = max_len_bound is not None and num_splits is None
-    if fixed:  # fixed pieces: BLOCK_N 64 with 3 stages was the best of the H200 sweep for every shape
-        bn, ns = 64, 3
-    block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
-    num_warps = num_warps or nw
-    num_stages = num_stages or ns
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
     chunk = 0
-    if fixed:
+    if fixed:  # fixed pieces: size, BLOCK_N and stages from the H200 sweeps (fixed_piece_config)
         mean_len = (pool_k.numel() // D) / max(1, n_bh)
-        chunk = split_tokens or choose_chunk(n_bh * n_mblk * mean_len, q.device, block_n)
+        auto_chunk, bn, ns = fixed_piece_config(n_bh * n_mblk * mean_len, q.device, bool(fused_merge))
+    block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    if fixed:
+        chunk = split_tokens or auto_chunk
         chunk = triton.cdiv(chunk, block_n) * block_n
         num_splits = max(1, triton.cdiv(int(max_len_bound), chunk))
         if num_splits == 1:
