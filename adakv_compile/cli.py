@@ -41,8 +41,8 @@ CONFIG_FLAGS = (
 BENCH_TARGETS = {
     "quality": ("module", "bench.quality", "bench/quality.py",
                 "answer quality vs the full cache over budgets / methods (python -m bench.quality)"),
-    "kernels": ("script", "bench/kernels.py", "bench/kernels.py",
-                "kernel timings and memory (python bench/kernels.py)"),
+    "kernels": ("script", "bench/attend_kernel.py", "bench/attend_kernel.py",
+                "kernel timings and memory (python bench/attend_kernel.py)"),
 }
 
 

@@ -4,7 +4,7 @@ batch 8 and 32 with ~2k kept tokens per head, and fewer launches per layer at ba
 step, ~4 MB of K/V a layer with ``--kept 1024``: latency bound, where the merge launch is one of two).
 
 Shapes: Llama-3.1-8B attention (32 query / 8 KV heads, D 128, bf16), one decode token, a skewed Ada-like
-allocation of ``--kept`` tokens per KV head on average (bench/kernels.py ``make_case``). Every config is
+allocation of ``--kept`` tokens per KV head on average (bench/attend_kernel.py ``make_case``). Every config is
 CUDA-graph timed (decode replays as one graph; ``triton.testing.do_bench_cudagraph``, median) and checked
 against the plain path once (max relative error). Swept:
 
@@ -12,7 +12,7 @@ against the plain path once (max relative error). Swept:
   passes: ``max_len = (slots - 1) // B``, so most pieces of most heads are empty), ``head`` = the longest head;
 * ``piece`` tokens per piece (``split_tokens``; ``auto`` = ``choose_chunk``, the launcher's default),
   ``BLOCK_N`` (64, 128), ``num_stages`` (2, 3), 4 warps (``--wide``: also 8 warps and 4 stages; the
-  H200 sweep of bench/kernels.py found 4 warps best at every shape);
+  H200 sweep of bench/attend_kernel.py found 4 warps best at every shape);
 * ``grid`` (row bound only): ``gridKx`` launches K x (a mean head's pieces) programs per head, each looping
   over its head's pieces (``grid_pieces``), instead of one program per piece of the bound;
 * ``fused``: the split-K merge done by the last piece to finish (``fused_merge=True``, counting on a
@@ -24,7 +24,7 @@ against the plain path once (max relative error). Swept:
   default, is a plain loop: one dependent load chain per piece).
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
-the ceiling bench/kernels.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
+the ceiling bench/attend_kernel.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
 bytes (read + write = the live K+V bytes), the realistic ceiling for a transfer this small.
 
 GPU (H200, ~4 min, 128 configs x 2 batches):  python bench/attend_sweep.py --out bench/results/attend-sweep-h200.json
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from bench.kernels import copy_ceiling, make_case, rel_err  # noqa: E402
+from bench.attend_kernel import copy_ceiling, make_case, rel_err  # noqa: E402
 from adakv_compile.kernels.attend import store_attention  # noqa: E402
 from adakv_compile.kernels.triton_attend import choose_chunk, merge_counters, store_attention_triton  # noqa: E402
 

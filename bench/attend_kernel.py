@@ -16,8 +16,8 @@ Prints a table and writes JSON to ``--out``. Columns: ``spl`` = num_splits chose
 with ``max_len_hint`` (= the store's host ``max_len``); ``triton us`` = launcher defaults (no hint); ``hint us``
 = with the hint; ``best`` = best of the BLOCK_N x num_splits sweep; ``graph us`` = CUDA-graph timing.
 
-GPU:        python bench/kernels.py --out bench/results/kernels.json
-CPU smoke:  TRITON_INTERPRET=1 python bench/kernels.py --cpu-smoke     (tiny shapes, correctness only)
+GPU:        python bench/attend_kernel.py --out bench/results/kernels.json
+CPU smoke:  TRITON_INTERPRET=1 python bench/attend_kernel.py --cpu-smoke     (tiny shapes, correctness only)
 """
 from __future__ import annotations
 
