@@ -20,8 +20,9 @@ against the plain path once (max relative error). Swept:
   ``fused_merge`` sums up: the default config (what the static cache launches) with the merge launch and
   fused, and the best of each. (The fused append was measured here too and removed: docs/design.md.)
 * ``merge_stages`` (per batch, after the sweep): the default and the best merge-launch config again with the
-  merge's loads of the pieces software-pipelined (``store_attention_triton(merge_stages=2..4)``; 0, the
-  default, is a plain loop: one dependent load chain per piece).
+  merge's loads of the pieces as a plain loop (0: one dependent load chain per piece) and software-pipelined
+  (``store_attention_triton(merge_stages=2..4)``; the launcher's default is ``DEFAULT_MERGE_STAGES`` = 3, which the
+  sweep's other merge-launch rows use).
 
 Bandwidth = bytes of live K+V read / time. ``%copy`` is against a 1 GiB device copy (read + write / time,
 the ceiling bench/attend_kernel.py uses); ``%copy_same`` against a graph-timed copy moving the same number of
@@ -53,7 +54,8 @@ import triton.testing  # noqa: E402
 
 from bench.attend_kernel import copy_ceiling, make_case, rel_err  # noqa: E402
 from adakv_compile.kernels.attend import store_attention  # noqa: E402
-from adakv_compile.kernels.triton_attend import choose_chunk, merge_counters, store_attention_triton  # noqa: E402
+from adakv_compile.kernels.triton_attend import (  # noqa: E402
+    DEFAULT_MERGE_STAGES, choose_chunk, merge_counters, store_attention_triton)
 
 
 def graph_ms(fn, rep: int) -> float | None:
@@ -114,8 +116,9 @@ def configs(args, smoke: bool):
 
 def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, device, rep, smoke) -> list:
     """The split-K merge launch with its loads of the pieces software-pipelined (``merge_stages`` 2..4) for
-    the launcher's default config and the best merge-launch config: at batch 1 the merge walked ~17 pieces
-    one dependent load after another (9.3 µs a layer on the H200). Each row: rel err, and µs when timed."""
+    the launcher's default config and the best merge-launch config, against the plain loop (0 stages): at
+    batch 1 the merge walked ~17 pieces one dependent load after another (9.3 µs a layer on the H200). Each
+    row: rel err, and µs when timed (``base_us``: the config's row, at the launcher's ``DEFAULT_MERGE_STAGES``)."""
     picks = {r["cfg"]: r for r in (case.get("default"), case.get("best")) if r and not r["fused"]}
     if smoke:  # the first merge-launch config of the smoke list, correctness only
         picks = {r["cfg"]: r for r in case["rows"] if not r["fused"]}
@@ -123,7 +126,7 @@ def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, devic
     out = []
     for name, r in picks.items():
         kw = launch_kwargs(r, bounds, pk, off.numel(), D, device, None)  # off: [B, Hkv]
-        for stages in (2, 3, 4):
+        for stages in (0, 2, 3, 4):
             fn = lambda kw=kw, s_=stages: store_attention_triton(q, pk, pv, off, lens, t, scale,  # noqa: E731
                                                                   merge_stages=s_, **kw)
             row = dict(cfg=name, merge_stages=stages, rel_err=rel_err(fn(), ref), base_us=(r.get("ms") or 0) * 1e3)
@@ -132,8 +135,8 @@ def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, devic
                 row["us"] = ms * 1e3 if ms else None
             out.append(row)
             if not smoke:
-                print(f"merge_stages={stages} {name:<42} {row['us'] or float('nan'):7.1f} us (0 stages: "
-                      f"{row['base_us']:.1f} us)", flush=True)
+                print(f"merge_stages={stages} {name:<42} {row['us'] or float('nan'):7.1f} us (default "
+                      f"{DEFAULT_MERGE_STAGES}: {row['base_us']:.1f} us)", flush=True)
     return out
 
 

@@ -134,7 +134,7 @@ def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
 
 
 @needs_device
-@pytest.mark.parametrize("merge_stages", [2, 3])
+@pytest.mark.parametrize("merge_stages", [0, 2, 3])
 def test_pipelined_merge_matches_plain_path(merge_stages):
     """``merge_stages`` only changes how the merge launch loads the pieces, never what it computes."""
     t, G, D = 1, 4, 64

@@ -249,7 +249,7 @@ def _merge_pieces(WS_ACC, WS_M, WS_L, OUT, length, SINKS, pid_bh, rows, row_ok, 
     n_pieces = NUM_SPLITS
     if CHUNK > 0:  # only the pieces that hold tokens of this head
         n_pieces = tl.minimum(NUM_SPLITS, tl.cdiv(length, CHUNK))
-    if MERGE_STAGES > 0:  # software-pipelined loads of the pieces (benchmarks: bench/attend_sweep.py)
+    if MERGE_STAGES > 0:  # software-pipelined loads of the pieces (DEFAULT_MERGE_STAGES)
         for s in tl.range(0, n_pieces, num_stages=MERGE_STAGES):
             m_t, l_t, acc = _merge_one(WS_ACC, WS_M, WS_L, pid_bh, s, rows, row_ok, d, d_ok, ROWS, NUM_SPLITS, D,
                                        m_t, l_t, acc)
@@ -291,6 +291,9 @@ _SM_COUNT: dict[int, int] = {}
 # Without a max_len_hint the longest segment is assumed to be SKEW x the mean (Ada-KV head budgets are skewed)
 SKEW = 4.0
 MIN_PIECE = 256  # tokens: the smallest fixed-size split-K piece (choose_chunk)
+# The merge launch's pipelined loads of the pieces: faster than the plain loop (0) in every H200 sweep, e.g.
+# batch 1 23.2 -> 15.9 us, batch 8 34.0 -> 30.8, batch 32 79.6 -> 78.8 (bench/results/attend-sweep-s10-*.json)
+DEFAULT_MERGE_STAGES = 3
 
 
 _SEMAPHORES: dict[str, torch.Tensor] = {}
@@ -415,7 +418,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
                            max_len_bound: int | None = None, split_tokens: int | None = None,
                            sinks: torch.Tensor | None = None, fused_merge: bool = False,
                            grid_pieces: int | None = None,
-                           semaphores: torch.Tensor | None = None, merge_stages: int = 0) -> torch.Tensor:
+                           semaphores: torch.Tensor | None = None,
+                           merge_stages: int = DEFAULT_MERGE_STAGES) -> torch.Tensor:
     """Attention of ``q`` [B, Hq, t, D] over the store after the chunk's ``t`` tokens were appended.
 
     ``offsets`` / ``lengths``: [B, Hkv] int32/int64 device tensors (first slot, used length incl. the
@@ -438,9 +442,8 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     ``grid_pieces`` (benchmarks; fixed pieces only): launch at most this many programs per (row, head) x row
     block, each looping over the pieces ``s, s + grid_pieces, ...`` of its head, instead of one program per
     piece of ``max_len_bound`` (which for a static cache's row bound are mostly empty).
-    ``merge_stages`` (benchmarks; the merge launch only): > 0 software-pipelines the merge's loads of the
-    pieces (``tl.range(num_stages=)``); at batch 1 the merge walks ~17 pieces one dependent load after
-    another (9.3 µs a layer on the H200, more than the attention itself).
+    ``merge_stages`` (the merge launch only; default ``DEFAULT_MERGE_STAGES``): > 0 software-pipelines the
+    merge's loads of the pieces (``tl.range(num_stages=)``), 0 is a plain loop, one dependent load after another.
     """
     if isinstance(merge_stages, bool) or not isinstance(merge_stages, int) or merge_stages < 0:
         raise ValueError(f"merge_stages must be an integer >= 0, got {merge_stages!r}")
