@@ -103,7 +103,7 @@ def configs(args, smoke: bool):
     if smoke:
         return [dict(bound=b, grid=gp, piece=p, block_n=None, num_warps=None, num_stages=None, fused=f)
                 for b, gp, p, f in [("row", None, 32, False), ("row", 1, 32, True), ("head", None, "auto", True)]]
-    # the launcher's own choice (no overrides: triton_attend.fixed_piece_config), merge launch and fused
+    # the launcher's own choice (no overrides: choose_chunk + fixed_piece_tiles), merge launch and fused
     launcher = [dict(bound="row", grid=None, piece="auto", block_n=None, num_warps=None, num_stages=None, fused=f)
                 for f in (False, True)]
     pieces = ["auto", 256, 512, 1024]

@@ -106,7 +106,7 @@ def test_matches_plain_path(dtype, G, t, softcap):
 @pytest.mark.parametrize("fused", [False, True], ids=["merge", "fused"])
 def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
     """The static cache's launch (a row bound, no overrides) as it runs on a 132-SM card: pieces of
-    ``MIN_PIECE`` tokens (``fixed_piece_config``; BLOCK_N 128 with the fused merge, 64 with the merge
+    ``MIN_PIECE`` tokens (``fixed_piece_tiles``; BLOCK_N 128 with the fused merge, 64 with the merge
     launch), heads spanning 1-3 pieces and most pieces of the row bound empty; the output equals the plain
     path with and without the fused merge."""
     from adakv_compile.kernels import triton_attend
@@ -131,6 +131,27 @@ def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
     assert (args["CHUNK"], args["BLOCK_N"]) == (triton_attend.MIN_PIECE, 128 if fused else 64)
     assert args["NUM_SPLITS"] == -(-bound // triton_attend.MIN_PIECE) and args["FUSED_MERGE"] == fused
     assert len(launches) == (1 if fused else 2)
+
+
+@needs_device
+@pytest.mark.parametrize("piece", [64, 256, 1024])
+def test_given_piece_size_is_kept(monkeypatch, piece):
+    """A caller's ``split_tokens`` is the piece size launched (the tiles follow it: a 64-token piece is not
+    rounded up to a 128-slot block), with the fused merge and the launcher's other choices."""
+    from adakv_compile.kernels import triton_attend
+    import tests.sm90_target as sm90
+
+    monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
+    launches = []
+    monkeypatch.setattr(triton_attend, "launcher", sm90.capturing_launcher(launches))
+    c = _store(SKEWED, 64, torch.float32, 1, seed=5)
+    q = _randn(c.g, c.B, c.Hkv * 2, 1, 64)
+    sem = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, 1, 0.125, max_len_bound=2048,
+                           split_tokens=piece, fused_merge=True, semaphores=sem)
+    args = launches[0][1]
+    assert args["CHUNK"] == piece and args["NUM_SPLITS"] == 2048 // piece
+    assert piece % args["BLOCK_N"] == 0
 
 
 @needs_device

@@ -396,18 +396,17 @@ def choose_chunk(total_tokens: float, device: torch.device, block_n: int, pieces
     return int(min(2048, max(chunk, block_n, MIN_PIECE)))
 
 
-def fixed_piece_config(total_tokens: float, device: torch.device, fused: bool) -> tuple[int, int, int]:
-    """(tokens per piece, BLOCK_N, num_stages) of the fixed-piece split-K launch (a static cache's row
-    bound). From the H200 sweeps at ~1k and ~2k kept tokens per head (bench/results/attend-sweep-s10-h200.json,
-    attend-sweep-s10-2k-h200.json; docs/design.md "Fixed pieces at small batch"): pieces of at least
-    ``MIN_PIECE`` tokens (batch 1: 16.7 -> 9.9 us a layer), and with the fused merge BLOCK_N 128 and 2 stages
-    for pieces of at most 512 tokens (batch 8 at 2k: 31.4 -> 30.4 us = 86.6 % of a same-size copy); above
-    that, and always with the merge launch, BLOCK_N 64 and 3 stages (batch 32; BLOCK_N 128 with 3 stages and
-    the merge launch was 35 % slower at batch 8)."""
-    chunk = choose_chunk(total_tokens, device, 64)
-    if fused and chunk <= 512:
-        return chunk, 128, 2
-    return chunk, 64, 3
+def fixed_piece_tiles(chunk: int, fused: bool) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) of the fixed-piece split-K launch (a static cache's row bound) for pieces of
+    ``chunk`` tokens. From the H200 sweeps at ~1k and ~2k kept tokens per head (bench/results/
+    attend-sweep-s10-h200.json, attend-sweep-s10-2k-h200.json; docs/design.md "Fixed pieces at small batch"):
+    with the fused merge, BLOCK_N 128 and 2 stages for pieces of 128-512 tokens (batch 8 at 2k: 31.4 -> 30.4 us
+    = 86.6 % of a same-size copy; batch 1's 256-token pieces: 9.9 us); above that, and always with the merge
+    launch, BLOCK_N 64 and 3 stages (batch 32; BLOCK_N 128 with 3 stages and the merge launch was 35 % slower
+    at batch 8). The piece size itself is ``choose_chunk``'s (at least ``MIN_PIECE``: batch 1 16.7 -> 9.9 us)."""
+    if fused and 128 <= chunk <= 512:
+        return 128, 2
+    return 64, 3
 
 
 def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
@@ -479,14 +478,14 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
     chunk = 0
-    if fixed:  # fixed pieces: size, BLOCK_N and stages from the H200 sweeps (fixed_piece_config)
+    if fixed:  # fixed pieces: size, BLOCK_N and stages from the H200 sweeps (choose_chunk, fixed_piece_tiles)
         mean_len = (pool_k.numel() // D) / max(1, n_bh)
-        auto_chunk, bn, ns = fixed_piece_config(n_bh * n_mblk * mean_len, q.device, bool(fused_merge))
+        chunk = split_tokens or choose_chunk(n_bh * n_mblk * mean_len, q.device, 64)
+        bn, ns = fixed_piece_tiles(chunk, bool(fused_merge))
     block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
     num_warps = num_warps or nw
     num_stages = num_stages or ns
     if fixed:
-        chunk = split_tokens or auto_chunk
         chunk = triton.cdiv(chunk, block_n) * block_n
         num_splits = max(1, triton.cdiv(int(max_len_bound), chunk))
         if num_splits == 1:
