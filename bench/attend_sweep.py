@@ -115,8 +115,8 @@ def configs(args, smoke: bool):
 
 
 def merge_stage_rows(case, bounds, q, pk, pv, off, lens, t, scale, ref, D, device, rep, smoke) -> list:
-    """The split-K merge launch with its loads of the pieces software-pipelined (``merge_stages`` 2..4) for
-    the launcher's default config and the best merge-launch config, against the plain loop (0 stages): at
+    """The split-K merge launch with its loads of the pieces as a plain loop (``merge_stages`` 0) and
+    software-pipelined (2..4), for the launcher's default config and the best merge-launch config: at
     batch 1 the merge walked ~17 pieces one dependent load after another (9.3 µs a layer on the H200). Each
     row: rel err, and µs when timed (``base_us``: the config's row, at the launcher's ``DEFAULT_MERGE_STAGES``)."""
     picks = {r["cfg"]: r for r in (case.get("default"), case.get("best")) if r and not r["fused"]}

@@ -134,6 +134,25 @@ def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
 
 
 @needs_device
+def test_tiles_follow_the_merge_that_launches(monkeypatch):
+    """``fused_merge`` asked for with counters too small for the launch: the merge launch runs, with the
+    merge launch's tiles (BLOCK_N 64), not the fused merge's."""
+    from adakv_compile.kernels import triton_attend
+    import tests.sm90_target as sm90
+
+    monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
+    launches = []
+    monkeypatch.setattr(triton_attend, "launcher", sm90.capturing_launcher(launches))
+    c = _store(SKEWED, 64, torch.float32, 1, seed=6)
+    q = _randn(c.g, c.B, c.Hkv * 2, 1, 64)
+    too_few = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, 1, 0.125, max_len_bound=2048,
+                           fused_merge=True, semaphores=too_few)
+    assert len(launches) == 2 and not launches[0][1]["FUSED_MERGE"]
+    assert (launches[0][1]["CHUNK"], launches[0][1]["BLOCK_N"]) == (triton_attend.MIN_PIECE, 64)
+
+
+@needs_device
 @pytest.mark.parametrize("piece", [64, 256, 1024])
 def test_given_piece_size_is_kept(monkeypatch, piece):
     """A caller's ``split_tokens`` is the piece size launched (the tiles follow it: a 64-token piece is not

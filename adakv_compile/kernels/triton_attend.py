@@ -477,11 +477,13 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     fixed = max_len_bound is not None and num_splits is None
     n_mblk = triton.cdiv(rows, block_m)
     n_bh = B * Hkv
+    # the fused merge runs where its counters fit, else the merge launch does: the tiles follow what launches
+    counters_fit = semaphores is None or semaphores.numel() >= n_bh * n_mblk
     chunk = 0
     if fixed:  # fixed pieces: size, BLOCK_N and stages from the H200 sweeps (choose_chunk, fixed_piece_tiles)
         mean_len = (pool_k.numel() // D) / max(1, n_bh)
         chunk = split_tokens or choose_chunk(n_bh * n_mblk * mean_len, q.device, 64)
-        bn, ns = fixed_piece_tiles(chunk, bool(fused_merge))
+        bn, ns = fixed_piece_tiles(chunk, bool(fused_merge) and counters_fit)
     block_n = min(block_n or bn, max(16, 16384 // block_d))  # K/V tiles of <= 16K elements (shared memory)
     num_warps = num_warps or nw
     num_stages = num_stages or ns
@@ -509,7 +511,7 @@ def store_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
     fused = split and bool(fused_merge)
     if fused and semaphores is not None:
         _check_semaphores(semaphores, q)
-        fused = semaphores.numel() >= n_bh * n_mblk  # else: the merge launch (the counters do not fit)
+        fused = counters_fit  # else: the merge launch
         sem = semaphores
     elif fused:
         if type(q) is not torch.Tensor:
