@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import pstats
 import re
 import subprocess
@@ -57,7 +58,8 @@ def main():
         if a.device == "cuda":
             import torch
             device = torch.cuda.get_device_name(0)
-        text = [f"# Cold first generate under cProfile, {device}: {a.layers} layers, {a.batch} x {a.context} + "
+        text = [json.dumps({"device": device}),  # the stamp bench/stamp.py gives a non-Markdown result
+                f"# Cold first generate under cProfile, {device}: {a.layers} layers, {a.batch} x {a.context} + "
                 f"{a.new}, method {a.method}; process {wall:.1f} s (profiled); child result {child}", ""]
         for key in ("cumulative", "tottime"):
             buf = io.StringIO()
@@ -67,7 +69,7 @@ def main():
             text += [f"## by {key}", "", body]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(text) + "\n")
-    print(text[0], flush=True)
+    print(text[1], flush=True)
 
 
 if __name__ == "__main__":
