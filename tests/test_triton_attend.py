@@ -133,23 +133,31 @@ def test_launcher_default_pieces_on_a_many_sm_card(monkeypatch, fused):
     assert len(launches) == (1 if fused else 2)
 
 
-@needs_device
-def test_tiles_follow_the_merge_that_launches(monkeypatch):
-    """``fused_merge`` asked for with counters too small for the launch: the merge launch runs, with the
-    merge launch's tiles (BLOCK_N 64), not the fused merge's."""
+def _captured_launches(monkeypatch, seed: int, **kw) -> list:
+    """The kernel launches (kernel, {argument: value}) of one fixed-piece call (row bound 2048) on a 132-SM
+    card, captured instead of run."""
     from adakv_compile.kernels import triton_attend
     import tests.sm90_target as sm90
 
     monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
     launches = []
     monkeypatch.setattr(triton_attend, "launcher", sm90.capturing_launcher(launches))
-    c = _store(SKEWED, 64, torch.float32, 1, seed=6)
+    c = _store(SKEWED, 64, torch.float32, 1, seed=seed)
     q = _randn(c.g, c.B, c.Hkv * 2, 1, 64)
+    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, 1, 0.125, max_len_bound=2048, **kw)
+    return launches
+
+
+@needs_device
+def test_tiles_follow_the_merge_that_launches(monkeypatch):
+    """``fused_merge`` asked for with counters too small for the launch: the merge launch runs, with the
+    merge launch's tiles (BLOCK_N 64), not the fused merge's."""
+    from adakv_compile.kernels.triton_attend import MIN_PIECE
+
     too_few = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, 1, 0.125, max_len_bound=2048,
-                           fused_merge=True, semaphores=too_few)
+    launches = _captured_launches(monkeypatch, 6, fused_merge=True, semaphores=too_few)
     assert len(launches) == 2 and not launches[0][1]["FUSED_MERGE"]
-    assert (launches[0][1]["CHUNK"], launches[0][1]["BLOCK_N"]) == (triton_attend.MIN_PIECE, 64)
+    assert (launches[0][1]["CHUNK"], launches[0][1]["BLOCK_N"]) == (MIN_PIECE, 64)
 
 
 @needs_device
@@ -157,18 +165,8 @@ def test_tiles_follow_the_merge_that_launches(monkeypatch):
 def test_given_piece_size_is_kept(monkeypatch, piece):
     """A caller's ``split_tokens`` is the piece size launched (the tiles follow it: a 64-token piece is not
     rounded up to a 128-slot block), with the fused merge and the launcher's other choices."""
-    from adakv_compile.kernels import triton_attend
-    import tests.sm90_target as sm90
-
-    monkeypatch.setattr(triton_attend, "_sm_count", lambda device: 132)
-    launches = []
-    monkeypatch.setattr(triton_attend, "launcher", sm90.capturing_launcher(launches))
-    c = _store(SKEWED, 64, torch.float32, 1, seed=5)
-    q = _randn(c.g, c.B, c.Hkv * 2, 1, 64)
     sem = torch.zeros(64, dtype=torch.int32, device=DEVICE)
-    store_attention_triton(q, c.pool_k, c.pool_v, c.off, c.lens, 1, 0.125, max_len_bound=2048,
-                           split_tokens=piece, fused_merge=True, semaphores=sem)
-    args = launches[0][1]
+    args = _captured_launches(monkeypatch, 5, split_tokens=piece, fused_merge=True, semaphores=sem)[0][1]
     assert args["CHUNK"] == piece and args["NUM_SPLITS"] == 2048 // piece
     assert piece % args["BLOCK_N"] == 0
 
