@@ -131,6 +131,21 @@ def instrument(no_memo: bool = False) -> None:
     ttir_memo.wrap_torch(lambda fn: _timed("triton analysis", fn))  # behind the memo: misses + unmemoised calls
 
 
+def torch_phases() -> dict:
+    """torch's own ``dynamo_timed`` phases (inclusive seconds, summed over every graph of the process): what
+    *inside* Dynamo / AOTAutograd / Inductor costs (lowering, scheduling, codegen, waiting for compile workers,
+    cache loads), which the exclusive stages above do not split."""
+    from torch._dynamo.utils import compile_times
+    out = {}
+    for line in (compile_times(repr="str", aggregate=True) or "").splitlines()[2:]:
+        name, _, value = line.rpartition(", ")
+        try:
+            out[name] = round(float(value), 4)
+        except ValueError:
+            continue
+    return out
+
+
 def child(a) -> dict:
     import torch
     from e2e import build
@@ -174,11 +189,13 @@ def child(a) -> dict:
     ind, aot = counters["inductor"], counters["aot_autograd"]
     from adakv_compile.kernels import ttir_memo
     stages = {k: round(v, 4) for k, v in sorted(TOTAL.items(), key=lambda kv: -kv[1])}
+    phases = torch_phases()
     return dict(total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
                 tokens=out[0, -a.new:].tolist(), fx_hit=ind["fxgraph_cache_hit"],
                 fx_miss=ind["fxgraph_cache_miss"], aot_hit=aot["autograd_cache_hit"],
                 aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"],
-                ttir_memo=ttir_memo.stats())
+                ttir_memo=ttir_memo.stats(), phases=phases,
+                inductor_counters={k: v for k, v in ind.items() if v})
 
 
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
@@ -230,6 +247,13 @@ def write(res: dict, out: Path) -> None:
     lines.append("| ttir memo hit/miss (calls to torch) | " + " | ".join(
         f"{m.get('hits', 0)}/{m.get('misses', 0)} ({m.get('torch_calls', 0)})" if m.get("installed") else
         f"off ({r['calls'].get('triton analysis', 0)})" for r in rows for m in [r.get("ttir_memo", {})]) + " |")
+    lines += ["", "torch's own phases (`torch._dynamo.utils.compile_times`, inclusive, summed over the process's "
+              "graphs; phases under 0.2 s in every column left out):", "",
+              "| phase | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    phase_names = [k for k in dict.fromkeys(k for r in rows for k in r.get("phases", {}))
+                   if max(r.get("phases", {}).get(k, 0) for r in rows) >= 0.2]
+    for k in phase_names:
+        lines.append(f"| {k} | " + " | ".join(f"{r.get('phases', {}).get(k, 0):.2f}" for r in rows) + " |")
     out.with_suffix(".md").write_text(md_header(res["device"]) + "\n".join(lines) + "\n")
 
 
