@@ -19,6 +19,7 @@ from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
 from .passes.cache_key import PASS_KEY, config_key
+from .passes.compress_once import compress_once_on, register as register_compress_once, use_compress_once
 from .passes.gemv import gemv_wanted, replace_gemv
 from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
@@ -62,6 +63,7 @@ class AdaKVBackend:
         self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
         self._key = _backend_key(config)
         self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
+        register_compress_once(self._key, self._compile_compress)  # passes/compress_once.py
 
     @property
     def graphs_compiled(self) -> int:
@@ -134,6 +136,9 @@ class AdaKVBackend:
             self.graphs[-1]["compiler"] = "eager"
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result, inner)
+        if inner == self._inner and self.inner != "eager" and self._is_prefill(result) and \
+                result.static is not None and compress_once_on():
+            self.graphs[-1]["compress_once"] = use_compress_once(gm, self._key)  # one compile for all layers
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         if gemv_wanted(self.config.gemv, example_inputs) and not needs_grad:  # decode graphs only; after the merge
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
@@ -301,6 +306,10 @@ class AdaKVBackend:
         fill_fake_values(gm.graph)  # AOTAutograd's cache refuses method calls on nodes without one
         with tracing(TracingContext(mode)):
             return inner(gm, fakes)
+
+    def _compile_compress(self, gm, args) -> Callable:
+        """The one-layer compression graph of ``adakv::compress_once``, compiled as a region is."""
+        return self._compile_region(gm, args, self._inner)
 
     def _inner(self, gm, example_inputs, cudagraphs: bool = False) -> Callable:
         if self.inner == "eager":

@@ -115,7 +115,7 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int, pla
         # is compiled anew, with Inductor's caches off: the emptied graph has the same cache key): what
         # compression adds to the prefill, launches overlapped with the GPU's work as in real use
         torch._dynamo.reset()
-        with _compress_body_emptied():
+        with _compress_body_emptied(backend):
             fwd = torch.compile(orig_forward, backend=backend)
             row["adakv_no_compress_prefill_ms"], _ = run(fwd, fresh)
         row["compress_in_prefill_ms"] = row["adakv_prefill_ms"] - row["adakv_no_compress_prefill_ms"]
@@ -134,9 +134,15 @@ def prefill_row(model, orig_forward, B: int, n: int, budget: int, reps: int, pla
 
 class _compress_body_emptied:
     """Within (compile and run): the compress ops score, allocate and write nothing (their callees are
-    stubs); Inductor's FX-graph and AOTAutograd caches are off, so the emptied body is really compiled."""
+    stubs); Inductor's FX-graph and AOTAutograd caches are off, so the emptied body is really compiled, and
+    ``backend``'s one-layer compression graphs (passes/compress_once.py) are forgotten on entry and exit."""
+
+    def __init__(self, backend):
+        from adakv_compile.passes import compress_once
+        self.compiled = compress_once._COMPILERS.get(backend._key, (None, {}))[1]
 
     def __enter__(self):
+        self.compiled.clear()
         import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_config
         from adakv_compile.kernels import static
@@ -153,6 +159,7 @@ class _compress_body_emptied:
         for p in reversed(self.patches):
             p.__exit__(*exc)
         self.static.prompt_scores, self.static.keep_mask_tp, self.static.fill_static = self.saved
+        self.compiled.clear()
 
 
 def causal_mask_check(n: int = 4096, reps: int = 5) -> dict:

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"},  # method -> AdaKVConfig fields
-                 "adakv_eager_prefill": {"prefill_compiler": "eager"}}
+                 "adakv_eager_prefill": {"prefill_compiler": "eager"}, "adakv_compress_per_layer": {}}
+# method -> environment of its child: the compression inlined into every layer (as before compress_once)
+METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}}
 
 
 def child(a) -> dict:
@@ -96,11 +98,11 @@ def child(a) -> dict:
                 aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"])
 
 
-def child_env(cache_dir: Path) -> dict:
+def child_env(cache_dir: Path, method: str = "") -> dict:
     """The environment of a child process whose Inductor and Triton caches live in ``cache_dir`` (empty: cold;
-    left by an earlier child: warm), importing this checkout."""
+    left by an earlier child: warm), importing this checkout; plus the method's switches (``METHOD_ENV``)."""
     return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
-                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **METHOD_ENV.get(method, {}))
 
 
 def child_args(a, method: str, layers: int, context: int, new: int) -> list[str]:
@@ -111,7 +113,7 @@ def child_args(a, method: str, layers: int, context: int, new: int) -> list[str]
 
 
 def spawn(a, method: str, layers: int, context: int, new: int, cache_dir: Path) -> dict:
-    env = child_env(cache_dir)
+    env = child_env(cache_dir, method)
     cmd = [sys.executable] + child_args(a, method, layers, context, new)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)

@@ -45,7 +45,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="adakv-cprofile-") as tmp:
         cache = Path(tmp) / "cache"
         prof = Path(tmp) / "child.prof"
-        env = child_env(cache)
+        env = child_env(cache, a.method)
         cmd = [sys.executable, "-m", "cProfile", "-o", str(prof)] + child_args(a, a.method, a.layers, a.context,
                                                                                 a.new)
         t0 = time.perf_counter()

@@ -135,14 +135,10 @@ def torch_phases() -> dict:
     """torch's own ``dynamo_timed`` phases (inclusive seconds, summed over every graph of the process): what
     *inside* Dynamo / AOTAutograd / Inductor costs (lowering, scheduling, codegen, waiting for compile workers,
     cache loads), which the exclusive stages above do not split."""
-    from torch._dynamo.utils import compile_times
-    out = {}
-    for line in (compile_times(repr="str", aggregate=True) or "").splitlines()[2:]:
-        name, _, value = line.rpartition(", ")
-        try:
-            out[name] = round(float(value), 4)
-        except ValueError:
-            continue
+    from torch._dynamo import utils
+
+    metrics = getattr(utils, "compilation_time_metrics", {})  # name -> [seconds per call]
+    out = {name: round(sum(times), 4) for name, times in metrics.items() if times}
     return out
 
 
@@ -199,7 +195,7 @@ def child(a) -> dict:
 
 
 def spawn(a, method: str, layers: int, cache_dir: Path) -> dict:
-    env = child_env(cache_dir)
+    env = child_env(cache_dir, method)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method, "--layers", str(layers),
            "--context", str(a.context), "--new", str(a.new), "--batch", str(a.batch), "--budget", str(a.budget),
            "--device", a.device] + (["--small"] if a.small else []) + (

@@ -36,3 +36,16 @@ def test_restart_hits_every_graph(tmp_path):
     assert warm["fx_hit"] == compiles and warm["graphs"] == cold["graphs"], warm
     assert warm["aot_miss"] == 0 and warm["aot_bypass"] == 0 and warm["aot_hit"] == compiles, warm
     assert warm["tokens"] == cold["tokens"]
+
+
+def test_restart_hits_the_compression_compiled_once(tmp_path):
+    """Compression inlined (as on CUDA) and compiled once for all layers (passes/compress_once.py): three
+    layers, one compile of the one-layer compression graph, and a restart hits it too."""
+    cold = _run(tmp_path, "--inline", "--layers", "3")
+    assert cold["compress_once"] == 1, cold  # three layers, one compile
+    compiles = cold["graphs"] + cold["regions"] + cold["compress_once"]
+    assert cold["fx_hit"] == 0 and cold["fx_bypass"] == 0 and cold["fx_miss"] == compiles, cold
+    warm = _run(tmp_path, "--other-backend-first", "--inline", "--layers", "3")
+    assert warm["fx_miss"] == 0 and warm["fx_bypass"] == 0 and warm["fx_hit"] == compiles, warm
+    assert warm["aot_miss"] == 0 and warm["aot_bypass"] == 0 and warm["aot_hit"] == compiles, warm
+    assert warm["tokens"] == cold["tokens"]

@@ -1,0 +1,126 @@
+"""Compile one layer's prefill compression once for all layers (issue 17: a fast start).
+
+Inlined into the prefill graph, ``adakv::prefill_compress`` (scoring, allocation, compaction: a traced
+body of Triton launches and aten ops) is lowered, scheduled and code-generated once per *layer* by
+AOTAutograd and Inductor; on an H200 at 8 layers that made the prefill graph's compile about twice the decode
+graph's (bench/results/start-profile-s11-8L-h200.md). Every layer's call is the same graph on other tensors
+(its pools, same shapes) as long as the config does not depend on the layer: ``allocate.row_keep`` reads
+the layer only for ``skip_layers`` and a non-flat ``layer_schedule`` (``layer_class``).
+
+This pass replaces each ``prefill_compress`` node by ``adakv::compress_once`` (same arguments; the config
+key becomes the backend's key, read at run time). At its first call for a given layer class, config and
+input layouts, the op compiles a one-node graph calling ``prefill_compress`` (layer normalised by
+``layer_class``) with the backend's compiler, from fake inputs in a fresh shape environment, so that
+Inductor's FX-graph and AOTAutograd caches take it on a restart (as chunked regions, backend._compile_region);
+every later layer reuses that compiled function. Kernels stay Inductor's (inlined into the one-layer
+graph); what runs per layer in Python is the op call and the compiled function's wrapper.
+
+``backend.reconfigure`` needs no recompile of the prefill graph: the op reads the backend's live config and
+compiles the one-layer graph for a new config on first use (``inline_config_key`` is part of its key).
+``ADAKV_COMPRESS_ONCE=0`` keeps the compression inlined per layer (to compare).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..kernels.dispatch import switch
+from ..kernels.ops import config_for
+
+log = logging.getLogger("adakv_compile")
+
+# backend key -> (a weak reference to the backend's compile method, compiled functions by key)
+_COMPILERS: dict[str, tuple[weakref.WeakMethod, dict]] = {}
+
+
+def compress_once_on() -> bool:
+    """``ADAKV_COMPRESS_ONCE`` = 1 / 0; unset: on."""
+    value = switch("ADAKV_COMPRESS_ONCE")
+    return True if value is None else value
+
+
+def layer_class(config, layer: int, num_layers: int) -> tuple[int, int]:
+    """(layer, num_layers) as the compression body reads them: the real ones when the config makes layers
+    differ (a skipped layer, a non-flat schedule), else a representative shared by all layers (the smallest
+    index the config does not skip, one layer: the flat schedule ignores both)."""
+    if layer in config.skip_layers or (config.layer_schedule != "flat" and num_layers > 1):
+        return layer, num_layers
+    skipped = set(config.skip_layers)
+    return next(i for i in range(len(skipped) + 1) if i not in skipped), 1
+
+
+def register(backend_key: str, compile_method: Callable) -> None:
+    """Make a backend's compiler (a bound method, held weakly: the registry keeps no backend alive) reachable
+    from its graphs' ``compress_once`` calls."""
+    _COMPILERS[backend_key] = (weakref.WeakMethod(compile_method), {})
+
+
+def use_compress_once(gm: fx.GraphModule, backend_key: str) -> int:
+    """Point every ``prefill_compress`` node of ``gm`` at ``compress_once``; returns how many."""
+    target = torch.ops.adakv.prefill_compress.default
+    nodes = gm.graph.find_nodes(op="call_function", target=target)
+    for node in nodes:
+        args = list(node.args)
+        args[8] = backend_key  # the config key: the backend's, whose config is read at run time
+        node.args = tuple(args)
+        node.target = torch.ops.adakv.compress_once.default
+    if nodes:
+        gm.recompile()
+    return len(nodes)
+
+
+def _layout(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device)
+    return (None,)
+
+
+def _one_layer_graph(literals: tuple, present: tuple[bool, ...]) -> fx.GraphModule:
+    """``prefill_compress(q, k, v, mask, *literals, pool_k, ..., seen, sinks, bias)`` as a graph whose
+    placeholders are the tensors present (None arguments stay None)."""
+    g = fx.Graph()
+    names = ("q", "k", "v", "attn_mask", "pool_k", "pool_v", "off", "lens", "pos", "seen", "sinks", "bias")
+    ph = [g.placeholder(name) if here else None for name, here in zip(names, present)]
+    args = tuple(ph[:4]) + literals + tuple(ph[4:10])
+    g.call_function(torch.ops.adakv.prefill_compress.default, args, {"sinks": ph[10], "bias": ph[11]})
+    g.output(())
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+@torch.library.custom_op("adakv::compress_once", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
+def compress_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float, softcap: float, layer: int, num_layers: int, backend_key: str, room: int,
+                  pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
+                  pos: torch.Tensor, seen: torch.Tensor, sinks: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None) -> None:
+    """``prefill_compress`` through the one-layer graph compiled for its layer class, config and layouts."""
+    from ..kernels.static import inline_config_key
+
+    method, compiled = _COMPILERS.get(backend_key, (lambda: None, {}))
+    compile_fn = method()
+    if compile_fn is None:
+        raise RuntimeError(f"adakv: compress_once: no live backend under {backend_key!r} (the backend that "
+                           "compiled this graph was deleted)")
+    config = config_for(backend_key)
+    layer, num_layers = layer_class(config, layer, num_layers)
+    literals = (float(scale), float(softcap), layer, num_layers, inline_config_key(config), int(room))
+    tensors = (q, k, v, attn_mask, pool_k, pool_v, off, lens, pos, seen, sinks, bias)
+    key = (literals, tuple(_layout(x) for x in tensors))
+    fn = compiled.get(key)
+    if fn is None:
+        present = tuple(x is not None for x in tensors)
+        gm = _one_layer_graph(literals, present)
+        fn = compiled[key] = compile_fn(gm, [x for x in tensors if x is not None])
+        log.debug("adakv: compress_once: compiled the compression for layer class %s (%d compiled)",
+                  (layer, num_layers), len(compiled))
+    fn(*[x for x in tensors if x is not None])
+
+
+@compress_once.register_fake
+def _(q, k, v, attn_mask, scale, softcap, layer, num_layers, backend_key, room, pool_k, pool_v, off, lens, pos,
+      seen, sinks=None, bias=None):
+    return None
