@@ -19,7 +19,7 @@ from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
 from .passes.cache_key import PASS_KEY, config_key
-from .passes.compress_once import compress_once_on, register as register_compress_once, use_compress_once
+from .passes.compress_once import register as register_compress_once, use_compress_once
 from .passes.gemv import gemv_wanted, replace_gemv
 from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
@@ -137,8 +137,10 @@ class AdaKVBackend:
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result, inner)
         if inner == self._inner and self.inner != "eager" and self._is_prefill(result) and \
-                result.static is not None and compress_once_on():
-            self.graphs[-1]["compress_once"] = use_compress_once(gm, self._key)  # one compile for all layers
+                result.static is not None:
+            once = use_compress_once(gm, self._key)  # one compile for all layers (passes/compress_once.py)
+            if once:
+                self.graphs[-1]["compress_once"] = once
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         if gemv_wanted(self.config.gemv, example_inputs) and not needs_grad:  # decode graphs only; after the merge
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten

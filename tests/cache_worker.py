@@ -35,6 +35,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.inline:
         os.environ["ADAKV_INLINE_COMPRESS"] = "1"
+        os.environ["ADAKV_COMPRESS_ONCE"] = "1"  # below compress_once.MIN_LAYERS layers
     torch.set_num_threads(1)
     if args.other_backend_first:
         compile_model(build("llama", num_hidden_layers=1), AdaKVConfig(budget=30, window=8))

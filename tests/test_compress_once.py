@@ -6,7 +6,8 @@ Against the eager oracle (kept positions, pool contents, logits), on fresh rando
 - ``skip_layers`` and the pyramid schedule: one compile per layer class (as ``layer_class`` says);
 - ``backend.reconfigure``: no Dynamo retrace and no prefill-graph recompile; the one-layer graph is compiled
   once per config, and going back reuses the first;
-- ``ADAKV_COMPRESS_ONCE=0`` keeps the compression inlined per layer; a bad value names the variable.
+- ``ADAKV_COMPRESS_ONCE=0`` keeps the compression inlined per layer, unset follows ``MIN_LAYERS``; a bad
+  value names the variable.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tests.test_static_cache import build, twin
 def _inline_compress(monkeypatch):
     """The inlined compression (the CUDA default) is what compress_once takes over; force it on the CPU."""
     monkeypatch.setenv("ADAKV_INLINE_COMPRESS", "1")
-    monkeypatch.delenv("ADAKV_COMPRESS_ONCE", raising=False)
+    monkeypatch.setenv("ADAKV_COMPRESS_ONCE", "1")  # these models have fewer than MIN_LAYERS layers
 
 
 def _compiled(backend) -> int:
@@ -99,7 +100,22 @@ def test_switch_off_inlines_per_layer(monkeypatch):
     _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
     monkeypatch.setenv("ADAKV_COMPRESS_ONCE", "yes")
     with pytest.raises(ValueError, match="ADAKV_COMPRESS_ONCE"):
-        compress_once.compress_once_on()
+        compress_once.compress_once_on(32)
+
+
+def test_unset_switch_follows_the_layer_count(monkeypatch):
+    """Unset: inlined per layer below ``MIN_LAYERS`` compressing layers, compiled once from there up."""
+    monkeypatch.delenv("ADAKV_COMPRESS_ONCE")
+    monkeypatch.setattr(compress_once, "MIN_LAYERS", 3)
+    seed = int(torch.randint(0, 1 << 16, ()))
+    ids, am = left_padded([40, 33], seed=seed)
+    cfg = AdaKVConfig(budget=16, window=4)
+    for layers, once in ((2, 0), (3, 3)):
+        model = build("llama", seed=seed, layers=layers)
+        backend = compile_model(model, cfg, inner="aot_eager")
+        logits, cache = _prefill(model, backend, ids, am)
+        assert backend.graphs[0].get("compress_once", 0) == once, (seed, layers, backend.graphs)
+        _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
 
 
 def test_layer_class():

@@ -17,7 +17,8 @@ graph); what runs per layer in Python is the op call and the compiled function's
 
 ``backend.reconfigure`` needs no recompile of the prefill graph: the op reads the backend's live config and
 compiles the one-layer graph for a new config on first use (``inline_config_key`` is part of its key).
-``ADAKV_COMPRESS_ONCE=0`` keeps the compression inlined per layer (to compare).
+When: ``compress_once_on`` (from ``MIN_LAYERS`` compressing layers up, as measured; ``ADAKV_COMPRESS_ONCE``
+= 1 / 0 forces it either way).
 """
 from __future__ import annotations
 
@@ -37,10 +38,19 @@ log = logging.getLogger("adakv_compile")
 _COMPILERS: dict[str, tuple[weakref.WeakMethod, dict]] = {}
 
 
-def compress_once_on() -> bool:
-    """``ADAKV_COMPRESS_ONCE`` = 1 / 0; unset: on."""
+# Unset switch: compile once from this many compressing layers of a prefill graph up. H200, torch 2.11, Llama-8B
+# shapes, 1 x 8k (bench/results/start-profile-s11-once-{8,32}L-h200.md, one run each): at 32 layers the first
+# generate took 86 s instead of 125 cold (warm 22 vs 26); at 8 layers 34 s either way cold, but 10.2 instead of
+# 6.7 s warm: the one-layer graph, compiled at run time, costs a fixed ~2.5 s to load on a restart (its kernels
+# are precompiled in the main process: async_compile.precompile), which 8 inlined copies do not outweigh.
+MIN_LAYERS = 16
+
+
+def compress_once_on(layers: int) -> bool:
+    """``ADAKV_COMPRESS_ONCE`` = 1 / 0 forces it; unset: on for prefill graphs compressing ``MIN_LAYERS`` or
+    more layers."""
     value = switch("ADAKV_COMPRESS_ONCE")
-    return True if value is None else value
+    return layers >= MIN_LAYERS if value is None else value
 
 
 def layer_class(config, layer: int, num_layers: int) -> tuple[int, int]:
@@ -60,9 +70,12 @@ def register(backend_key: str, compile_method: Callable) -> None:
 
 
 def use_compress_once(gm: fx.GraphModule, backend_key: str) -> int:
-    """Point every ``prefill_compress`` node of ``gm`` at ``compress_once``; returns how many."""
+    """Point every ``prefill_compress`` node of ``gm`` at ``compress_once`` (where ``compress_once_on`` says);
+    returns how many."""
     target = torch.ops.adakv.prefill_compress.default
     nodes = gm.graph.find_nodes(op="call_function", target=target)
+    if not compress_once_on(len(nodes)):
+        return 0
     for node in nodes:
         args = list(node.args)
         args[8] = backend_key  # the config key: the backend's, whose config is read at run time
