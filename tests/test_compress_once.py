@@ -125,3 +125,16 @@ def test_layer_class():
     pyramid = AdaKVConfig(budget=20, window=4, layer_schedule="pyramid")
     assert compress_once.layer_class(pyramid, 3, 8) == (3, 8)
     assert compress_once.layer_class(pyramid, 0, 1) == (0, 1)
+
+
+def test_a_deleted_backend_takes_its_compiled_graphs_along():
+    import gc
+
+    model = build("llama", seed=int(torch.randint(0, 1 << 16, ())), layers=2)
+    backend = compile_model(model, AdaKVConfig(budget=16, window=4), inner="aot_eager")
+    key = backend._key
+    assert key in compress_once._COMPILERS
+    torch._dynamo.reset()  # Dynamo's compiled frames hold the backend
+    del backend, model
+    gc.collect()
+    assert key not in compress_once._COMPILERS

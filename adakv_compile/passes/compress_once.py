@@ -66,7 +66,13 @@ def layer_class(config, layer: int, num_layers: int) -> tuple[int, int]:
 def register(backend_key: str, compile_method: Callable) -> None:
     """Make a backend's compiler (a bound method, held weakly: the registry keeps no backend alive) reachable
     from its graphs' ``compress_once`` calls."""
-    _COMPILERS[backend_key] = (weakref.WeakMethod(compile_method), {})
+    _COMPILERS[backend_key] = entry = (weakref.WeakMethod(compile_method), {})
+    weakref.finalize(compile_method.__self__, _forget, backend_key, entry)  # its compiled graphs go with it
+
+
+def _forget(backend_key: str, entry: tuple) -> None:
+    if _COMPILERS.get(backend_key) is entry:
+        del _COMPILERS[backend_key]
 
 
 def use_compress_once(gm: fx.GraphModule, backend_key: str) -> int:
