@@ -54,6 +54,19 @@ def _assert_equals_oracle(model_twin, cfg, ids, am, logits, cache):
     return kept
 
 
+def reconfigure_rounds(model, model_twin, backend, ids, am, configs, count) -> tuple[dict, list]:
+    """Prefill once under each config in turn (``backend.reconfigure``), each checked against the oracle:
+    the kept positions by config, and ``count()`` after each round."""
+    kept, counts = {}, []
+    for cfg in configs:
+        backend.reconfigure(cfg)
+        logits, cache = _prefill(model, backend, ids, am)
+        got = _assert_equals_oracle(model_twin, cfg, ids, am, logits, cache)
+        kept[cfg] = [[[p.tolist() for p in heads] for heads in rows] for rows in got]
+        counts.append(count())
+    return kept, counts
+
+
 @pytest.fixture(autouse=True)
 def _inline_compress(monkeypatch):
     """The inlined path is the default on CUDA only (passes/rewrite.py ``inline_compress``); force it here."""
@@ -107,18 +120,13 @@ def test_reconfigure_recompiles_the_prefill_graph():
     first = AdaKVConfig(budget=20, window=4)
     second = AdaKVConfig(budget=20, window=4, pooling="avg", kernel_size=3, alpha=0.5)  # same cache sizes
     backend = compile_model(model, first, inner="aot_eager")
-    kept = {}
-    traced, counts = [], []
+    traced = []
     from adakv_compile.kernels import static
     body = static._compress
     static._compress = lambda *a, **k: (traced.append(1), body(*a, **k))[1]
     try:
-        for cfg in (first, second, first, second):
-            backend.reconfigure(cfg)
-            logits, cache = _prefill(model, backend, ids, am)
-            got = _assert_equals_oracle(other, cfg, ids, am, logits, cache)
-            kept[cfg] = [[[p.tolist() for p in heads] for heads in rows] for rows in got]
-            counts.append(len(traced))
+        kept, counts = reconfigure_rounds(model, other, backend, ids, am, (first, second, first, second),
+                                          lambda: len(traced))
     finally:
         static._compress = body
     assert kept[first] != kept[second], seed

@@ -19,7 +19,7 @@ import torch
 from adakv_compile import AdaKVConfig, compile_model
 from adakv_compile.passes import compress_once
 from tests.prompts import left_padded
-from tests.test_compress_inductor import _assert_equals_oracle, _prefill
+from tests.test_compress_inductor import _assert_equals_oracle, _prefill, reconfigure_rounds
 from tests.test_static_cache import build, twin
 
 
@@ -77,13 +77,8 @@ def test_reconfigure_compiles_the_one_layer_graph_per_config():
     first = AdaKVConfig(budget=20, window=4)
     second = AdaKVConfig(budget=20, window=4, pooling="avg", kernel_size=3, alpha=0.5)  # same cache sizes
     backend = compile_model(model, first, inner="aot_eager")
-    kept, counts = {}, []
-    for cfg in (first, second, first, second):
-        backend.reconfigure(cfg)
-        logits, cache = _prefill(model, backend, ids, am)
-        got = _assert_equals_oracle(other, cfg, ids, am, logits, cache)
-        kept[cfg] = [[[p.tolist() for p in heads] for heads in rows] for rows in got]
-        counts.append(_compiled(backend))
+    kept, counts = reconfigure_rounds(model, other, backend, ids, am, (first, second, first, second),
+                                      lambda: _compiled(backend))
     assert kept[first] != kept[second], seed
     assert backend.graphs_compiled == 1 and counts == [1, 2, 2, 2], counts
 
