@@ -35,6 +35,11 @@ def fill_fake_values(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
             continue
+        if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.returns:
+            # nothing to compute (an op that only writes its arguments, e.g. the prefill compression): running
+            # its fake kernel would trace its whole body once per layer (~60 ms a layer)
+            node.meta["example_value"] = None
+            continue
         lacking = []
 
         def value(n):
