@@ -281,9 +281,14 @@ def structure_key(graph: fx.Graph, args: list) -> tuple:
 
     nodes = tuple((n.op, n.target if isinstance(n.target, str) else id(n.target), arg(n.args), arg(n.kwargs))
                   for n in graph.nodes if n.op != "placeholder") + (len(graph.find_nodes(op="placeholder")),)
-    metas = tuple((tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)
-                  if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)) for x in args)
-    return nodes, metas
+    return nodes, input_layouts(args)
+
+
+def input_layouts(args) -> tuple:
+    """What compiled code assumes of its inputs: each tensor's shape, stride, dtype, device and grad flag;
+    any other argument by type and value."""
+    return tuple((tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)
+                 if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)) for x in args)
 
 
 def _resize(a, n: int, rows: int):

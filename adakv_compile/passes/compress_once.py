@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from ..kernels.dispatch import switch
 from ..kernels.ops import config_for
+from .chunk import input_layouts
 
 log = logging.getLogger("adakv_compile")
 
@@ -92,12 +93,6 @@ def use_compress_once(gm: fx.GraphModule, backend_key: str) -> int:
     return len(nodes)
 
 
-def _layout(x) -> tuple:
-    if isinstance(x, torch.Tensor):
-        return tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device)
-    return (None,)
-
-
 def _one_layer_graph(literals: tuple, present: tuple[bool, ...]) -> fx.GraphModule:
     """``prefill_compress(q, k, v, mask, *literals, pool_k, ..., seen, sinks, bias)`` as a graph whose
     placeholders are the tensors present (None arguments stay None)."""
@@ -128,7 +123,7 @@ def compress_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     layer, num_layers = layer_class(config, layer, num_layers)
     literals = (float(scale), float(softcap), layer, num_layers, inline_config_key(config), int(room))
     tensors = (q, k, v, attn_mask, pool_k, pool_v, off, lens, pos, seen, sinks, bias)
-    key = (literals, tuple(_layout(x) for x in tensors))
+    key = (literals, input_layouts(tensors))
     fn = compiled.get(key)
     if fn is None:
         present = tuple(x is not None for x in tensors)
