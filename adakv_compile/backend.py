@@ -136,8 +136,8 @@ class AdaKVBackend:
             self.graphs[-1]["compiler"] = "eager"
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result, inner)
-        if inner == self._inner and self.inner != "eager" and self._is_prefill(result) and \
-                result.static is not None:
+        if inner == self._inner and self.inner != "eager" and result.static is not None and \
+                result.static.phase == "prefill":
             once = use_compress_once(gm, self._key)  # one compile for all layers (passes/compress_once.py)
             if once:
                 self.graphs[-1]["compress_once"] = once
