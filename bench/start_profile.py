@@ -138,8 +138,7 @@ def torch_phases() -> dict:
     from torch._dynamo import utils
 
     metrics = getattr(utils, "compilation_time_metrics", {})  # name -> [seconds per call]
-    out = {name: round(sum(times), 4) for name, times in metrics.items() if times}
-    return out
+    return {name: round(sum(times), 4) for name, times in metrics.items() if times}
 
 
 def child(a) -> dict:
@@ -243,7 +242,7 @@ def write(res: dict, out: Path) -> None:
     lines.append("| ttir memo hit/miss (calls to torch) | " + " | ".join(
         f"{m.get('hits', 0)}/{m.get('misses', 0)} ({m.get('torch_calls', 0)})" if m.get("installed") else
         f"off ({r['calls'].get('triton analysis', 0)})" for r in rows for m in [r.get("ttir_memo", {})]) + " |")
-    lines += ["", "torch's own phases (`torch._dynamo.utils.compile_times`, inclusive, summed over the process's "
+    lines += ["", "torch's own phases (`torch._dynamo.utils.compilation_time_metrics`, inclusive, summed over the process's "
               "graphs; phases under 0.2 s in every column left out):", "",
               "| phase | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     phase_names = [k for k in dict.fromkeys(k for r in rows for k in r.get("phases", {}))
