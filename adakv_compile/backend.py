@@ -19,7 +19,7 @@ from .kernels.ops import register_config
 from .kernels.store import StoreError, has_store_header, is_store_view
 from .passes import run_passes
 from .passes.cache_key import PASS_KEY, config_key
-from .passes.compress_once import register as register_compress_once, use_compress_once
+from .passes.compress_once import compile_ahead, register as register_compress_once, use_compress_once
 from .passes.gemv import gemv_wanted, replace_gemv
 from .passes.merge_linears import merge_linears
 from .report import Report, RewriteRecord
@@ -136,14 +136,16 @@ class AdaKVBackend:
             self.graphs[-1]["compiler"] = "eager"
         if not needs_grad:  # chunk first: linears inside chunked prefill regions stay unmerged (compute-bound)
             self._chunked(gm, result, inner)
-        if inner == self._inner and self.inner != "eager" and result.static is not None and \
-                result.static.phase == "prefill":
-            once = use_compress_once(gm, self._key)  # one compile for all layers (passes/compress_once.py)
+        if self.inner != "eager" and result.static is not None and result.static.phase == "prefill":
+            # one Inductor compile for all layers (passes/compress_once.py), also under prefill_compiler="eager"
+            once = use_compress_once(gm, self._key)
             if once:
                 self.graphs[-1]["compress_once"] = once
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         if gemv_wanted(self.config.gemv, example_inputs) and not needs_grad:  # decode graphs only; after the merge
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
+        if self.graphs[-1].get("compress_once"):  # after the merge: it changes the layouts of q, k, v
+            self.graphs[-1]["compress_once_ahead"] = compile_ahead(merged.gm)
         variants = self._config_variants(gm, merged, example_inputs, result, inner)  # before inner changes merged.gm
         compiled = merged.wrap(inner(merged.gm, merged.inputs(example_inputs), graphed))
         self.graphs[-1]["merged_linears"] = merged.merged

@@ -12,6 +12,9 @@ Methods:
              are compiled once per kind for all layers (also when no chunking is needed), not inside the whole graph
   adakv_eager_prefill  the same with ``AdaKVConfig(prefill_compiler="eager")``: the rewritten prefill graph and
              its chunked regions run without Inductor (only the decode graph is compiled, as HF static does)
+  adakv_compress_per_layer  ``adakv`` with the compression inlined into every layer (``ADAKV_COMPRESS_ONCE=0``)
+  adakv_once, adakv_regions_once, adakv_eager_prefill_once  ``adakv``, ``adakv_regions``, ``adakv_eager_prefill``
+             with one layer's compression compiled once for all layers at any depth (``ADAKV_COMPRESS_ONCE=1``)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
@@ -39,9 +42,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"},  # method -> AdaKVConfig fields
-                 "adakv_eager_prefill": {"prefill_compiler": "eager"}, "adakv_compress_per_layer": {}}
-# method -> environment of its child: the compression inlined into every layer (as before compress_once)
-METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}}
+                 "adakv_eager_prefill": {"prefill_compiler": "eager"}, "adakv_compress_per_layer": {},
+                 "adakv_once": {}, "adakv_regions_once": {"prefill_compiler": "regions"},
+                 "adakv_eager_prefill_once": {"prefill_compiler": "eager"}}
+# method -> environment of its child: the compression inlined into every layer (as before compress_once), or
+# compiled once for all layers whatever the layer count (passes/compress_once.py)
+_ONCE = {"ADAKV_COMPRESS_ONCE": "1"}
+METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}, "adakv_once": _ONCE,
+              "adakv_regions_once": _ONCE, "adakv_eager_prefill_once": _ONCE}
 
 
 def child(a) -> dict:

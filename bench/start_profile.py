@@ -141,6 +141,9 @@ def torch_phases() -> dict:
     return {name: round(sum(times), 4) for name, times in metrics.items() if times}
 
 
+BACKEND = [None]  # the child's adakv backend, for its compress_once counts
+
+
 def child(a) -> dict:
     import torch
     from e2e import build
@@ -169,7 +172,7 @@ def child(a) -> dict:
         extra = dict(ADAKV_METHODS[a.method])
         if a.prefill_chunk is not None and a.prefill_chunk >= 0:
             extra["prefill_chunk"] = a.prefill_chunk
-        backend = compile_model(model, AdaKVConfig(budget=a.budget, **extra))
+        backend = BACKEND[0] = compile_model(model, AdaKVConfig(budget=a.budget, **extra))
         cache = AdaKVCache(model, backend, batch_size=a.batch, max_new_tokens=a.new)
         return model.generate(ids, **{cache_kwarg(model): cache}, **kwargs)
 
@@ -185,7 +188,13 @@ def child(a) -> dict:
     from adakv_compile.kernels import ttir_memo
     stages = {k: round(v, 4) for k, v in sorted(TOTAL.items(), key=lambda kv: -kv[1])}
     phases = torch_phases()
-    return dict(total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
+    once = {}
+    if BACKEND[0] is not None:  # compress_once: calls whose one-layer graph was compiled with the prefill graph,
+        from adakv_compile.passes import compress_once  # and how many one-layer graphs exist after the run
+        g = next((g for g in BACKEND[0].graphs if g.get("compress_once")), {})
+        once = dict(calls=g.get("compress_once", 0), ahead=g.get("compress_once_ahead", 0),
+                    compiled=len(compress_once._COMPILERS.get(BACKEND[0]._key, (None, {}))[1]))
+    return dict(compress_once=once, total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
                 tokens=out[0, -a.new:].tolist(), fx_hit=ind["fxgraph_cache_hit"],
                 fx_miss=ind["fxgraph_cache_miss"], aot_hit=aot["autograd_cache_hit"],
                 aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"],

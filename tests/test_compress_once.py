@@ -1,8 +1,9 @@
 """One layer's prefill compression compiled once for all layers (passes/compress_once.py, issue 17).
 
 Against the eager oracle (kept positions, pool contents, logits), on fresh random models and prompts:
-- flat schedule: every layer shares one compile; Inductor's prefill code calls ``compress_once`` and
-  inlines no compression, and the one-layer graph writes the pools in place (no copy of a pool);
+- flat schedule: every layer shares one compile, made while the backend compiles the prefill graph (under
+  the key the run looks up); Inductor's prefill code calls ``compress_once`` and inlines no compression, and
+  the one-layer graph writes the pools in place (no copy of a pool);
 - ``skip_layers`` and the pyramid schedule: one compile per layer class (as ``layer_class`` says);
 - ``backend.reconfigure``: no Dynamo retrace and no prefill-graph recompile; the one-layer graph is compiled
   once per config, and going back reuses the first;
@@ -43,13 +44,30 @@ def test_layers_share_one_compile_under_inductor():
     cfg = AdaKVConfig(budget=20, window=4)
     backend = compile_model(model, cfg, inner="inductor")
     (logits, cache), codes = run_and_get_code(lambda: _prefill(model, backend, ids, am))
-    assert backend.graphs[0]["compress_once"] == 3 and _compiled(backend) == 1, (seed, backend.graphs)
+    # compiled with the outer graph (compile_ahead), under the key the run then looks up: no second compile
+    assert backend.graphs[0]["compress_once"] == 3 and backend.graphs[0]["compress_once_ahead"] == 3, seed
+    assert _compiled(backend) == 1, (seed, backend.graphs)
     outer = [c for c in codes if "adakv.compress_once" in c]
     assert len(outer) == 1 and len(re.findall(r"torch\.ops\.adakv\.compress_once\.default\(", outer[0])) == 3
     body = [c for c in codes if c not in outer]
     assert body and not any(re.search(r"torch\.ops\.adakv\.\w*compress", c) for c in body), seed
     # the pools are written where they are: no kernel copies a whole pool into a buffer and back
     assert not any(re.search(r"\.copy_\(arg", c) for c in body), seed
+    _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
+
+
+@pytest.mark.parametrize("prefill_compiler", ["eager", "regions"])
+def test_other_prefill_compilers_share_the_compile(prefill_compiler):
+    """The eager prefill (the graph runs as traced) and the regions mode also compress through the one-layer
+    graph, compiled with the prefill graph, not at its first run."""
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=3)
+    ids, am = left_padded([70, 45, 12], seed=seed)
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler=prefill_compiler)
+    backend = compile_model(model, cfg, inner="aot_eager")
+    logits, cache = _prefill(model, backend, ids, am)
+    graph = backend.graphs[0]
+    assert graph["compress_once"] == graph["compress_once_ahead"] == 3 and _compiled(backend) == 1, (seed, graph)
     _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
 
 

@@ -105,13 +105,10 @@ def _one_layer_graph(literals: tuple, present: tuple[bool, ...]) -> fx.GraphModu
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-@torch.library.custom_op("adakv::compress_once", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
-def compress_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  scale: float, softcap: float, layer: int, num_layers: int, backend_key: str, room: int,
-                  pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
-                  pos: torch.Tensor, seen: torch.Tensor, sinks: Optional[torch.Tensor] = None,
-                  bias: Optional[torch.Tensor] = None) -> None:
-    """``prefill_compress`` through the one-layer graph compiled for its layer class, config and layouts."""
+def _compiled_for(q, k, v, attn_mask, scale, softcap, layer, num_layers, backend_key, room, pool_k, pool_v, off,
+                  lens, pos, seen, sinks, bias) -> tuple[Callable, list]:
+    """The compiled one-layer graph for these arguments (compiling it on first use) and its tensor inputs.
+    Works on real tensors (the op) and on fake ones (``compile_ahead``): both key by ``input_layouts``."""
     from ..kernels.static import inline_config_key
 
     method, compiled = _COMPILERS.get(backend_key, (lambda: None, {}))
@@ -123,15 +120,88 @@ def compress_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     layer, num_layers = layer_class(config, layer, num_layers)
     literals = (float(scale), float(softcap), layer, num_layers, inline_config_key(config), int(room))
     tensors = (q, k, v, attn_mask, pool_k, pool_v, off, lens, pos, seen, sinks, bias)
+    inputs = [x for x in tensors if x is not None]
     key = (literals, input_layouts(tensors))
     fn = compiled.get(key)
     if fn is None:
-        present = tuple(x is not None for x in tensors)
-        gm = _one_layer_graph(literals, present)
-        fn = compiled[key] = compile_fn(gm, [x for x in tensors if x is not None])
+        gm = _one_layer_graph(literals, tuple(x is not None for x in tensors))
+        fn = compiled[key] = compile_fn(gm, inputs)
         log.debug("adakv: compress_once: compiled the compression for layer class %s (%d compiled)",
                   (layer, num_layers), len(compiled))
-    fn(*[x for x in tensors if x is not None])
+    return fn, inputs
+
+
+def compile_ahead(gm: fx.GraphModule) -> int:
+    """Compile, while the backend compiles ``gm``, the one-layer graphs its ``compress_once`` calls will look
+    up at run time (with the backend's config as it is now); returns how many calls found theirs ready.
+
+    Why: compiled at the first prefill instead, the one-layer graph's kernels were built synchronously in the
+    main process (H200, 8 layers: ``async_compile.precompile`` 5.0 s cold, 2.5-3.2 s on a warm restart),
+    while a graph compiled here builds them in Inductor's worker pool as the outer graph's are. The fake
+    values Dynamo gave the arguments carry the layouts the run-time key reads; a call whose arguments have
+    symbolic sizes or no fake value is left to its first run (as is any config set by a later reconfigure).
+    """
+    from .fake_values import _fake_mode
+
+    mode, memo, ready = _fake_mode(gm.graph), {}, 0
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.adakv.compress_once.default):
+        missing = []
+
+        def value(n):
+            v = _layout_value(n, memo, mode)
+            if v is None or (isinstance(v, torch.Tensor) and not all(
+                    isinstance(d, int) for d in (*v.shape, *v.stride()))):
+                missing.append(n.name)
+            return v
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if missing:
+            log.info("adakv: compress_once: %s compiles at its first run (no static fake value for %s)",
+                     node.name, ", ".join(missing))
+            continue
+        params = {"sinks": None, "bias": None, **dict(zip(_PARAMS, args)), **kwargs}
+        _compiled_for(**params)
+        ready += 1
+    return ready
+
+
+def _layout_value(node: fx.Node, memo: dict, mode):
+    """``node``'s fake value with the layout it has in the graph as rewritten. A view's value is recomputed from
+    its inputs': Dynamo's describes the graph before our rewrites, e.g. ``v`` as a view of its own projection
+    where merged linears made it a view of the shared q/k/v output (other strides). A fresh tensor keeps
+    Dynamo's value: Inductor hands a custom op such a tensor in the stride order it was traced with."""
+    if node in memo:
+        return memo[node]
+    v = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(v, torch.Tensor) and v._is_view() and node.op in ("call_function", "call_method") \
+            and mode is not None:
+        args = fx.node.map_arg(node.args, lambda n: _layout_value(n, memo, mode))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _layout_value(n, memo, mode))
+        try:
+            with mode:
+                v = node.target(*args, **kwargs) if node.op == "call_function" else \
+                    getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception as e:  # noqa: BLE001  (Dynamo's value then; a wrong guess costs a run-time compile)
+            log.debug("adakv: compress_once: no fresh value for %s: %s", node.name, e)
+    memo[node] = v
+    return v
+
+
+_PARAMS = ("q", "k", "v", "attn_mask", "scale", "softcap", "layer", "num_layers", "backend_key", "room", "pool_k",
+           "pool_v", "off", "lens", "pos", "seen", "sinks", "bias")
+
+
+@torch.library.custom_op("adakv::compress_once", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))
+def compress_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float, softcap: float, layer: int, num_layers: int, backend_key: str, room: int,
+                  pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor, lens: torch.Tensor,
+                  pos: torch.Tensor, seen: torch.Tensor, sinks: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None) -> None:
+    """``prefill_compress`` through the one-layer graph compiled for its layer class, config and layouts."""
+    fn, inputs = _compiled_for(q, k, v, attn_mask, scale, softcap, layer, num_layers, backend_key, room, pool_k,
+                               pool_v, off, lens, pos, seen, sinks, bias)
+    fn(*inputs)
 
 
 @compress_once.register_fake
