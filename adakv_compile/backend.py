@@ -64,6 +64,13 @@ class AdaKVBackend:
         self._key = _backend_key(config)
         self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
         register_compress_once(self._key, self._compile_compress)  # passes/compress_once.py
+        if inner == "inductor":
+            # Start Inductor's compile-worker pool now, while Dynamo traces, as torch.compile(backend="inductor")
+            # does when it looks its backend up: a backend that calls compile_fx itself skips that, and the
+            # first graphs' Triton kernels were then built one by one in this process until the pool came up
+            # (H200, 8 layers: async_compile.precompile 4.7 s cold, 2.3 s on a warm restart; docs/design.md)
+            from torch._inductor.async_compile import maybe_warm_pool
+            maybe_warm_pool()
 
     @property
     def graphs_compiled(self) -> int:
