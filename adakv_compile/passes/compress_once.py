@@ -40,11 +40,11 @@ _COMPILERS: dict[str, tuple[weakref.WeakMethod, dict]] = {}
 
 
 # Unset switch: compile once from this many compressing layers of a prefill graph up. H200, torch 2.11, Llama-8B
-# shapes, 1 x 8k (bench/results/start-profile-s11-once-{8,32}L-h200.md, one run each): at 32 layers the first
-# generate took 86 s instead of 125 cold (warm 22 vs 26); at 8 layers 34 s either way cold, but 10.2 instead of
-# 6.7 s warm: the one-layer graph, compiled at run time, costs a fixed ~2.5 s to load on a restart (its kernels
-# are precompiled in the main process: async_compile.precompile), which 8 inlined copies do not outweigh.
-MIN_LAYERS = 16
+# shapes, 1 x 8k, one run each: 32 layers 86 s instead of 125 cold (session 11); 8 layers, with the one-layer graph
+# compiled with the prefill graph and Inductor's worker pool started at backend creation (session 12,
+# bench/results/start-profile-s12-pool-8L-h200.md): 32.4 / 7.5 s cold / warm against 45.4 / 8.0 inlined per layer
+# (35.8 / 8.1 in the run before). Not measured below 8 layers, where the inlined copies cost little.
+MIN_LAYERS = 8
 
 
 def compress_once_on(layers: int) -> bool:
