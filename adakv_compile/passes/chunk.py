@@ -563,7 +563,8 @@ def _make_region(gm, members: list, n: int, chunk: Optional[int], compile_fn, or
     for i, o in enumerate(outs):
         with graph.inserting_after(call):
             get = graph.call_function(operator.getitem, (call, i))
-        get.meta["example_value"] = val(o).new_empty(val(o).shape)  # as the op makes it: contiguous
+        value = val(o)
+        get.meta["example_value"] = value.new_empty(value.shape)  # as the op makes it: contiguous
         for u in list(o.users):
             if u not in mset:
                 u.replace_input_with(o, get)

@@ -32,6 +32,7 @@ import torch.fx as fx
 from ..kernels.dispatch import switch
 from ..kernels.ops import config_for
 from .chunk import input_layouts
+from .fake_values import graph_fake_mode, run_node
 
 log = logging.getLogger("adakv_compile")
 
@@ -106,7 +107,7 @@ def _one_layer_graph(literals: tuple, present: tuple[bool, ...]) -> fx.GraphModu
 
 
 def _compiled_for(q, k, v, attn_mask, scale, softcap, layer, num_layers, backend_key, room, pool_k, pool_v, off,
-                  lens, pos, seen, sinks, bias) -> tuple[Callable, list]:
+                  lens, pos, seen, sinks=None, bias=None) -> tuple[Callable, list]:
     """The compiled one-layer graph for these arguments (compiling it on first use) and its tensor inputs.
     Works on real tensors (the op) and on fake ones (``compile_ahead``): both key by ``input_layouts``."""
     from ..kernels.static import inline_config_key
@@ -135,15 +136,14 @@ def compile_ahead(gm: fx.GraphModule) -> int:
     """Compile, while the backend compiles ``gm``, the one-layer graphs its ``compress_once`` calls will look
     up at run time (with the backend's config as it is now); returns how many calls found theirs ready.
 
-    Why: compiled at the first prefill instead, the one-layer graph's kernels were built synchronously in the
-    main process (H200, 8 layers: ``async_compile.precompile`` 5.0 s cold, 2.5-3.2 s on a warm restart),
-    while a graph compiled here builds them in Inductor's worker pool as the outer graph's are. The fake
-    values Dynamo gave the arguments carry the layouts the run-time key reads; a call whose arguments have
-    symbolic sizes or no fake value is left to its first run (as is any config set by a later reconfigure).
+    Why: the compile then belongs to the backend's compile, as the outer graph's does, instead of the first
+    prefill's run. (It did not by itself end the one-layer graph's kernels being built one by one in this
+    process — 4.7 s cold, 2.3 s warm on an H200 at 8 layers; that was Inductor's worker pool not yet started:
+    ``AdaKVBackend.__init__``.) The fake values of the arguments carry the layouts the run-time key reads; a
+    call whose arguments have symbolic sizes or no fake value is left to its first run (as is any config set
+    by a later reconfigure).
     """
-    from .fake_values import _fake_mode
-
-    mode, memo, ready = _fake_mode(gm.graph), {}, 0
+    mode, memo, ready = graph_fake_mode(gm.graph), {}, 0
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.adakv.compress_once.default):
         missing = []
 
@@ -160,8 +160,7 @@ def compile_ahead(gm: fx.GraphModule) -> int:
             log.info("adakv: compress_once: %s compiles at its first run (no static fake value for %s)",
                      node.name, ", ".join(missing))
             continue
-        params = {"sinks": None, "bias": None, **dict(zip(_PARAMS, args)), **kwargs}
-        _compiled_for(**params)
+        _compiled_for(*args, **kwargs)
         ready += 1
     return ready
 
@@ -179,17 +178,11 @@ def _layout_value(node: fx.Node, memo: dict, mode):
         args = fx.node.map_arg(node.args, lambda n: _layout_value(n, memo, mode))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: _layout_value(n, memo, mode))
         try:
-            with mode:
-                v = node.target(*args, **kwargs) if node.op == "call_function" else \
-                    getattr(args[0], node.target)(*args[1:], **kwargs)
+            v = run_node(node, args, kwargs, mode)
         except Exception as e:  # noqa: BLE001  (Dynamo's value then; a wrong guess costs a run-time compile)
             log.debug("adakv: compress_once: no fresh value for %s: %s", node.name, e)
     memo[node] = v
     return v
-
-
-_PARAMS = ("q", "k", "v", "attn_mask", "scale", "softcap", "layer", "num_layers", "backend_key", "room", "pool_k",
-           "pool_v", "off", "lens", "pos", "seen", "sinks", "bias")
 
 
 @torch.library.custom_op("adakv::compress_once", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))

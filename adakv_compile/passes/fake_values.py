@@ -17,7 +17,7 @@ from torch.fx.node import map_arg
 log = logging.getLogger("adakv_compile")
 
 
-def _fake_mode(graph: fx.Graph):
+def graph_fake_mode(graph: fx.Graph):
     for n in graph.nodes:
         v = n.meta.get("example_value")
         mode = getattr(v, "fake_mode", None)
@@ -26,9 +26,17 @@ def _fake_mode(graph: fx.Graph):
     return torch._guards.detect_fake_mode()
 
 
+def run_node(node: fx.Node, args, kwargs, mode):
+    """A call node's value on (fake) ``args`` / ``kwargs``, in ``mode``."""
+    with mode:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
 def fill_fake_values(graph: fx.Graph) -> int:
     """Give every call node without ``meta["example_value"]`` one; returns how many still lack it."""
-    mode = _fake_mode(graph)
+    mode = graph_fake_mode(graph)
     if mode is None:
         return 0
     missing = 0
@@ -53,11 +61,7 @@ def fill_fake_values(graph: fx.Graph) -> int:
             missing += 1
             continue
         try:
-            with mode:
-                if node.op == "call_function":
-                    out = node.target(*args, **kwargs)
-                else:
-                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            out = run_node(node, args, kwargs, mode)
         except Exception as e:  # noqa: BLE001  (a value we cannot compute costs the cache, not correctness)
             log.debug("adakv: no fake value for %s: %s", node.name, e)
             missing += 1
