@@ -62,6 +62,7 @@ class AdaKVBackend:
         self._warned_none = False
         self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
         self._key = _backend_key(config)
+        self._untraced_off = ""  # why prefill_compiler="untraced" fell back to tracing for this backend
         self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
         register_compress_once(self._key, self._compile_compress)  # passes/compress_once.py
         if inner == "inductor":
@@ -358,11 +359,13 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model(model=...) needs a torch.nn.Module, got {type(model).__name__}")
     from .serve import checked_forward
+    from .untraced import untraced_forward
 
     backend = adakv_backend(config, inner=inner, cudagraphs=cudagraphs)
     # bad calls (wrong batch, empty prompt, used or foreign cache) are refused in plain Python before Dynamo
     # traces them: a trace that raised would leave the frame running eagerly for every later call
-    model.forward = checked_forward(torch.compile(model.forward, backend=backend, **compile_kwargs), backend)
+    compiled = torch.compile(model.forward, backend=backend, **compile_kwargs)
+    model.forward = checked_forward(untraced_forward(model.forward, compiled, backend, model), backend)
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # HF generate would re-compile forward with Inductor for a compileable cache
         gen.disable_compile = True

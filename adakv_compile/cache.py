@@ -126,6 +126,7 @@ class AdaKVLayer(CacheLayerMixin):
             t._adakv_cache = ref  # lets the backend's wrapper find the cache from a graph input
         self.compressed = False
         self.is_initialized = True
+        self._untraced = None  # an untraced prefill filling this layer (untraced.py), set while it runs
 
     def shape(self) -> tuple:
         """(heads, head_dim, kept_per_head, room, dtype, device): this layer's AdaKVLayer arguments."""
@@ -142,6 +143,8 @@ class AdaKVLayer(CacheLayerMixin):
         if key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
             raise StoreError(f"AdaKVCache was built for batch {self.batch_size} x {self.num_heads} KV heads, got "
                              f"K/V of shape {tuple(key_states.shape)}")
+        if not torch.compiler.is_compiling() and self._untraced is not None:  # (constant False when traced)
+            return self._untraced.layer_update(self, key_states, value_states)
         k, v = torch.ops.adakv.cache_slot(key_states, value_states, self.pool_k, self.pool_v, self.off,
                                           self.lens, self.pos, self.seen, self.room, self.compressed, self.sem)
         self.compressed = True

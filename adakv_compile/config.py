@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 _POOLINGS = ("max", "avg")
 _GQA = ("mean", "max")
 _TP_ALLOC = ("global", "per-rank")
-_PREFILL_COMPILERS = ("inductor", "regions", "eager")
+_PREFILL_COMPILERS = ("inductor", "regions", "eager", "untraced")
 _ALLOC = ("adaptive", "uniform")
 _SCHEDULES = ("flat", "pyramid")
 _SCORERS = ("snapkv", "streaming", "critical")
@@ -75,7 +75,12 @@ class AdaKVConfig:
         needs no chunking, and the regions of equal structure — one per layer — share one compile), or
         "eager" (the rewritten graph and its chunked regions run as traced, without Inductor: the same
         proven-mask attention, chunking and compression ops, no prefill compile: a faster first
-        ``generate``, a slower prefill on long prompts). Decode graphs always use the backend's compiler.
+        ``generate``, a slower prefill on long prompts), or "untraced" (``compile_model`` only: Dynamo never
+        traces the prefill; the prompt runs through the model's own eager forward, as HF's static cache runs
+        it, and each layer's scaled_dot_product_attention call is intercepted to compress its K/V with the
+        compression compiled once for all layers: one whole-model compile, the decode step's. A model whose
+        attention it does not recognise falls back to the traced prefill, logged; untraced.py). Decode
+        graphs always use the backend's compiler.
     """
 
     budget: Optional[int] = None

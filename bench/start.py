@@ -15,6 +15,8 @@ Methods:
   adakv_compress_per_layer  ``adakv`` with the compression inlined into every layer (``ADAKV_COMPRESS_ONCE=0``)
   adakv_once, adakv_regions_once, adakv_eager_prefill_once  ``adakv``, ``adakv_regions``, ``adakv_eager_prefill``
              with one layer's compression compiled once for all layers at any depth (``ADAKV_COMPRESS_ONCE=1``)
+  adakv_untraced  ``AdaKVConfig(prefill_compiler="untraced")``: the prompt runs through the model's eager forward
+             (no Dynamo trace of the prefill), each layer's SDPA call intercepted to compress (untraced.py)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
@@ -44,7 +46,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"},  # method -> AdaKVConfig fields
                  "adakv_eager_prefill": {"prefill_compiler": "eager"}, "adakv_compress_per_layer": {},
                  "adakv_once": {}, "adakv_regions_once": {"prefill_compiler": "regions"},
-                 "adakv_eager_prefill_once": {"prefill_compiler": "eager"}}
+                 "adakv_eager_prefill_once": {"prefill_compiler": "eager"},
+                 "adakv_untraced": {"prefill_compiler": "untraced"}}
 # method -> environment of its child: the compression inlined into every layer (as before compress_once), or
 # compiled once for all layers whatever the layer count (passes/compress_once.py)
 _ONCE = {"ADAKV_COMPRESS_ONCE": "1"}

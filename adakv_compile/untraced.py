@@ -1,0 +1,208 @@
+"""A prefill Dynamo never traces: ``AdaKVConfig(prefill_compiler="untraced")`` (issue 17: a fast start).
+
+Why: HF's static cache compiles one frame, the decode step; its prefill runs eagerly. Our traced prefill is a
+second whole-model frame — Dynamo's trace, AOTAutograd and Inductor once more — and on an H200 at 32 layers
+it is half of the first ``generate``'s compile (bench/results/start-profile-s12-32L-h200.md: bytecode tracing
+13.4 s for our two frames against 4.9 s for HF's one, on a warm restart). Here the prompt runs through the
+model's own eager forward, as HF's does, and only what compression needs is intercepted:
+
+- ``AdaKVLayer.update`` hands the layer's new K/V back unchanged and records them (``layer_update``);
+- the next ``scaled_dot_product_attention`` call (a ``TorchFunctionMode``) must be that layer's attention
+  over them (its K the recorded K, or the recorded K repeated per query group as transformers 5.17's
+  ``repeat_kv`` makes it, checked on the values); it runs as the model called it, then the layer's prompt
+  is scored, allocated and compacted into its store by the same op the traced prefill calls
+  (``adakv::compress_once``: the one-layer graph compiled once for all layers, Inductor's kernels), with
+  the valid keys read from the call's mask as the traced prefill reads them.
+
+Decode steps still run the compiled graph (the only frame Dynamo traces). What the interception does not
+recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a float mask
+that is more than padding (ALiBi), a non-causal prompt, hybrid caches (sliding-window or state layers),
+tensor parallelism, fixed-slot serving — is not guessed at: the prefill is redone through the traced,
+compiled forward (the cache reset first) and the reason logged once; later prefills of that backend go
+the traced way directly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .cache import AdaKVCache, AdaKVLayer
+from .kernels.ops import register_config
+
+log = logging.getLogger("adakv_compile")
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+class Unrecognised(Exception):
+    """The eager prefill met something the interception does not understand; the traced prefill takes over."""
+
+
+def untraced_reason(cache, model) -> str:
+    """Why this prefill cannot run untraced ("" when it can)."""
+    if not isinstance(cache, AdaKVCache):
+        return "no AdaKVCache in the call"
+    if not all(type(layer) is AdaKVLayer for layer in cache.layers):
+        return "the cache has sliding-window or state layers (hybrid model)"
+    if cache._free is not None:
+        return "the cache is used in fixed slots (serving)"
+    if getattr(model, "tp_size", None) not in (None, 1) or len({layer.device for layer in cache.layers}) != 1:
+        return "tensor parallel or multi-device cache"
+    return ""
+
+
+class UntracedPrefill(TorchFunctionMode):
+    """Runs while the model's eager forward fills ``cache`` from a prompt (see the module docstring)."""
+
+    def __init__(self, cache: AdaKVCache, compress: Callable):
+        super().__init__()
+        self.cache, self.compress = cache, compress
+        self.pending: Optional[tuple] = None  # (layer, its index, K, V) between its update and its attention
+        self.done = 0
+        self.tokens = 0
+        self._masks: dict = {}  # id(mask) -> (mask, its check) : HF passes one mask to every layer
+
+    def __enter__(self):
+        for layer in self.cache.layers:
+            layer._untraced = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for layer in self.cache.layers:
+            layer._untraced = None
+        return super().__exit__(*exc)
+
+    def layer_update(self, layer: AdaKVLayer, k: torch.Tensor, v: torch.Tensor):
+        """``AdaKVLayer.update`` at an untraced prefill: the K/V come back unchanged, remembered for the
+        attention that follows."""
+        if self.pending is not None:
+            raise Unrecognised(f"layer {self.pending[1]}'s attention over its cache is not a "
+                               "scaled_dot_product_attention call")
+        if layer.compressed:
+            raise Unrecognised("a layer was updated twice in one forward")
+        if self.tokens and k.shape[-2] != self.tokens:
+            raise Unrecognised("layers saw prompts of different lengths")
+        self.tokens = int(k.shape[-2])
+        self.pending = (layer, self.cache.layers.index(layer), k, v)
+        return k, v
+
+    def finish(self) -> int:
+        """After the forward: every layer compressed; returns the prompt length."""
+        if self.pending is not None or self.done != len(self.cache.layers):
+            which = self.pending[1] if self.pending is not None else self.done
+            raise Unrecognised(f"layer {which}'s attention over its cache is not a scaled_dot_product_attention "
+                               "call")
+        return self.tokens
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _SDPA or self.pending is None:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self._compress(*args, **kwargs)
+        return out
+
+    def _compress(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        layer, index, k_new, v_new = self.pending
+        B, H, n, D = k_new.shape
+        if q.shape[-2] != n or k.shape[-2] != n or q.dim() != 4:
+            raise Unrecognised(f"layer {index}: the attention's query or key length is not the prompt's")
+        if dropout_p:
+            raise Unrecognised(f"layer {index}: attention dropout {dropout_p}")
+        if k is not k_new and not _repeats(k, k_new) or v is not v_new and not _repeats(v, v_new):
+            raise Unrecognised(f"layer {index}: the attention's K/V are not the layer's cache update")
+        mask = self._mask(attn_mask, is_causal, index)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        self.compress(q, k_new, v_new, mask, scale, index, len(self.cache.layers), layer)
+        layer.compressed = True
+        self.pending = None
+        self.done += 1
+
+    def _mask(self, attn_mask, is_causal: bool, index: int) -> Optional[torch.Tensor]:
+        """The mask as the compression reads it (valid keys from its last row): None for a plain causal call;
+        a boolean or 0 / -inf padding + causal mask as given. Anything else is not a prompt's mask."""
+        if attn_mask is None:
+            if not is_causal:
+                raise Unrecognised(f"layer {index}: attention without a mask and not causal (bidirectional)")
+            return None
+        memo = self._masks.get(id(attn_mask))
+        if memo is None or memo[0] is not attn_mask:
+            memo = self._masks[id(attn_mask)] = (attn_mask, _padding_causal(attn_mask))
+        if not memo[1]:
+            raise Unrecognised(f"layer {index}: the attention mask is not causal + padding (an additive bias?)")
+        return attn_mask
+
+
+def _repeats(x: torch.Tensor, base: torch.Tensor) -> bool:
+    """``x`` is ``base`` with each KV head repeated for its query group (``repeat_kv``), value for value."""
+    if x.dim() != 4 or x.shape[0] != base.shape[0] or x.shape[2:] != base.shape[2:] or \
+            x.shape[1] % base.shape[1]:
+        return False
+    g = x.shape[1] // base.shape[1]
+    return bool(torch.equal(x.unflatten(1, (base.shape[1], g)), base.unsqueeze(2).expand(-1, -1, g, -1, -1)))
+
+
+def _padding_causal(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` [B|1, 1, n, n] is causal with padded keys masked: boolean, or additive with 0 where
+    attended and a very negative value elsewhere, every query's allowed keys a subset of the causal ones and
+    the same across heads. (Its last row then gives the valid keys, as ``valid_from_mask`` reads it.)"""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        if not mask.is_floating_point():
+            return False
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+        if bool(((mask != 0) & allowed).any()):
+            return False
+    return not bool(allowed.triu(1).any())
+
+
+def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> Callable:
+    """``compiled`` (the traced forward), with prefills into an ``AdaKVCache`` run by ``forward`` (the model's
+    eager one) under ``UntracedPrefill`` when ``backend.config.prefill_compiler == "untraced"``."""
+
+    def compress(q, k, v, mask, scale, layer, num_layers, store):
+        pool_k, pool_v, off, lens, pos, seen = store.tensors()
+        args = (q, k, v, mask, scale, 0.0, layer, num_layers, backend._key, store.room,
+                pool_k, pool_v, off, lens, pos, seen)
+        if backend.inner == "eager":  # no compiler to compile the one-layer graph with: its eager body
+            torch.ops.adakv.static_compress(*args)
+        else:
+            torch.ops.adakv.compress_once(*args)
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if backend.config.prefill_compiler != "untraced" or not isinstance(cache, AdaKVCache) \
+                or cache.holds_prompt() or backend._untraced_off:
+            return compiled(*args, **kwargs)
+        why = untraced_reason(cache, model)
+        if why:
+            log.info("adakv: this prefill is traced and compiled (prefill_compiler='untraced' skipped: %s)", why)
+            return compiled(*args, **kwargs)
+        cache.before_prefill(backend.config)
+        register_config(backend.config, backend._key)  # what compress reads (a traced graph registers it so)
+        try:
+            with UntracedPrefill(cache, compress) as prefill:
+                out = forward(*args, **kwargs)
+                t = prefill.finish()
+        except Unrecognised as e:
+            backend._untraced_off = str(e)
+            log.warning("adakv: prefill_compiler='untraced' does not recognise this model (%s): its prefills "
+                        "are traced and compiled instead", e)
+            cache.reset()
+            return compiled(*args, **kwargs)
+        except BaseException:
+            cache.reset()  # no half-filled store left behind
+            raise
+        cache.advance(t)
+        return out
+
+    return run

@@ -1,0 +1,173 @@
+"""``prefill_compiler="untraced"`` (untraced.py, issue 17): the prompt runs through the model's eager forward,
+its SDPA calls intercepted to compress each layer; only the decode step is traced and compiled.
+
+Against the eager oracle (tokens, kept positions, pool contents), on fresh random models and left-padded
+prompts: no prefill graph is compiled, the compression compiles once for all layers; a model whose attention
+is not an SDPA call falls back to the traced prefill (logged, still equal to the oracle); an error inside
+the eager prefill leaves no half-filled cache; ``reconfigure`` applies to the next untraced prefill; the mask
+and K/V checks refuse what they do not recognise.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from adakv_compile import AdaKVCache, AdaKVConfig, compile_model
+from adakv_compile.cache import cache_kwarg
+from adakv_compile import untraced
+from adakv_compile.passes import compress_once
+from adakv_compile.reference import ReferenceSession
+from adakv_compile.untraced import _padding_causal, _repeats
+from tests.prompts import left_padded
+from tests.test_compress_inductor import _assert_equals_oracle, _prefill
+from tests.test_static_cache import build, twin
+
+CASES = [
+    ("llama", dict(budget=24, window=4), "aot_eager"),
+    ("qwen2", dict(budget=20, window=4, gqa_reduce="max", allocation="uniform"), "eager"),
+    ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5), "inductor"),
+]
+
+
+def _generate(model, backend, ids, am, new=6):
+    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=new)
+    out = model.generate(ids, attention_mask=am, max_new_tokens=new, do_sample=False,
+                         **{cache_kwarg(model): cache})[:, -new:]
+    return out, cache
+
+
+@pytest.mark.parametrize("family, kwargs, inner", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, inner):
+    seed = int(torch.randint(0, 1 << 16, ()))
+    cfg = AdaKVConfig(prefill_compiler="untraced", **kwargs)
+    b = kwargs["budget"]
+    ids, am = left_padded([5 * b, 3 * b, b // 2], seed=seed)
+    model = build(family, seed=seed, layers=3)
+    ref = ReferenceSession(twin(model), cfg, record=True)
+    expect = ref.generate(ids, attention_mask=am, max_new_tokens=6)[:, -6:]
+    backend = compile_model(model, cfg, inner=inner)
+    got, cache = _generate(model, backend, ids, am)
+    assert torch.equal(got, expect), seed
+    assert not backend._untraced_off, backend._untraced_off
+    # one graph, the decode step's: Dynamo never traced the prefill
+    assert [g["rewritten"] for g in backend.graphs] == [3], backend.graphs
+    assert {r.mode for r in backend.report} == {"static-store"}
+    n = ids.shape[1]
+    appended = torch.arange(n, n + 5, dtype=torch.int32)
+    for layer, per_row in enumerate(ref.kept_positions()):
+        got_pos = cache.kept_positions(layer)
+        for row, heads in enumerate(per_row):
+            for head, want in enumerate(heads):
+                assert torch.equal(got_pos[row][head], want.to(torch.int32)), (seed, layer, row, head)
+                assert torch.equal(got_pos[row][head][-5:], appended), seed
+        assert int(cache.layers[layer].seen) == n + 5
+    if inner != "eager":  # the flat schedule's layers share one compile of the compression; pyramid: one each
+        classes = 3 if kwargs.get("layer_schedule") == "pyramid" else 1
+        assert len(compress_once._COMPILERS[backend._key][1]) == classes
+
+
+def test_prefill_equals_the_oracle():
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=3)
+    ids, am = left_padded([70, 45, 12], seed=seed)
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, cfg, inner="aot_eager")
+    logits, cache = _prefill(model, backend, ids, am)
+    assert backend.graphs == [] and not backend._untraced_off, seed
+    _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
+
+
+def test_attention_that_is_not_sdpa_falls_back_to_the_traced_prefill(caplog, monkeypatch):
+    """Eager (matmul-softmax) attention: the interception sees a layer's update without its SDPA call and
+    hands the prefill to the traced path, which rewrites that attention; the result is the oracle's."""
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=2)
+    model.config._attn_implementation = "eager"
+    ids, am = left_padded([60, 60], seed=seed)  # no padding: eager and SDPA differ on fully masked rows
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, cfg, inner="aot_eager")
+    with caplog.at_level(logging.WARNING, logger="adakv_compile"):
+        logits, cache = _prefill(model, backend, ids, am)
+    assert "not a scaled_dot_product_attention call" in backend._untraced_off
+    assert any("untraced" in r.getMessage() for r in caplog.records)
+    assert [g["rewritten"] for g in backend.graphs] == [2], backend.graphs  # the traced prefill
+    other = twin(model)
+    other.config._attn_implementation = "eager"
+    _assert_equals_oracle(other, cfg, ids, am, logits, cache)
+    # later prefills of this backend go the traced way directly (no second eager attempt)
+    cache2 = AdaKVCache(model, backend, batch_size=2, max_new_tokens=4, max_prompt_len=ids.shape[1])
+    calls = []
+    monkeypatch.setattr(untraced.UntracedPrefill, "__enter__", lambda self: calls.append(self))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, use_cache=True, **{cache_kwarg(model): cache2})
+    assert not calls and cache2.holds_prompt()
+
+
+def test_an_error_inside_the_eager_prefill_leaves_no_half_filled_cache():
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=3)
+    ids, am = left_padded([50, 31], seed=seed)
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, cfg, inner="aot_eager")
+    mlp = model.model.layers[2].mlp
+    original = mlp.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    mlp.forward = broken
+    cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=4, max_prompt_len=ids.shape[1])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        model(input_ids=ids, attention_mask=am, use_cache=True, **{cache_kwarg(model): cache})
+    assert not cache.holds_prompt() and not any(layer.compressed for layer in cache.layers)
+    assert int(cache.layers[0].seen) == 0 and int(cache.layers[0].lens.sum()) == 0
+    mlp.forward = original
+    position_ids = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    with torch.no_grad():  # the same cache serves the next request as if the failed one never happened
+        logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids, use_cache=True,
+                       **{cache_kwarg(model): cache}).logits
+    _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
+    assert not backend._untraced_off and backend.graphs == []
+
+
+def test_reconfigure_applies_to_the_next_untraced_prefill():
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=2)
+    ids, am = left_padded([64, 40], seed=seed)
+    first = AdaKVConfig(budget=24, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, first, inner="aot_eager")
+    kept = {}
+    for cfg in (first, first.replace(budget=16, allocation="uniform")):
+        backend.reconfigure(cfg)
+        logits, cache = _prefill(model, backend, ids, am)
+        kept[cfg.budget] = _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
+    sizes = {b: [len(pos) for layer in k for row in layer for pos in row] for b, k in kept.items()}
+    assert sizes[24] != sizes[16] and backend.graphs == []
+
+
+def test_padding_causal_mask_check():
+    n = int(torch.randint(5, 12, ()))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    pad = torch.ones(2, n, dtype=torch.bool)
+    pad[1, : int(torch.randint(1, n - 1, ()))] = False
+    boolean = (causal & pad[:, None, :])[:, None]
+    assert _padding_causal(boolean)
+    additive = torch.zeros(2, 1, n, n).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    assert _padding_causal(additive) and _padding_causal(additive.to(torch.bfloat16))
+    biased = additive + torch.randn(2, 1, n, n).abs().neg() * boolean  # ALiBi-like terms where attended
+    assert not _padding_causal(biased)
+    assert not _padding_causal(torch.ones(2, 1, n, n, dtype=torch.bool))  # bidirectional
+    assert not _padding_causal(boolean.expand(2, 3, n, n))  # per-head masks are not a padding mask
+
+
+def test_repeats_checks_values_not_only_shapes():
+    k = torch.randn(2, 3, 7, 4)
+    rep = k[:, :, None].expand(2, 3, 2, 7, 4).reshape(2, 6, 7, 4)
+    assert _repeats(rep, k)
+    other = rep.clone()
+    other[1, 5, 3, 0] += 1.0
+    assert not _repeats(other, k)
+    assert not _repeats(k.repeat(1, 2, 1, 1), k)  # tiled, not repeated per group
+    assert not _repeats(rep[:, :, :6], k)
