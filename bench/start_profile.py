@@ -194,7 +194,9 @@ def child(a) -> dict:
         g = next((g for g in BACKEND[0].graphs if g.get("compress_once")), {})
         once = dict(calls=g.get("compress_once", 0), ahead=g.get("compress_once_ahead", 0),
                     compiled=len(compress_once._COMPILERS.get(BACKEND[0]._key, (None, {}))[1]))
-    return dict(compress_once=once, total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
+    graphs = None if BACKEND[0] is None else dict(count=len(BACKEND[0].graphs),  # untraced: decode only
+                                                  untraced_off=BACKEND[0]._untraced_off)
+    return dict(compress_once=once, graphs=graphs, total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),
                 tokens=out[0, -a.new:].tolist(), fx_hit=ind["fxgraph_cache_hit"],
                 fx_miss=ind["fxgraph_cache_miss"], aot_hit=aot["autograd_cache_hit"],
                 aot_miss=aot["autograd_cache_miss"], aot_bypass=aot["autograd_cache_bypass"],
