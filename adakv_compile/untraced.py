@@ -12,7 +12,9 @@ model's own eager forward, as HF's does, and only what compression needs is inte
   ``repeat_kv`` makes it, checked on the values); it runs as the model called it, then the layer's prompt
   is scored, allocated and compacted into its store by the same op the traced prefill calls
   (``adakv::compress_once``: the one-layer graph compiled once for all layers, Inductor's kernels), with
-  the valid keys read from the call's mask as the traced prefill reads them.
+  the valid keys read from the call's mask as the traced prefill reads them. (``ADAKV_UNTRACED_COMPILED_COMPRESS
+  =0``: the op's eager body instead, its Triton kernels launched from Python: no compile of the one-layer
+  graph, more host time per layer; measured in bench/start_profile.py, method ``adakv_untraced_eager_compress``.)
 
 Decode steps still run the compiled graph (the only frame Dynamo traces). What the interception does not
 recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a float mask
@@ -32,6 +34,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .cache import AdaKVCache, AdaKVLayer
+from .kernels.dispatch import switch
 from .kernels.ops import register_config
 
 log = logging.getLogger("adakv_compile")
@@ -172,8 +175,8 @@ def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> C
         pool_k, pool_v, off, lens, pos, seen = store.tensors()
         args = (q, k, v, mask, scale, 0.0, layer, num_layers, backend._key, store.room,
                 pool_k, pool_v, off, lens, pos, seen)
-        if backend.inner == "eager":  # no compiler to compile the one-layer graph with: its eager body
-            torch.ops.adakv.static_compress(*args)
+        if backend.inner == "eager" or switch("ADAKV_UNTRACED_COMPILED_COMPRESS") is False:
+            torch.ops.adakv.static_compress(*args)  # the eager body: its kernels launched from Python
         else:
             torch.ops.adakv.compress_once(*args)
 
