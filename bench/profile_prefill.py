@@ -1,5 +1,10 @@
 """Where a 1 x n prefill spends its GPU time: eager HF vs plain torch.compile vs adakv (8B shapes).
 
+Variants: eager (HF, DynamicCache), compiled (plain torch.compile), adakv (the traced prefill),
+adakv_untraced (``prefill_compiler="untraced"``: eager forward, compression compiled once) and
+adakv_untraced_eager_compress (the same with the compression's eager body, ``ADAKV_UNTRACED_COMPILED_COMPRESS=0``).
+Wall time: the best of three warmed-up prefills.
+
     python bench/profile_prefill.py --context 32768 --out bench/results/profile-prefill-<card>.txt
 Prints (and writes) the top CUDA kernels of one warmed-up prefill per variant, and each variant's
 wall time, so a slow compiled prefill can be attributed (attention kernel, mask, MLP, scoring).
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,21 +45,35 @@ def main():
     variants = [("eager", fwd0, lambda: DynamicCache(config=model.config)),
                 ("compiled", torch.compile(fwd0), lambda: DynamicCache(config=model.config)),
                 ("adakv", torch.compile(fwd0, backend=backend), lambda: (cache.reset(), cache)[1])]
+    from adakv_compile.untraced import untraced_forward
+
+    untraced = adakv_backend(AdaKVConfig(budget=1024, prefill_compiler="untraced"))
+    ucache = AdaKVCache(model, untraced, batch_size=1, max_new_tokens=64)
+    ufwd = untraced_forward(fwd0, torch.compile(fwd0, backend=untraced), untraced, model)
+    variants += [("adakv_untraced", ufwd, lambda: (ucache.reset(), ucache)[1]),
+                 ("adakv_untraced_eager_compress", ufwd, lambda: (ucache.reset(), ucache)[1])]
+    env = {"adakv_untraced_eager_compress": "0", "adakv_untraced": "1"}
     variants = [v for v in variants if v[0] in a.variants.split(",")]
     card = torch.cuda.get_device_name(0)
     lines = [json.dumps({"device": card}),  # the stamp bench/stamp.py gives a non-Markdown result
              f"# {card}, 1 x {a.context}, {a.layers} layers"]
     for name, fwd, make in variants:
+        if name in env:
+            os.environ["ADAKV_UNTRACED_COMPILED_COMPRESS"] = env[name]
+
         def go():
             with torch.no_grad():
                 fwd(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: make()})
         go()
         go()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        go()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
+        walls = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            go()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        wall = min(walls)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             go()
             torch.cuda.synchronize()
@@ -61,8 +81,9 @@ def main():
         lines += ["", f"## {name}: {wall:.1f} ms wall", table]
         print("\n".join(lines[-3:]), flush=True)
         Path(a.out).write_text("\n".join(lines) + "\n")
-        if name == "adakv":
-            print(backend.report.table(), flush=True)
+        if name.startswith("adakv"):
+            if name == "adakv":
+                print(backend.report.table(), flush=True)
             lines += ["", "### adakv: every GPU kernel (GPU µs total, launches), longest first", "",
                       *kernel_list(prof)]
             Path(a.out).write_text("\n".join(lines) + "\n")
