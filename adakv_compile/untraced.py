@@ -10,11 +10,16 @@ model's own eager forward, as HF's does, and only what compression needs is inte
 - the next ``scaled_dot_product_attention`` call (a ``TorchFunctionMode``) must be that layer's attention
   over them (its K the recorded K, or the recorded K repeated per query group as transformers 5.17's
   ``repeat_kv`` makes it, checked on the values); it runs as the model called it, then the layer's prompt
-  is scored, allocated and compacted into its store by the same op the traced prefill calls
-  (``adakv::compress_once``: the one-layer graph compiled once for all layers, Inductor's kernels), with
-  the valid keys read from the call's mask as the traced prefill reads them. (``ADAKV_UNTRACED_COMPILED_COMPRESS
-  =0``: the op's eager body instead, its Triton kernels launched from Python: no compile of the one-layer
-  graph, more host time per layer; measured in bench/start_profile.py, method ``adakv_untraced_eager_compress``.)
+  is scored, allocated and compacted into its store, with the valid keys read from the call's mask as the
+  traced prefill reads them, by the compression's eager body (``adakv::static_compress``: its Triton kernels
+  launched from Python, the config read at run time). ``ADAKV_UNTRACED_COMPILED_COMPRESS=1`` calls
+  ``adakv::compress_once`` instead (the one-layer graph compiled by Inductor once for all layers).
+
+  Why eager by default (H200, 32 layers, 1 x 8k, bench/results/start-profile-s13-32L-variants-h200.md and
+  profile-prefill-s13-32L-8k-h200.txt): it saves the one-layer graph's compile and cache load — first
+  ``generate`` 37.5 / 7.6 s cold / warm against 38.6 / 9.2 compiled, HF static 28.7 / 6.7 — for 6.4 ms of
+  host time per prefill (262.0 against 255.6 ms; HF's eager prefill 252.6, the traced prefill 220.6). This
+  mode is the one that trades prefill speed for a fast start.
 
 Decode steps still run the compiled graph (the only frame Dynamo traces). What the interception does not
 recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a float mask
@@ -175,10 +180,10 @@ def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> C
         pool_k, pool_v, off, lens, pos, seen = store.tensors()
         args = (q, k, v, mask, scale, 0.0, layer, num_layers, backend._key, store.room,
                 pool_k, pool_v, off, lens, pos, seen)
-        if backend.inner == "eager" or switch("ADAKV_UNTRACED_COMPILED_COMPRESS") is False:
-            torch.ops.adakv.static_compress(*args)  # the eager body: its kernels launched from Python
+        if backend.inner != "eager" and switch("ADAKV_UNTRACED_COMPILED_COMPRESS"):
+            torch.ops.adakv.compress_once(*args)  # compiled once for all layers (a compile at the first prefill)
         else:
-            torch.ops.adakv.compress_once(*args)
+            torch.ops.adakv.static_compress(*args)  # the eager body: its kernels launched from Python
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):

@@ -1,8 +1,9 @@
 """Where a 1 x n prefill spends its GPU time: eager HF vs plain torch.compile vs adakv (8B shapes).
 
 Variants: eager (HF, DynamicCache), compiled (plain torch.compile), adakv (the traced prefill),
-adakv_untraced (``prefill_compiler="untraced"``: eager forward, compression compiled once) and
-adakv_untraced_eager_compress (the same with the compression's eager body, ``ADAKV_UNTRACED_COMPILED_COMPRESS=0``).
+adakv_untraced (``prefill_compiler="untraced"``: eager forward, compression compiled once:
+``ADAKV_UNTRACED_COMPILED_COMPRESS=1``) and adakv_untraced_eager_compress (the same with the compression's
+eager body, ``=0``, the default since session 13).
 Wall time: the best of three warmed-up prefills.
 
     python bench/profile_prefill.py --context 32768 --out bench/results/profile-prefill-<card>.txt
@@ -84,7 +85,7 @@ def main():
         if name.startswith("adakv"):
             if name == "adakv":
                 print(backend.report.table(), flush=True)
-            lines += ["", "### adakv: every GPU kernel (GPU µs total, launches), longest first", "",
+            lines += ["", f"### {name}: every GPU kernel (GPU µs total, launches), longest first", "",
                       *kernel_list(prof)]
             Path(a.out).write_text("\n".join(lines) + "\n")
 

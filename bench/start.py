@@ -17,7 +17,9 @@ Methods:
              with one layer's compression compiled once for all layers at any depth (``ADAKV_COMPRESS_ONCE=1``)
   adakv_untraced  ``AdaKVConfig(prefill_compiler="untraced")``: the prompt runs through the model's eager forward
              (no Dynamo trace of the prefill), each layer's SDPA call intercepted to compress (untraced.py)
-  adakv_untraced_eager_compress  the same, the compression's eager body (``ADAKV_UNTRACED_COMPILED_COMPRESS=0``)
+  adakv_untraced_eager_compress, adakv_untraced_compiled_compress  the same with the compression's eager body
+             (``ADAKV_UNTRACED_COMPILED_COMPRESS=0``; the default since session 13) or compiled once for all layers
+             (``=1``; the default in bench/results/start-profile-s13-8L/32L-h200, where ``adakv_untraced`` used it)
   adakv_untraced_nogemv  ``adakv_untraced`` with ``gemv=False`` (cuBLAS projections in the decode graph)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
@@ -51,13 +53,15 @@ ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"}, 
                  "adakv_eager_prefill_once": {"prefill_compiler": "eager"},
                  "adakv_untraced": {"prefill_compiler": "untraced"},
                  "adakv_untraced_eager_compress": {"prefill_compiler": "untraced"},
+                 "adakv_untraced_compiled_compress": {"prefill_compiler": "untraced"},
                  "adakv_untraced_nogemv": {"prefill_compiler": "untraced", "gemv": False}}
 # method -> environment of its child: the compression inlined into every layer (as before compress_once), or
 # compiled once for all layers whatever the layer count (passes/compress_once.py)
 _ONCE = {"ADAKV_COMPRESS_ONCE": "1"}
 METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}, "adakv_once": _ONCE,
               "adakv_regions_once": _ONCE, "adakv_eager_prefill_once": _ONCE,
-              "adakv_untraced_eager_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "0"}}
+              "adakv_untraced_eager_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "0"},
+              "adakv_untraced_compiled_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "1"}}
 
 
 def child(a) -> dict:

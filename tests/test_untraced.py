@@ -4,7 +4,8 @@ its SDPA calls intercepted to compress each layer; only the decode step is trace
 Against the eager oracle (tokens, kept positions, pool contents), on fresh random models and left-padded
 prompts: no prefill graph is compiled, the compression compiles once for all layers; a model whose attention
 is not an SDPA call falls back to the traced prefill (logged, still equal to the oracle); an error inside
-the eager prefill leaves no half-filled cache; ``reconfigure`` applies to the next untraced prefill; the mask
+the eager prefill leaves no half-filled cache; the compression runs its eager body by default and the
+one-layer graph compiled once under ``ADAKV_UNTRACED_COMPILED_COMPRESS=1``; ``reconfigure`` applies to the next untraced prefill; the mask
 and K/V checks refuse what they do not recognise.
 """
 from __future__ import annotations
@@ -24,10 +25,11 @@ from tests.prompts import left_padded
 from tests.test_compress_inductor import _assert_equals_oracle, _prefill
 from tests.test_static_cache import build, twin
 
-CASES = [
-    ("llama", dict(budget=24, window=4), "aot_eager"),
-    ("qwen2", dict(budget=20, window=4, gqa_reduce="max", allocation="uniform"), "eager"),
-    ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5), "inductor"),
+CASES = [  # (family, config, inner compiler, ADAKV_UNTRACED_COMPILED_COMPRESS)
+    ("llama", dict(budget=24, window=4), "aot_eager", "1"),
+    ("qwen2", dict(budget=20, window=4, gqa_reduce="max", allocation="uniform"), "eager", ""),
+    ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5), "inductor", "1"),
+    ("llama", dict(budget=24, window=4, head_floor=0), "inductor", ""),
 ]
 
 
@@ -38,8 +40,10 @@ def _generate(model, backend, ids, am, new=6):
     return out, cache
 
 
-@pytest.mark.parametrize("family, kwargs, inner", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
-def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, inner):
+@pytest.mark.parametrize("family, kwargs, inner, compiled", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{'compiled' if c[3] else 'eager'}-compress" for c in CASES])
+def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, inner, compiled, monkeypatch):
+    monkeypatch.setenv("ADAKV_UNTRACED_COMPILED_COMPRESS", compiled)
     seed = int(torch.randint(0, 1 << 16, ()))
     cfg = AdaKVConfig(prefill_compiler="untraced", **kwargs)
     b = kwargs["budget"]
@@ -63,9 +67,9 @@ def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, i
                 assert torch.equal(got_pos[row][head], want.to(torch.int32)), (seed, layer, row, head)
                 assert torch.equal(got_pos[row][head][-5:], appended), seed
         assert int(cache.layers[layer].seen) == n + 5
-    if inner != "eager":  # the flat schedule's layers share one compile of the compression; pyramid: one each
-        classes = 3 if kwargs.get("layer_schedule") == "pyramid" else 1
-        assert len(compress_once._COMPILERS[backend._key][1]) == classes
+    # compiled compression: the flat schedule's layers share one compile, pyramid's have one each; eager: none
+    classes = 0 if not compiled else 3 if kwargs.get("layer_schedule") == "pyramid" else 1
+    assert len(compress_once._COMPILERS[backend._key][1]) == classes
 
 
 def test_prefill_equals_the_oracle():
