@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .cache import AdaKVCache, AdaKVLayer
+from .cache import AdaKVCache, AdaKVLayer, RequestError
 from .kernels.dispatch import switch
 from .kernels.ops import register_config
 
@@ -188,6 +188,11 @@ def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> C
     @functools.wraps(compiled)
     def run(*args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, AdaKVCache) and torch.is_grad_enabled() and any(
+                p.requires_grad for p in model.parameters()):  # (either prefill: no autograd through the store)
+            raise RequestError("cache: an AdaKVCache is for inference; call the model under torch.no_grad() or "
+                               "torch.inference_mode() (grad is enabled and the model has parameters that "
+                               "require grad)")
         if backend.config.prefill_compiler != "untraced" or not isinstance(cache, AdaKVCache) \
                 or cache.holds_prompt() or backend._untraced_off:
             return compiled(*args, **kwargs)

@@ -139,7 +139,7 @@ class _compress_body_emptied:
 
     def __init__(self, backend):
         from adakv_compile.passes import compress_once
-        self.compiled = compress_once._COMPILERS.get(backend._key, (None, {}))[1]
+        self.compiled = compress_once.compiled_graphs(backend._key)
 
     def __enter__(self):
         self.compiled.clear()

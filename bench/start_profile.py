@@ -193,7 +193,7 @@ def child(a) -> dict:
         from adakv_compile.passes import compress_once  # and how many one-layer graphs exist after the run
         g = next((g for g in BACKEND[0].graphs if g.get("compress_once")), {})
         once = dict(calls=g.get("compress_once", 0), ahead=g.get("compress_once_ahead", 0),
-                    compiled=len(compress_once._COMPILERS.get(BACKEND[0]._key, (None, {}))[1]))
+                    compiled=len(compress_once.compiled_graphs(BACKEND[0]._key)))
     graphs = None if BACKEND[0] is None else dict(count=len(BACKEND[0].graphs),  # untraced: decode only
                                                   untraced_off=BACKEND[0]._untraced_off)
     return dict(compress_once=once, graphs=graphs, total_s=total, stages=stages, calls=dict(COUNT), new_tokens=int(out.shape[1] - ids.shape[1]),

@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     from torch._dynamo.utils import counters
     ind, aot = counters["inductor"], counters["aot_autograd"]
     result = {"graphs": backend.graphs_compiled, "regions": len(backend._region_fns),  # regions: compiled at run
-              "compress_once": len(compress_once._COMPILERS[backend._key][1]),  # compiled at their first run
+              "compress_once": len(compress_once.compiled_graphs(backend._key)),  # compiled at their first run
               "fx_hit": ind["fxgraph_cache_hit"], "fx_miss": ind["fxgraph_cache_miss"],
               "fx_bypass": ind["fxgraph_cache_bypass"],
               "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"],

@@ -32,7 +32,7 @@ def _inline_compress(monkeypatch):
 
 
 def _compiled(backend) -> int:
-    return len(compress_once._COMPILERS[backend._key][1])
+    return len(compress_once.compiled_graphs(backend._key))
 
 
 def test_layers_share_one_compile_under_inductor():
@@ -146,8 +146,8 @@ def test_a_deleted_backend_takes_its_compiled_graphs_along():
     model = build("llama", seed=int(torch.randint(0, 1 << 16, ())), layers=2)
     backend = compile_model(model, AdaKVConfig(budget=16, window=4), inner="aot_eager")
     key = backend._key
-    assert key in compress_once._COMPILERS
+    assert compress_once.registered(key)
     torch._dynamo.reset()  # Dynamo's compiled frames hold the backend
     del backend, model
     gc.collect()
-    assert key not in compress_once._COMPILERS
+    assert not compress_once.registered(key)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from adakv_compile import AdaKVCache, AdaKVConfig, compile_model
+from adakv_compile.cache import RequestError
 from adakv_compile.cache import cache_kwarg
 from adakv_compile import untraced
 from adakv_compile.passes import compress_once
@@ -69,7 +70,7 @@ def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, i
         assert int(cache.layers[layer].seen) == n + 5
     # compiled compression: the flat schedule's layers share one compile, pyramid's have one each; eager: none
     classes = 0 if not compiled else 3 if kwargs.get("layer_schedule") == "pyramid" else 1
-    assert len(compress_once._COMPILERS[backend._key][1]) == classes
+    assert len(compress_once.compiled_graphs(backend._key)) == classes
 
 
 def test_prefill_equals_the_oracle():
@@ -175,3 +176,19 @@ def test_repeats_checks_values_not_only_shapes():
     assert not _repeats(other, k)
     assert not _repeats(k.repeat(1, 2, 1, 1), k)  # tiled, not repeated per group
     assert not _repeats(rep[:, :, :6], k)
+
+
+@pytest.mark.parametrize("prefill_compiler", ["untraced", "inductor"])
+def test_a_call_with_grad_enabled_is_refused_naming_the_fix(prefill_compiler):
+    """Both prefills refuse it in plain Python (the traced one used to fail inside the backend compile)."""
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=2)
+    ids, am = left_padded([40, 23], seed=seed)
+    backend = compile_model(model, AdaKVConfig(budget=20, window=4, prefill_compiler=prefill_compiler),
+                            inner="aot_eager")
+    cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=4)
+    with pytest.raises(RequestError, match="torch.no_grad"):
+        model(input_ids=ids, attention_mask=am, use_cache=True, **{cache_kwarg(model): cache})
+    assert backend.graphs == [] and not cache.holds_prompt()
+    logits, cache = _prefill(model, backend, ids, am)  # then the same backend serves a proper call
+    _assert_equals_oracle(twin(model), backend.config, ids, am, logits, cache)

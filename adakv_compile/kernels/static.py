@@ -35,6 +35,7 @@ inlined into the generated code and the decode step replays as one CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Optional
 
@@ -138,8 +139,14 @@ def prefill_compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 def inline_config_key(config) -> str:
     """The key ``prefill_compress`` nodes carry: a hash of the config's fields, registered to the config
     (the same in every process, so Inductor's caches hit on a restart and miss for another config)."""
+    return register_config(config, _inline_key(config))
+
+
+@functools.lru_cache(maxsize=256)
+def _inline_key(config) -> str:
+    """(Memoised: ``compress_once`` asks once per layer per prefill; configs are frozen, hashable.)"""
     digest = hashlib.sha256(config.key().encode()).hexdigest()[:16]  # as passes/cache_key.config_key
-    return register_config(config, f"adakv-config-{digest}")
+    return f"adakv-config-{digest}"
 
 
 def retarget_config(gm: torch.fx.GraphModule, config) -> int:

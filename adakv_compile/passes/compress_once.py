@@ -72,6 +72,17 @@ def register(backend_key: str, compile_method: Callable) -> None:
     weakref.finalize(compile_method.__self__, _forget, backend_key, entry)  # its compiled graphs go with it
 
 
+def registered(backend_key: str) -> bool:
+    """Whether a live backend's compiler is registered under ``backend_key``."""
+    return backend_key in _COMPILERS
+
+
+def compiled_graphs(backend_key: str) -> dict:
+    """The one-layer graphs compiled so far for the backend under ``backend_key`` (key -> compiled function;
+    empty when none): what reports and benchmarks count, and may clear to force a recompile."""
+    return _COMPILERS.get(backend_key, (None, {}))[1]
+
+
 def _forget(backend_key: str, entry: tuple) -> None:
     if _COMPILERS.get(backend_key) is entry:
         del _COMPILERS[backend_key]
