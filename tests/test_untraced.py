@@ -192,3 +192,65 @@ def test_a_call_with_grad_enabled_is_refused_naming_the_fix(prefill_compiler):
     assert backend.graphs == [] and not cache.holds_prompt()
     logits, cache = _prefill(model, backend, ids, am)  # then the same backend serves a proper call
     _assert_equals_oracle(twin(model), backend.config, ids, am, logits, cache)
+
+
+def test_serving_loop_compiles_only_the_decode_graph():
+    """Server (fixed slots, prompts of every length): the prefill is never traced, so the loop has one
+    compiled graph; each request decodes as it does alone, greedy ones as the eager oracle."""
+    from adakv_compile.serve import Server
+    from tests.test_serving import requests
+
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build(seed=seed)
+    cfg = AdaKVConfig(budget=24, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, cfg, inner="eager")
+    server = Server(model, backend, max_batch=3, max_new_tokens=8, eos_token_id=None)
+    reqs = requests(7, seed, lo=30, hi=150, max_new=(2, 8))
+    server.run(reqs)
+    assert all(r.done for r in reqs) and backend.graphs_compiled == 1, backend.graphs
+    assert not backend._untraced_off
+    ref = ReferenceSession(twin(model), cfg)
+    for r in reqs:
+        assert server.generate_alone(r).tokens == r.tokens, f"seed={seed} request {r.id}"
+        if r.temperature == 0:
+            want = ref.generate(r.prompt[None], max_new_tokens=len(r.tokens))[0, r.prompt.numel():].tolist()
+            assert r.tokens == want, f"seed={seed} request {r.id}"
+
+
+def test_prompts_of_many_lengths_never_recompile():
+    """One cache reset between prompts of eleven lengths: no prefill graph at all, one decode graph."""
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=2)
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    backend = compile_model(model, cfg, inner="eager")
+    ref = ReferenceSession(twin(model), cfg)
+    cache = AdaKVCache(model, backend, batch_size=1, max_new_tokens=3)
+    g = torch.Generator().manual_seed(seed)
+    for n in torch.randint(2, 200, (11,), generator=g).tolist():
+        ids = torch.randint(1, 128, (1, n), generator=g)
+        cache.reset()
+        got = model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): cache})[:, n:]
+        assert torch.equal(got, ref.generate(ids, max_new_tokens=3)[:, n:]), (seed, n)
+    assert backend.graphs_compiled == 1, backend.graphs
+
+
+def test_a_hybrid_cache_takes_the_traced_prefill(caplog):
+    """Sliding-window layers (Gemma-3) are not intercepted: the prefill is traced as without the option
+    (logged), and generate equals the oracle."""
+    from tests.test_hybrid import CFG, gemma3
+    from tests.test_hybrid import twin as hybrid_twin
+
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = gemma3(seed=seed)
+    cfg = CFG.replace(prefill_compiler="untraced")
+    ids, am = left_padded([40, 27, 6], seed=seed)
+    n = ids.shape[1]
+    want = ReferenceSession(hybrid_twin(model), cfg).generate(ids, attention_mask=am, max_new_tokens=4)[:, n:]
+    backend = compile_model(model, cfg, inner="eager")
+    cache = AdaKVCache(model, backend, batch_size=3, max_new_tokens=4)
+    with caplog.at_level(logging.INFO, logger="adakv_compile"):
+        got = model.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False,
+                             **{cache_kwarg(model): cache})[:, n:]
+    assert torch.equal(got, want), seed
+    assert any("sliding-window or state layers" in r.getMessage() for r in caplog.records)
+    assert {"window-fill", "static-compress"} <= {r.mode for r in backend.report}
