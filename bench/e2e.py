@@ -50,9 +50,11 @@ from adakv_compile.kernels import store  # noqa: E402
 ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gemv": {"gemv": True},
               "adakv_cublas": {"gemv": False},
               "adakv_fm": {}, "adakv_gemv_fm": {"gemv": True},
-              "adakv_untraced": {"prefill_compiler": "untraced"}}  # the decode is adakv's: for --check
+              "adakv_untraced": {"prefill_compiler": "untraced"},  # the decode is adakv's: for --check
+              "adakv_gemv_opaque": {"gemv": True}}
 # environment switches of a fast-path method, set while it compiles and runs (the rewrite reads them at trace time)
-ADAKV_ENV = {"adakv_fm": {"ADAKV_FUSED_MERGE": "1"}, "adakv_gemv_fm": {"ADAKV_FUSED_MERGE": "1"}}
+ADAKV_ENV = {"adakv_fm": {"ADAKV_FUSED_MERGE": "1"}, "adakv_gemv_fm": {"ADAKV_FUSED_MERGE": "1"},
+             "adakv_gemv_opaque": {"ADAKV_GEMV_OPAQUE": "1"}}
 
 
 @contextlib.contextmanager

@@ -48,6 +48,27 @@ def covered(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
 @triton_op("adakv::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x [..., K] with at most ``MAX_ROWS`` rows, weight [N, K], bias [N]."""
+    return _gemv(x, weight, bias)
+
+
+@torch.library.custom_op("adakv::gemv_opaque", mutates_args=())
+def gemv_opaque(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``adakv::gemv`` as an opaque op: Inductor calls it (an extern call) instead of tracing its launch.
+
+    Why it may pay: in a decode graph replayed as a CUDA graph the launch's Python runs only at capture, while
+    every inlined launch costs compile time (32 layers: ~130 ``wrap_triton`` nodes through the joint-graph
+    pattern passes and ``decompose_triton_kernel_wrapper_functional``, ~4.6 s of a cold H200 start by the
+    ``gemv=False`` row of start-profile-s13-32L-variants-h200.md). ``ADAKV_GEMV_OPAQUE=1`` (passes/gemv.py);
+    not measured yet, so off."""
+    return _gemv(x, weight, bias)
+
+
+@gemv_opaque.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if triton_on(x) and not covered(x, weight, bias):
         from .triton_gemv import gemv_triton
         lead = x.shape[:-1]
