@@ -156,20 +156,33 @@ def _repeats(x: torch.Tensor, base: torch.Tensor) -> bool:
 
 
 def _padding_causal(mask: torch.Tensor) -> bool:
-    """Whether ``mask`` [B|1, 1, n, n] is causal with padded keys masked: boolean, or additive with 0 where
-    attended and a very negative value elsewhere, every query's allowed keys a subset of the causal ones and
-    the same across heads. (Its last row then gives the valid keys, as ``valid_from_mask`` reads it.)"""
+    """Whether ``mask`` [B|1, 1, n, n] is exactly causal with padded keys masked — boolean, or additive with 0
+    where attended and a very negative value elsewhere: every non-padding query attends exactly the valid keys
+    up to itself, the valid keys being those the last query attends (what ``valid_from_mask`` reads). A sliding
+    window, a prefix-LM or chunked mask, and any additive bias fail it. Padding queries' rows are not read."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2]:
         return False
-    if mask.dtype == torch.bool:
-        allowed = mask
-    else:
-        if not mask.is_floating_point():
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return False
+    n = mask.shape[-1]
+    valid = _allowed(mask[:, 0, -1:, :])[:, 0]                                  # [B, n]
+    keys = torch.arange(n, device=mask.device)
+    for start in range(0, n, _ROWS):  # blocks of query rows: O(block x n) temporaries, not O(n^2)
+        rows = mask[:, 0, start:start + _ROWS, :]
+        if mask.dtype != torch.bool and bool(((rows != 0) & _allowed(rows)).any()):
+            return False  # an additive term where attended: a bias, not a mask
+        queries = keys[start:start + rows.shape[1], None]
+        expected = (keys[None, :] <= queries)[None] & valid[:, None, :]          # [B, block, n]
+        if not bool(((_allowed(rows) == expected) | ~valid[:, start:start + rows.shape[1], None]).all()):
             return False
-        allowed = mask > torch.finfo(mask.dtype).min / 2
-        if bool(((mask != 0) & allowed).any()):
-            return False
-    return not bool(allowed.triu(1).any())
+    return True
+
+
+_ROWS = 2048
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> Callable:

@@ -152,7 +152,9 @@ def test_reconfigure_applies_to_the_next_untraced_prefill():
     assert sizes[24] != sizes[16] and backend.graphs == []
 
 
-def test_padding_causal_mask_check():
+@pytest.mark.parametrize("rows", [3, 2048])  # checked in blocks of query rows
+def test_padding_causal_mask_check(rows, monkeypatch):
+    monkeypatch.setattr(untraced, "_ROWS", rows)
     n = int(torch.randint(5, 12, ()))
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     pad = torch.ones(2, n, dtype=torch.bool)
@@ -164,6 +166,11 @@ def test_padding_causal_mask_check():
     biased = additive + torch.randn(2, 1, n, n).abs().neg() * boolean  # ALiBi-like terms where attended
     assert not _padding_causal(biased)
     assert not _padding_causal(torch.ones(2, 1, n, n, dtype=torch.bool))  # bidirectional
+    window = (causal & ~torch.ones(n, n, dtype=torch.bool).tril(-3))[None, None]  # sliding window of 3
+    assert not _padding_causal(window) and not _padding_causal(window & boolean)
+    padded_rows = boolean.clone()
+    padded_rows[1, 0, ~pad[1]] = True  # what a padding query attends is not read
+    assert _padding_causal(padded_rows)
     assert not _padding_causal(boolean.expand(2, 3, n, n))  # per-head masks are not a padding mask
 
 
