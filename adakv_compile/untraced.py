@@ -22,8 +22,8 @@ model's own eager forward, as HF's does, and only what compression needs is inte
   mode is the one that trades prefill speed for a fast start.
 
 Decode steps still run the compiled graph (the only frame Dynamo traces). What the interception does not
-recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a float mask
-that is more than padding (ALiBi), a non-causal prompt, hybrid caches (sliding-window or state layers),
+recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a mask that is
+not exactly causal + padding (a sliding window, an additive bias such as ALiBi), a non-causal prompt, hybrid caches (sliding-window or state layers),
 tensor parallelism, fixed-slot serving — is not guessed at: the prefill is redone through the traced,
 compiled forward (the cache reset first) and the reason logged once; later prefills of that backend go
 the traced way directly.
