@@ -51,10 +51,10 @@ ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gem
               "adakv_cublas": {"gemv": False},
               "adakv_fm": {}, "adakv_gemv_fm": {"gemv": True},
               "adakv_untraced": {"prefill_compiler": "untraced"},  # the decode is adakv's: for --check
-              "adakv_gemv_opaque": {"gemv": True}}
+              "adakv_decode_opaque": {}}
 # environment switches of a fast-path method, set while it compiles and runs (the rewrite reads them at trace time)
 ADAKV_ENV = {"adakv_fm": {"ADAKV_FUSED_MERGE": "1"}, "adakv_gemv_fm": {"ADAKV_FUSED_MERGE": "1"},
-             "adakv_gemv_opaque": {"ADAKV_GEMV_OPAQUE": "1"}}
+             "adakv_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"}}
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ Methods:
              (``ADAKV_UNTRACED_COMPILED_COMPRESS=0``; the default since session 13) or compiled once for all layers
              (``=1``; the default in bench/results/start-profile-s13-8L/32L-h200, where ``adakv_untraced`` used it)
   adakv_untraced_nogemv  ``adakv_untraced`` with ``gemv=False`` (cuBLAS projections in the decode graph)
-  adakv_untraced_gemv_opaque  ``adakv_untraced`` with the GEMV as an opaque op (``ADAKV_GEMV_OPAQUE=1``)
+  adakv_untraced_decode_opaque  ``adakv_untraced`` with the decode graph's Triton ops as opaque ops
+             (``ADAKV_DECODE_OPAQUE=1``, passes/opaque.py)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
@@ -56,7 +57,7 @@ ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"}, 
                  "adakv_untraced_eager_compress": {"prefill_compiler": "untraced"},
                  "adakv_untraced_compiled_compress": {"prefill_compiler": "untraced"},
                  "adakv_untraced_nogemv": {"prefill_compiler": "untraced", "gemv": False},
-                 "adakv_untraced_gemv_opaque": {"prefill_compiler": "untraced"}}
+                 "adakv_untraced_decode_opaque": {"prefill_compiler": "untraced"}}
 # method -> environment of its child: the compression inlined into every layer (as before compress_once), or
 # compiled once for all layers whatever the layer count (passes/compress_once.py)
 _ONCE = {"ADAKV_COMPRESS_ONCE": "1"}
@@ -64,7 +65,7 @@ METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}, "adakv_o
               "adakv_regions_once": _ONCE, "adakv_eager_prefill_once": _ONCE,
               "adakv_untraced_eager_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "0"},
               "adakv_untraced_compiled_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "1"},
-              "adakv_untraced_gemv_opaque": {"ADAKV_GEMV_OPAQUE": "1"}}
+              "adakv_untraced_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"}}
 
 
 def child(a) -> dict:

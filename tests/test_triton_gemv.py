@@ -185,25 +185,3 @@ def test_gemv_default_follows_the_card(monkeypatch):
         assert not gemv_wanted(False, cuda)
     with pytest.raises(ValueError, match="gemv"):
         AdaKVConfig(budget=64, gemv="yes")
-
-
-def test_opaque_twin_under_the_switch(monkeypatch):
-    """ADAKV_GEMV_OPAQUE=1: the decode graph's projections become ``adakv.gemv_opaque`` (an extern call in
-    Inductor's code, no traced launch); tokens equal the inlined op's and the eager oracle."""
-    from torch._inductor.utils import run_and_get_code
-
-    cfg = AdaKVConfig(budget=12, window=4, gemv=True)
-    ids, am = left_padded([30, 18], seed=int(torch.randint(0, 1 << 16, ())), vocab=96)
-    new = 3
-    expect = ReferenceSession(_tiny_llama(), cfg).generate(ids, attention_mask=am, max_new_tokens=new)[:, -new:]
-    monkeypatch.setenv("ADAKV_GEMV_OPAQUE", "1")
-    model = _tiny_llama()
-    backend = compile_model(model, cfg, inner="inductor")
-    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=new)
-    with torch.no_grad():
-        out, codes = run_and_get_code(lambda: model.generate(ids, attention_mask=am, max_new_tokens=new,
-                                                             do_sample=False, **{cache_kwarg(model): cache}))
-    assert torch.equal(out[:, -new:], expect)
-    decode = [c for c in codes if "gemv_opaque" in c]
-    assert len(decode) == 1 and decode[0].count("torch.ops.adakv.gemv_opaque.default(") == 4 * 2 + 1, codes
-    assert [g.get("gemv") for g in backend.graphs] == [0, 9]

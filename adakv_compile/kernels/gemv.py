@@ -58,8 +58,8 @@ def gemv_opaque(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Why it may pay: in a decode graph replayed as a CUDA graph the launch's Python runs only at capture, while
     every inlined launch costs compile time (32 layers: ~130 ``wrap_triton`` nodes through the joint-graph
     pattern passes and ``decompose_triton_kernel_wrapper_functional``, ~4.6 s of a cold H200 start by the
-    ``gemv=False`` row of start-profile-s13-32L-variants-h200.md). ``ADAKV_GEMV_OPAQUE=1`` (passes/gemv.py);
-    not measured yet, so off."""
+    ``gemv=False`` row of start-profile-s13-32L-variants-h200.md). Used by passes/opaque.py
+    (``ADAKV_DECODE_OPAQUE=1``; not measured yet, so off)."""
     return _gemv(x, weight, bias)
 
 

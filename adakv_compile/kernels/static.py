@@ -225,6 +225,18 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor
         lens.add_(t)
 
 
+@torch.library.custom_op("adakv::static_append_opaque", mutates_args=("pool_k", "pool_v", "lens", "pos"))
+def static_append_opaque(k_new: torch.Tensor, v_new: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                         off: torch.Tensor, lens: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> None:
+    """``static_append`` as an opaque op (passes/opaque.py: decode graphs replayed as CUDA graphs)."""
+    static_append(k_new, v_new, pool_k, pool_v, off, lens, pos, seen)
+
+
+@static_append_opaque.register_fake
+def _(k_new, v_new, pool_k, pool_v, off, lens, pos, seen):
+    return None
+
+
 @triton_op("adakv::static_attend", mutates_args=())
 def static_attend(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
                   lens: torch.Tensor, scale: float, softcap: float, max_len: int,
@@ -264,3 +276,30 @@ def static_attend_merged(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Te
     ``passes/rewrite.fused_merge`` says so (CUDA by default) and there is no ALiBi bias (docs/design.md,
     "Fused split-K merge")."""
     return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, sem=sem)
+
+
+@torch.library.custom_op("adakv::static_attend_opaque", mutates_args=())
+def static_attend_opaque(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
+                         lens: torch.Tensor, scale: float, softcap: float, max_len: int,
+                         sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                         pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``static_attend`` as an opaque op (passes/opaque.py)."""
+    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, bias, pos)
+
+
+@static_attend_opaque.register_fake
+def _(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks=None, bias=None, pos=None):
+    return static_attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, bias, pos)  # its layout
+
+
+@torch.library.custom_op("adakv::static_attend_merged_opaque", mutates_args=("sem",))
+def static_attend_merged_opaque(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, off: torch.Tensor,
+                                lens: torch.Tensor, scale: float, softcap: float, max_len: int, sem: torch.Tensor,
+                                sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``static_attend_merged`` as an opaque op (passes/opaque.py)."""
+    return _attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks, sem=sem)
+
+
+@static_attend_merged_opaque.register_fake
+def _(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sem, sinks=None):
+    return static_attend(q, pool_k, pool_v, off, lens, scale, softcap, max_len, sinks)  # its layout

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..kernels.dispatch import switch
 from ..kernels.gemv import covered
 from .fake_values import fill_fake_values
 from .merge_linears import LINEAR_TARGETS
@@ -113,8 +112,7 @@ def replace_gemv(gm: fx.GraphModule, phases: list[str]) -> GemvResult:
     if not is_decode_graph(phases):
         return result
     graph = gm.graph
-    # ADAKV_GEMV_OPAQUE=1: the opaque twin (an extern call under Inductor; kernels/gemv.py says why, unmeasured)
-    op = torch.ops.adakv.gemv_opaque.default if switch("ADAKV_GEMV_OPAQUE") else torch.ops.adakv.gemv.default
+    op = torch.ops.adakv.gemv.default
     for node in list(graph.nodes):
         ops = _operands(node)
         if ops is None:
