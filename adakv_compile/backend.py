@@ -64,6 +64,7 @@ class AdaKVBackend:
         self._warned_reasons: set[str] = set()  # one warning per distinct reason a site is skipped
         self._key = _backend_key(config)
         self._untraced_off = ""  # why prefill_compiler="untraced" fell back to tracing for this backend
+        self._untraced_wrapped = False  # compile_model put untraced.untraced_forward around the compiled forward
         self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
         register_compress_once(self._key, self._compile_compress)  # passes/compress_once.py
         if inner == "inductor":
@@ -140,6 +141,12 @@ class AdaKVBackend:
                 raise StoreError(message)
             return refuse
         inner = self._inner
+        if self.config.prefill_compiler == "untraced" and not self._untraced_wrapped and self._is_prefill(result) \
+                and "untraced" not in self._warned_reasons:
+            self._warned_reasons.add("untraced")
+            log.warning("adakv: prefill_compiler='untraced' takes effect through adakv_compile.compile_model (its "
+                        "forward wrapper runs the prefill eagerly); this model.forward was compiled directly, so "
+                        "graph %d, a prefill, is traced and compiled with Inductor", graph_id)
         if self.config.prefill_compiler == "eager" and self._is_prefill(result):
             inner = self._eager  # the rewritten graph and its regions run as traced (AdaKVConfig.prefill_compiler)
             self.graphs[-1]["compiler"] = "eager"
@@ -369,6 +376,7 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaKVConfig] = None, 
     # traces them: a trace that raised would leave the frame running eagerly for every later call
     compiled = torch.compile(model.forward, backend=backend, **compile_kwargs)
     model.forward = checked_forward(untraced_forward(model.forward, compiled, backend, model), backend)
+    backend._untraced_wrapped = True
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # HF generate would re-compile forward with Inductor for a compileable cache
         gen.disable_compile = True

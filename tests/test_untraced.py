@@ -261,3 +261,21 @@ def test_a_hybrid_cache_takes_the_traced_prefill(caplog):
     assert torch.equal(got, want), seed
     assert any("sliding-window or state layers" in r.getMessage() for r in caplog.records)
     assert {"window-fill", "static-compress"} <= {r.mode for r in backend.report}
+
+
+def test_untraced_without_compile_model_says_so(caplog):
+    """``torch.compile(model.forward, backend=...)`` has no wrapper to run the prefill eagerly: the prefill is
+    traced (still equal to the oracle), with one warning naming compile_model."""
+    from adakv_compile import adakv_backend
+
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=2)
+    ids, am = left_padded([50, 29], seed=seed)
+    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    backend = adakv_backend(cfg, inner="aot_eager")
+    model.forward = torch.compile(model.forward, backend=backend)
+    with caplog.at_level(logging.WARNING, logger="adakv_compile"):
+        logits, cache = _prefill(model, backend, ids, am)
+    assert [g["rewritten"] for g in backend.graphs] == [2]
+    assert sum("compile_model" in r.getMessage() for r in caplog.records) == 1
+    _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
