@@ -45,6 +45,8 @@ from .kernels.ops import register_config
 log = logging.getLogger("adakv_compile")
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+_PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
+             torch.baddbmm, torch.einsum)
 
 
 class Unrecognised(Exception):
@@ -109,11 +111,25 @@ class UntracedPrefill(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.pending is not None and func in _PRODUCTS and self._scores_by_hand(func, args):
+            # eager (matmul-softmax) attention: stop before its n x n scores are allocated (a long prompt's
+            # could exceed memory the traced prefill, which rewrites that attention, does not need)
+            raise Unrecognised(f"layer {self.pending[1]}'s attention over its cache is computed with "
+                               f"{getattr(func, '__name__', func)}, not a scaled_dot_product_attention call")
         if func is not _SDPA or self.pending is None:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         self._compress(*args, **kwargs)
         return out
+
+    def _scores_by_hand(self, func, args) -> bool:
+        """Whether this product reads the pending layer's keys as attention logits do: an operand laid out as
+        K transposed ([..., D, n]), or for einsum two operands laid out as [..., n, D] (queries and keys)."""
+        n, D = self.pending[2].shape[-2:]
+        tensors = [a for a in (args[1:] if func is torch.einsum else args) if isinstance(a, torch.Tensor)]
+        if func is torch.einsum:
+            return sum(t.dim() >= 3 and tuple(t.shape[-2:]) == (n, D) for t in tensors) >= 2
+        return any(t.dim() >= 3 and tuple(t.shape[-2:]) == (D, n) for t in tensors)
 
     def _compress(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         layer, index, k_new, v_new = self.pending
