@@ -22,11 +22,12 @@ model's own eager forward, as HF's does, and only what compression needs is inte
   mode is the one that trades prefill speed for a fast start.
 
 Decode steps still run the compiled graph (the only frame Dynamo traces). What the interception does not
-recognise — attention that is not an SDPA call (eager matmul-softmax, sinks, softcapping), a mask that is
-not exactly causal + padding (a sliding window, an additive bias such as ALiBi), a non-causal prompt, hybrid caches (sliding-window or state layers),
-tensor parallelism, fixed-slot serving — is not guessed at: the prefill is redone through the traced,
-compiled forward (the cache reset first) and the reason logged once; later prefills of that backend go
-the traced way directly.
+recognise — attention that is not an SDPA call (eager matmul-softmax, caught at its logits product; sinks,
+softcapping), a mask that is not exactly causal + padding (a sliding window, an additive bias such as
+ALiBi), a non-causal prompt — is not guessed at: the prefill is redone through the traced, compiled forward
+(the cache reset first) and the reason logged once; later prefills of that backend go the traced way
+directly. Hybrid caches (sliding-window or state layers), tensor parallelism and fixed-slot caches are not
+attempted (``untraced_reason``).
 """
 from __future__ import annotations
 
@@ -203,7 +204,9 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> Callable:
     """``compiled`` (the traced forward), with prefills into an ``AdaKVCache`` run by ``forward`` (the model's
-    eager one) under ``UntracedPrefill`` when ``backend.config.prefill_compiler == "untraced"``."""
+    eager one) under ``UntracedPrefill`` when ``backend.config.prefill_compiler == "untraced"``. Whatever the
+    mode, an AdaKVCache call with grad enabled and trainable parameters is refused here, in plain Python (the
+    traced prefill failed inside the backend compile; the untraced one would have run)."""
 
     def compress(q, k, v, mask, scale, layer, num_layers, store):
         pool_k, pool_v, off, lens, pos, seen = store.tensors()

@@ -2,11 +2,12 @@
 its SDPA calls intercepted to compress each layer; only the decode step is traced and compiled.
 
 Against the eager oracle (tokens, kept positions, pool contents), on fresh random models and left-padded
-prompts: no prefill graph is compiled, the compression compiles once for all layers; a model whose attention
-is not an SDPA call falls back to the traced prefill (logged, still equal to the oracle); an error inside
-the eager prefill leaves no half-filled cache; the compression runs its eager body by default and the
-one-layer graph compiled once under ``ADAKV_UNTRACED_COMPILED_COMPRESS=1``; ``reconfigure`` applies to the next untraced prefill; the mask
-and K/V checks refuse what they do not recognise.
+prompts: no prefill graph is compiled; the compression runs its eager body by default, and the one-layer graph
+compiled once for all layers under ``ADAKV_UNTRACED_COMPILED_COMPRESS=1``. A model whose attention is not an
+SDPA call falls back to the traced prefill (logged, still equal to the oracle); an error inside the eager
+prefill leaves no half-filled cache; ``reconfigure`` applies to the next untraced prefill; serving loops and
+many prompt lengths compile one graph; hybrid caches take the traced prefill; grad-enabled calls are refused;
+the mask and K/V checks refuse what they do not recognise.
 """
 from __future__ import annotations
 

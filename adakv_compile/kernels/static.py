@@ -31,7 +31,8 @@ The ops (registered here; the graph pass inserts them, users never call them):
 - ``adakv::static_attend_merged`` ``static_attend`` with the split-K merge done inside the attention launch,
                               counting arrivals on the layer's ``sem`` buffer (CUDA default; ``ADAKV_FUSED_MERGE=0`` off).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
-inlined into the generated code and the decode step replays as one CUDA graph.
+inlined into the generated code and the decode step replays as one CUDA graph. Each has an opaque twin
+(``*_opaque``, same body) that passes/opaque.py swaps in under ``ADAKV_DECODE_OPAQUE=1``.
 """
 from __future__ import annotations
 
