@@ -42,10 +42,12 @@ from torch.overrides import TorchFunctionMode
 from .cache import AdaKVCache, AdaKVLayer, RequestError
 from .kernels.dispatch import switch
 from .kernels.ops import register_config
+from .report import RewriteRecord
 
 log = logging.getLogger("adakv_compile")
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+UNTRACED_GRAPH = -1  # the ``graph`` of backend.report's records for the untraced prefill (no compiled graph)
 _PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
              torch.baddbmm, torch.einsum)
 
@@ -248,6 +250,12 @@ def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> C
             cache.reset()  # no half-filled store left behind
             raise
         cache.advance(t)
+        if not backend._untraced_reported:  # backend.report lists every attention once, as for a compiled graph
+            backend._untraced_reported = True
+            for layer in range(len(cache.layers)):
+                backend.report.append(RewriteRecord(UNTRACED_GRAPH, layer, "sdpa", "prefill", "intercepted",
+                                                    "untraced", f"layers[{layer}]", "eager prefill, compressed "
+                                                    "at its scaled_dot_product_attention call"))
         return out
 
     return run

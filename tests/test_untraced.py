@@ -59,7 +59,8 @@ def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, i
     assert not backend._untraced_off, backend._untraced_off
     # one graph, the decode step's: Dynamo never traced the prefill
     assert [g["rewritten"] for g in backend.graphs] == [3], backend.graphs
-    assert {r.mode for r in backend.report} == {"static-store"}
+    assert {(r.graph == -1, r.mode) for r in backend.report} == {(True, "untraced"), (False, "static-store")}
+    assert sorted(r.layer for r in backend.report if r.mode == "untraced") == [0, 1, 2]
     n = ids.shape[1]
     appended = torch.arange(n, n + 5, dtype=torch.int32)
     for layer, per_row in enumerate(ref.kept_positions()):
