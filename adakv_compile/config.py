@@ -79,7 +79,8 @@ class AdaKVConfig:
         traces the prefill; the prompt runs through the model's own eager forward, as HF's static cache runs
         it, and each layer's scaled_dot_product_attention call is intercepted to compress its K/V with the
         compression compiled once for all layers: one whole-model compile, the decode step's. A model whose
-        attention it does not recognise falls back to the traced prefill, logged; untraced.py). Decode
+        attention it does not recognise falls back to the traced prefill, logged; untraced.py; no chunking:
+        ``prefill_chunk`` must stay None or 0). Decode
         graphs always use the backend's compiler.
     """
 
@@ -157,6 +158,9 @@ class AdaKVConfig:
             _fail("gemv", self.gemv, "must be True, False or None (on where measured)")
         if self.prefill_compiler not in _PREFILL_COMPILERS:
             _fail("prefill_compiler", self.prefill_compiler, f"must be one of {_PREFILL_COMPILERS}")
+        if self.prefill_compiler == "untraced" and self.prefill_chunk:
+            _fail("prefill_chunk", self.prefill_chunk, 'is not applied by prefill_compiler="untraced" (the prompt '
+                  "runs through the model's eager forward, unchunked): leave it None or use another prefill_compiler")
         skip = self.skip_layers
         if isinstance(skip, (list, set, frozenset, range)):
             skip = tuple(sorted(skip))

@@ -21,6 +21,8 @@ from adakv_compile.config import layer_keep
     (dict(scorer="h2o"), "scorer"),
     (dict(decode_reserve=0), "decode_reserve"),
     (dict(safeguard="soft"), "safeguard"),
+    (dict(prefill_compiler="untraced", prefill_chunk=4096), "prefill_chunk"),  # it would be silently ignored
+    (dict(prefill_compiler="traced"), "prefill_compiler"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"AdaKVConfig\.{field}="):
