@@ -70,17 +70,16 @@ class AdaKVConfig:
         1 x 8k 4.67 vs 5.06 ms per token, tokens equal to the eager reference, bench/results/
         e2e-32L-check-h200.md), off elsewhere (not measured); True / False: always / never.
     prefill_compiler: how the backend compiles a prefill graph (the one that fills the cache from the prompt)
-        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops),
+        after the rewrite: "inductor" (default: Inductor fuses norms, RoPE and the MLP's elementwise ops);
         "regions" (the same, but the position-wise regions between attentions are cut out also when the prompt
-        needs no chunking, and the regions of equal structure — one per layer — share one compile), or
-        "eager" (the rewritten graph and its chunked regions run as traced, without Inductor: the same
-        proven-mask attention, chunking and compression ops, no prefill compile: a faster first
-        ``generate``, a slower prefill on long prompts), or "untraced" (``compile_model`` only: Dynamo never
-        traces the prefill; the prompt runs through the model's own eager forward, as HF's static cache runs
-        it, and each layer's scaled_dot_product_attention call is intercepted to compress its K/V with the
-        compression compiled once for all layers: one whole-model compile, the decode step's. A model whose
-        attention it does not recognise falls back to the traced prefill, logged; untraced.py; no chunking:
-        ``prefill_chunk`` must stay None or 0). Decode
+        needs no chunking, and the regions of equal structure — one per layer — share one compile); "eager"
+        (the rewritten graph and its chunked regions run as traced, without Inductor: the same proven-mask
+        attention, chunking and compression ops, no prefill compile: a faster first ``generate``, a slower
+        prefill on long prompts); or "untraced" (``compile_model`` only: Dynamo never traces the prefill; the
+        prompt runs through the model's own eager forward, as HF's static cache runs it, and each layer's
+        scaled_dot_product_attention call is intercepted to compress its K/V: one whole-model compile, the
+        decode step's; a prefill at HF eager speed and memory, unchunked, so ``prefill_chunk`` must stay None
+        or 0. Attention it does not recognise falls back to the traced prefill, logged; untraced.py). Decode
         graphs always use the backend's compiler.
     """
 
