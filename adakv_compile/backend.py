@@ -65,7 +65,6 @@ class AdaKVBackend:
         self._key = _backend_key(config)
         self._untraced_off = ""  # why prefill_compiler="untraced" fell back to tracing for this backend
         self._untraced_wrapped = False  # compile_model put untraced.untraced_forward around the compiled forward
-        self._untraced_reported = False  # the untraced prefill's records are in self.report
         self._region_fns: dict = {}  # chunked regions of equal structure share one compile (chunk.structure_key)
         register_compress_once(self._key, self._compile_compress)  # passes/compress_once.py
         if inner == "inductor":

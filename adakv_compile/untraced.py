@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cache import AdaKVCache, AdaKVLayer, RequestError
 from .kernels.dispatch import switch
-from .kernels.ops import register_config
+from .kernels.ops import attended, register_config
 from .report import RewriteRecord
 
 log = logging.getLogger("adakv_compile")
@@ -57,9 +57,7 @@ class Unrecognised(Exception):
 
 
 def untraced_reason(cache, model) -> str:
-    """Why this prefill cannot run untraced ("" when it can)."""
-    if not isinstance(cache, AdaKVCache):
-        return "no AdaKVCache in the call"
+    """Why this prefill into ``cache`` (an AdaKVCache) cannot run untraced ("" when it can)."""
     if not all(type(layer) is AdaKVLayer for layer in cache.layers):
         return "the cache has sliding-window or state layers (hybrid model)"
     if cache._free is not None:
@@ -136,7 +134,7 @@ class UntracedPrefill(TorchFunctionMode):
 
     def _compress(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         layer, index, k_new, v_new = self.pending
-        B, H, n, D = k_new.shape
+        n, D = k_new.shape[-2:]
         if q.shape[-2] != n or k.shape[-2] != n or q.dim() != 4:
             raise Unrecognised(f"layer {index}: the attention's query or key length is not the prompt's")
         if dropout_p:
@@ -184,24 +182,20 @@ def _padding_causal(mask: torch.Tensor) -> bool:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         return False
     n = mask.shape[-1]
-    valid = _allowed(mask[:, 0, -1:, :])[:, 0]                                  # [B, n]
+    valid = attended(mask[:, 0, -1, :])                                         # [B, n]
     keys = torch.arange(n, device=mask.device)
     for start in range(0, n, _ROWS):  # blocks of query rows: O(block x n) temporaries, not O(n^2)
         rows = mask[:, 0, start:start + _ROWS, :]
-        if mask.dtype != torch.bool and bool(((rows != 0) & _allowed(rows)).any()):
+        if mask.dtype != torch.bool and bool(((rows != 0) & attended(rows)).any()):
             return False  # an additive term where attended: a bias, not a mask
         queries = keys[start:start + rows.shape[1], None]
         expected = (keys[None, :] <= queries)[None] & valid[:, None, :]          # [B, block, n]
-        if not bool(((_allowed(rows) == expected) | ~valid[:, start:start + rows.shape[1], None]).all()):
+        if not bool(((attended(rows) == expected) | ~valid[:, start:start + rows.shape[1], None]).all()):
             return False
     return True
 
 
 _ROWS = 2048
-
-
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> Callable:
@@ -250,8 +244,7 @@ def untraced_forward(forward: Callable, compiled: Callable, backend, model) -> C
             cache.reset()  # no half-filled store left behind
             raise
         cache.advance(t)
-        if not backend._untraced_reported:  # backend.report lists every attention once, as for a compiled graph
-            backend._untraced_reported = True
+        if not any(r.graph == UNTRACED_GRAPH for r in backend.report):  # every attention once, as for a graph
             for layer in range(len(cache.layers)):
                 backend.report.append(RewriteRecord(UNTRACED_GRAPH, layer, "sdpa", "prefill", "intercepted",
                                                     "untraced", f"layers[{layer}]", "eager prefill, compressed "

@@ -24,7 +24,7 @@ from adakv_compile.passes import compress_once
 from adakv_compile.reference import ReferenceSession
 from adakv_compile.untraced import _padding_causal, _repeats
 from tests.prompts import left_padded
-from tests.test_compress_inductor import _assert_equals_oracle, _prefill
+from tests.test_compress_inductor import _assert_equals_oracle, _prefill, reconfigure_rounds
 from tests.test_static_cache import build, twin
 
 CASES = [  # (family, config, inner compiler, ADAKV_UNTRACED_COMPILED_COMPRESS)
@@ -33,6 +33,15 @@ CASES = [  # (family, config, inner compiler, ADAKV_UNTRACED_COMPILED_COMPRESS)
     ("llama", dict(budget=32, window=8, layer_schedule="pyramid", pooling="avg", alpha=0.5), "inductor", "1"),
     ("llama", dict(budget=24, window=4, head_floor=0), "inductor", ""),
 ]
+
+
+def _setup(lengths, layers=3, **fields):
+    """A fresh random tiny Llama, a left-padded batch of prompts of ``lengths`` and an untraced config (budget
+    20, window 4 unless ``fields`` say otherwise): (seed, model, ids, attention mask, config)."""
+    seed = int(torch.randint(0, 1 << 16, ()))
+    model = build("llama", seed=seed, layers=layers)
+    ids, am = left_padded(lengths, seed=seed)
+    return seed, model, ids, am, AdaKVConfig(**{"budget": 20, "window": 4, "prefill_compiler": "untraced", **fields})
 
 
 def _generate(model, backend, ids, am, new=6):
@@ -76,10 +85,7 @@ def test_generate_equals_the_oracle_with_only_the_decode_graph(family, kwargs, i
 
 
 def test_prefill_equals_the_oracle():
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=3)
-    ids, am = left_padded([70, 45, 12], seed=seed)
-    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    seed, model, ids, am, cfg = _setup([70, 45, 12])
     backend = compile_model(model, cfg, inner="aot_eager")
     logits, cache = _prefill(model, backend, ids, am)
     assert backend.graphs == [] and not backend._untraced_off, seed
@@ -89,11 +95,8 @@ def test_prefill_equals_the_oracle():
 def test_attention_that_is_not_sdpa_falls_back_to_the_traced_prefill(caplog, monkeypatch):
     """Eager (matmul-softmax) attention: the interception sees a layer's update without its SDPA call and
     hands the prefill to the traced path, which rewrites that attention; the result is the oracle's."""
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=2)
+    _, model, ids, am, cfg = _setup([60, 60], layers=2)  # no padding: eager and SDPA differ on masked rows
     model.config._attn_implementation = "eager"
-    ids, am = left_padded([60, 60], seed=seed)  # no padding: eager and SDPA differ on fully masked rows
-    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
     backend = compile_model(model, cfg, inner="aot_eager")
     with caplog.at_level(logging.WARNING, logger="adakv_compile"):
         logits, cache = _prefill(model, backend, ids, am)
@@ -115,10 +118,7 @@ def test_attention_that_is_not_sdpa_falls_back_to_the_traced_prefill(caplog, mon
 
 
 def test_an_error_inside_the_eager_prefill_leaves_no_half_filled_cache():
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=3)
-    ids, am = left_padded([50, 31], seed=seed)
-    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    _, model, ids, am, cfg = _setup([50, 31])
     backend = compile_model(model, cfg, inner="aot_eager")
     mlp = model.model.layers[2].mlp
     original = mlp.forward
@@ -142,18 +142,13 @@ def test_an_error_inside_the_eager_prefill_leaves_no_half_filled_cache():
 
 
 def test_reconfigure_applies_to_the_next_untraced_prefill():
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=2)
-    ids, am = left_padded([64, 40], seed=seed)
-    first = AdaKVConfig(budget=24, window=4, prefill_compiler="untraced")
+    _, model, ids, am, first = _setup([64, 40], layers=2, budget=24)
+    second = first.replace(budget=16, allocation="uniform")
     backend = compile_model(model, first, inner="aot_eager")
-    kept = {}
-    for cfg in (first, first.replace(budget=16, allocation="uniform")):
-        backend.reconfigure(cfg)
-        logits, cache = _prefill(model, backend, ids, am)
-        kept[cfg.budget] = _assert_equals_oracle(twin(model), cfg, ids, am, logits, cache)
-    sizes = {b: [len(pos) for layer in k for row in layer for pos in row] for b, k in kept.items()}
-    assert sizes[24] != sizes[16] and backend.graphs == []
+    kept, graphs = reconfigure_rounds(model, twin(model), backend, ids, am, (first, second),
+                                      lambda: len(backend.graphs))
+    sizes = {c: [len(pos) for layer in k for row in layer for pos in row] for c, k in kept.items()}
+    assert sizes[first] != sizes[second] and graphs == [0, 0]
 
 
 @pytest.mark.parametrize("rows", [3, 2048])  # checked in blocks of query rows
@@ -192,11 +187,8 @@ def test_repeats_checks_values_not_only_shapes():
 @pytest.mark.parametrize("prefill_compiler", ["untraced", "inductor"])
 def test_a_call_with_grad_enabled_is_refused_naming_the_fix(prefill_compiler):
     """Both prefills refuse it in plain Python (the traced one used to fail inside the backend compile)."""
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=2)
-    ids, am = left_padded([40, 23], seed=seed)
-    backend = compile_model(model, AdaKVConfig(budget=20, window=4, prefill_compiler=prefill_compiler),
-                            inner="aot_eager")
+    _, model, ids, am, cfg = _setup([40, 23], layers=2, prefill_compiler=prefill_compiler)
+    backend = compile_model(model, cfg, inner="aot_eager")
     cache = AdaKVCache(model, backend, batch_size=2, max_new_tokens=4)
     with pytest.raises(RequestError, match="torch.no_grad"):
         model(input_ids=ids, attention_mask=am, use_cache=True, **{cache_kwarg(model): cache})
@@ -272,10 +264,7 @@ def test_untraced_without_compile_model_says_so(caplog):
     traced (still equal to the oracle), with one warning naming compile_model."""
     from adakv_compile import adakv_backend
 
-    seed = int(torch.randint(0, 1 << 16, ()))
-    model = build("llama", seed=seed, layers=2)
-    ids, am = left_padded([50, 29], seed=seed)
-    cfg = AdaKVConfig(budget=20, window=4, prefill_compiler="untraced")
+    _, model, ids, am, cfg = _setup([50, 29], layers=2)
     backend = adakv_backend(cfg, inner="aot_eager")
     model.forward = torch.compile(model.forward, backend=backend)
     with caplog.at_level(logging.WARNING, logger="adakv_compile"):

@@ -72,6 +72,11 @@ def config_for(key: str) -> AdaKVConfig:
         raise RuntimeError(f"adakv: no config registered under {key!r}; build the backend first") from None
 
 
+def attended(mask: torch.Tensor) -> torch.Tensor:
+    """Where a boolean (True = attend) or additive (a very negative value = masked) mask lets attention through."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def valid_from_mask(attn_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
     """Valid (non-padding) keys [B, n]: those the last query may attend."""
     if attn_mask is None:
@@ -79,9 +84,7 @@ def valid_from_mask(attn_mask: Optional[torch.Tensor], batch: int, n: int, devic
     last = attn_mask[..., -1, :]
     while last.dim() > 2:
         last = last[:, 0]
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2
-    return last.expand(batch, n).contiguous()
+    return attended(last).expand(batch, n).contiguous()
 
 
 @torch.library.custom_op("adakv::causal_hint", mutates_args=())
