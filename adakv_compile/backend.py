@@ -22,7 +22,8 @@ from .passes.cache_key import PASS_KEY, config_key
 from .passes.compress_once import compile_ahead, register as register_compress_once, use_compress_once
 from .passes.gemv import gemv_wanted, replace_gemv
 from .passes.merge_linears import merge_linears
-from .passes.opaque import opaque_wanted, use_opaque
+from .passes.opaque import opaque_wanted, twins, use_opaque
+from .prewarm import op_calls, prewarm_wanted, start as start_prewarm
 from .report import Report, RewriteRecord
 
 log = logging.getLogger("adakv_compile")
@@ -160,8 +161,12 @@ class AdaKVBackend:
         merged = merge_linears(gm, example_inputs, self.config.merge_linears and not needs_grad)
         if gemv_wanted(self.config.gemv, example_inputs) and not needs_grad:  # decode graphs only; after the merge
             self.graphs[-1]["gemv"] = replace_gemv(merged.gm, [p.phase for p in result.planned]).rewritten
-        if opaque_wanted() and result.static is not None and result.static.phase == "append":
+        if opaque_wanted(graphed) and result.static is not None and result.static.phase == "append":
             self.graphs[-1]["opaque"] = use_opaque(merged.gm)  # passes/opaque.py (after the GEMV pass)
+            if self.graphs[-1]["opaque"] and prewarm_wanted():  # their kernels, while Inductor compiles
+                calls = op_calls(merged.gm, merged.inputs(example_inputs), set(twins().values()))
+                start_prewarm(calls)
+                self.graphs[-1]["prewarm"] = len(calls)
         if self.graphs[-1].get("compress_once"):  # after the merge: it changes the layouts of q, k, v
             self.graphs[-1]["compress_once_ahead"] = compile_ahead(merged.gm)
         variants = self._config_variants(gm, merged, example_inputs, result, inner)  # before inner changes merged.gm

@@ -51,10 +51,11 @@ ADAKV_FAST = {"adakv": {}, "adakv_nomerge": {"merge_linears": False}, "adakv_gem
               "adakv_cublas": {"gemv": False},
               "adakv_fm": {}, "adakv_gemv_fm": {"gemv": True},
               "adakv_untraced": {"prefill_compiler": "untraced"},  # the decode is adakv's: for --check
-              "adakv_decode_opaque": {}}
+              "adakv_decode_opaque": {}, "adakv_decode_inlined": {}}
 # environment switches of a fast-path method, set while it compiles and runs (the rewrite reads them at trace time)
 ADAKV_ENV = {"adakv_fm": {"ADAKV_FUSED_MERGE": "1"}, "adakv_gemv_fm": {"ADAKV_FUSED_MERGE": "1"},
-             "adakv_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"}}
+             "adakv_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"},  # the default for CUDA-graphed decode since s14
+             "adakv_decode_inlined": {"ADAKV_DECODE_OPAQUE": "0"}}
 
 
 @contextlib.contextmanager
@@ -326,6 +327,8 @@ def check_fast_path(out_dir: Path, method: str = "adakv") -> dict:
     res["fused_merge"] = os.environ.get("ADAKV_FUSED_MERGE", "")
     res["decode_triton_launches"] = [c.count(".run(") for c in codes if "_static_append_kernel" in c]
     res["merge_kernel_in_code"] = "_store_attn_merge" in code
+    # passes/opaque.py (default for CUDA-graphed decode graphs): the decode ops as extern calls of the twins
+    res["decode_opaque_calls"] = [len(re.findall(r"torch\.ops\.adakv\.\w+_opaque\.default\(", c)) for c in codes]
     res["report"] = backend.report.table()
     res["gemv"] = [gr.get("gemv", 0) for gr in backend.graphs]
     (out_dir / f"e2e-check-inductor-code-{method}.txt").write_text(code[:2_000_000])

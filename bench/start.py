@@ -22,7 +22,13 @@ Methods:
              (``=1``; the default in bench/results/start-profile-s13-8L/32L-h200, where ``adakv_untraced`` used it)
   adakv_untraced_nogemv  ``adakv_untraced`` with ``gemv=False`` (cuBLAS projections in the decode graph)
   adakv_untraced_decode_opaque  ``adakv_untraced`` with the decode graph's Triton ops as opaque ops
-             (``ADAKV_DECODE_OPAQUE=1``, passes/opaque.py)
+             (``ADAKV_DECODE_OPAQUE=1``, passes/opaque.py; the default for CUDA-graphed decode since session 14)
+  adakv_untraced_prewarm, adakv_untraced_noprewarm  ``adakv_untraced`` with / without helper processes compiling
+             the opaque decode ops' Triton kernels during the decode graph's compile (``ADAKV_PREWARM=1`` / ``0``,
+             prewarm.py; off by default since it showed no gain — in start-profile-s14-8L-prewarm*-h200 the
+             ``adakv_untraced`` rows ran with it on, the default while they were measured)
+  adakv_untraced_decode_inlined, adakv_decode_inlined  ``adakv_untraced`` / ``adakv`` with the decode graph's
+             Triton ops inlined by Inductor (``ADAKV_DECODE_OPAQUE=0``, the default before session 14)
 
     python bench/start.py --sizes 8x8192x16 --out bench/results/start-h200.json
     python bench/start.py --sizes 32x32768x256 --append --out bench/results/start-h200.json
@@ -57,7 +63,10 @@ ADAKV_METHODS = {"adakv": {}, "adakv_regions": {"prefill_compiler": "regions"}, 
                  "adakv_untraced_eager_compress": {"prefill_compiler": "untraced"},
                  "adakv_untraced_compiled_compress": {"prefill_compiler": "untraced"},
                  "adakv_untraced_nogemv": {"prefill_compiler": "untraced", "gemv": False},
-                 "adakv_untraced_decode_opaque": {"prefill_compiler": "untraced"}}
+                 "adakv_untraced_decode_opaque": {"prefill_compiler": "untraced"},
+                 "adakv_untraced_decode_inlined": {"prefill_compiler": "untraced"}, "adakv_decode_inlined": {},
+                 "adakv_untraced_noprewarm": {"prefill_compiler": "untraced"},
+                 "adakv_untraced_prewarm": {"prefill_compiler": "untraced"}}
 # method -> environment of its child: the compression inlined into every layer (as before compress_once), or
 # compiled once for all layers whatever the layer count (passes/compress_once.py)
 _ONCE = {"ADAKV_COMPRESS_ONCE": "1"}
@@ -65,7 +74,9 @@ METHOD_ENV = {"adakv_compress_per_layer": {"ADAKV_COMPRESS_ONCE": "0"}, "adakv_o
               "adakv_regions_once": _ONCE, "adakv_eager_prefill_once": _ONCE,
               "adakv_untraced_eager_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "0"},
               "adakv_untraced_compiled_compress": {"ADAKV_UNTRACED_COMPILED_COMPRESS": "1"},
-              "adakv_untraced_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"}}
+              "adakv_untraced_decode_opaque": {"ADAKV_DECODE_OPAQUE": "1"},
+              "adakv_untraced_decode_inlined": {"ADAKV_DECODE_OPAQUE": "0"}, "adakv_decode_inlined": {"ADAKV_DECODE_OPAQUE": "0"},
+              "adakv_untraced_noprewarm": {"ADAKV_PREWARM": "0"}, "adakv_untraced_prewarm": {"ADAKV_PREWARM": "1"}}
 
 
 def child(a) -> dict:

@@ -32,7 +32,8 @@ The ops (registered here; the graph pass inserts them, users never call them):
                               counting arrivals on the layer's ``sem`` buffer (CUDA default; ``ADAKV_FUSED_MERGE=0`` off).
 ``static_append`` and ``static_attend`` are ``triton_op``s: under Inductor their Triton kernels are
 inlined into the generated code and the decode step replays as one CUDA graph. Each has an opaque twin
-(``*_opaque``, same body) that passes/opaque.py swaps in under ``ADAKV_DECODE_OPAQUE=1``.
+(``*_opaque``, same body) that passes/opaque.py swaps in where the decode graph is replayed as a CUDA graph
+(there an inlined launch saves nothing and costs compile time; ``ADAKV_DECODE_OPAQUE`` forces either way).
 """
 from __future__ import annotations
 

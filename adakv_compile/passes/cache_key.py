@@ -21,7 +21,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 PASS_UUID = "adakv-passes-v2"
 # environment switches read by the passes or the ops (each validated where it is read)
 SWITCHES = ("ADAKV_COMPRESS_ONCE", "ADAKV_DECODE_OPAQUE", "ADAKV_FUSED_MERGE", "ADAKV_HEADS_LAST", "ADAKV_INLINE_COMPRESS",
-            "ADAKV_KERNELS", "ADAKV_UNTRACED_COMPILED_COMPRESS")
+            "ADAKV_KERNELS", "ADAKV_PREWARM", "ADAKV_UNTRACED_COMPILED_COMPRESS")
 _ROOT = Path(__file__).resolve().parent.parent
 
 

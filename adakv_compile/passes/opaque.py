@@ -1,4 +1,4 @@
-"""Decode graphs: our Triton ops as opaque twins (``ADAKV_DECODE_OPAQUE=1``; off until measured on a GPU).
+"""Decode graphs replayed as CUDA graphs: our Triton ops as opaque twins (default; ``ADAKV_DECODE_OPAQUE``).
 
 Why: Inductor inlines a ``triton_op``'s launches (``wrap_triton``), so no Python runs per launch — but a decode
 graph on CUDA is replayed as a CUDA graph, where Python runs only at capture anyway, while every inlined launch
@@ -8,9 +8,13 @@ passes 5.2 s against HF static's 2.1, the decomposition 1.9 s, and ``gemv=False`
 bench/results/start-profile-s13-32L-variants-h200.md). An opaque custom op is one extern call for Inductor.
 
 The pass swaps each op for its twin (same schema, same body: kernels/gemv.py, kernels/static.py), so it is exact;
-what it changes is where the launch is written (the op's Python at capture instead of Inductor's code). Where it
-would be the default: decode graphs replayed as CUDA graphs, if bench/gpu_plan/19 shows the decode step unchanged
-and the start shorter. ``ADAKV_DECODE_OPAQUE=1`` forces it in every decode graph (CPU tests), ``0`` / unset: off.
+what it changes is where the launch is written (the op's Python at capture instead of Inductor's code).
+Measured (H200, session 14, bench/results/start-profile-s14-32L-decode-opaque-h200.md, e2e-32L-s14-decode-opaque-h200):
+32 layers, first ``generate`` of 1 x 8192 + 16 with the untraced prefill, cold 53.9 -> 34.8 s (HF static 39.7 s),
+warm restart 9.5 -> 10.6 s (HF 10.4); the decode step 4.48 -> 4.47 ms/token (floor 3.82), tokens equal to the
+eager reference. So it is the default for decode graphs replayed as CUDA graphs; elsewhere (CPU, ``cudagraphs=False``)
+an inlined launch saves Python per step and stays. ``ADAKV_DECODE_OPAQUE=1`` forces it in every decode graph (CPU
+tests), ``0`` keeps every launch inlined.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ def twins() -> dict:
             ops.static_attend_merged.default: ops.static_attend_merged_opaque.default}
 
 
-def opaque_wanted() -> bool:
-    return bool(switch("ADAKV_DECODE_OPAQUE"))
+def opaque_wanted(graphed: bool) -> bool:
+    """Whether a decode graph gets the twins: ``ADAKV_DECODE_OPAQUE`` if set, else when it is replayed as a CUDA graph."""
+    forced = switch("ADAKV_DECODE_OPAQUE")
+    return graphed if forced is None else forced
 
 
 def use_opaque(gm: fx.GraphModule) -> int:
