@@ -177,7 +177,7 @@ def run(calls: list, t0: Optional[float] = None) -> int:
     return done
 
 
-def main(argv: Optional[list] = None) -> None:
+def main() -> None:
     t0, calls = pickle.loads(sys.stdin.buffer.read())
     print(f"adakv prewarm: torch imported at +{time.time() - t0:.2f} s (from the spawn)", file=sys.stderr)
     if any(layout[-1] == "cuda" for _, args, _ in calls for layout in args
