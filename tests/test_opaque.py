@@ -22,14 +22,13 @@ from tests.prompts import left_padded
 from tests.test_triton_gemv import _tiny_llama
 
 
-def test_decode_ops_become_extern_calls_and_tokens_equal_the_oracle(monkeypatch):
+def _generate_equals_oracle(cfg: AdaKVConfig, lengths: list[int], new: int = 3):
+    """Compiled ``generate`` of a tiny Llama into an AdaKVCache on fresh random prompts, asserted equal to the
+    oracle's tokens; returns the backend and Inductor's generated codes."""
     from torch._inductor.utils import run_and_get_code
 
-    cfg = AdaKVConfig(budget=12, window=4, gemv=True)
-    ids, am = left_padded([30, 18], seed=int(torch.randint(0, 1 << 16, ())), vocab=96)
-    new = 3
+    ids, am = left_padded(lengths, seed=int(torch.randint(0, 1 << 16, ())), vocab=96)
     expect = ReferenceSession(_tiny_llama(), cfg).generate(ids, attention_mask=am, max_new_tokens=new)[:, -new:]
-    monkeypatch.setenv("ADAKV_DECODE_OPAQUE", "1")
     model = _tiny_llama()
     backend = compile_model(model, cfg, inner="inductor")
     cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=new)
@@ -37,6 +36,12 @@ def test_decode_ops_become_extern_calls_and_tokens_equal_the_oracle(monkeypatch)
         out, codes = run_and_get_code(lambda: model.generate(ids, attention_mask=am, max_new_tokens=new,
                                                              do_sample=False, **{cache_kwarg(model): cache}))
     assert torch.equal(out[:, -new:], expect)
+    return backend, codes
+
+
+def test_decode_ops_become_extern_calls_and_tokens_equal_the_oracle(monkeypatch):
+    monkeypatch.setenv("ADAKV_DECODE_OPAQUE", "1")
+    backend, codes = _generate_equals_oracle(AdaKVConfig(budget=12, window=4, gemv=True), [30, 18])
     decode = [c for c in codes if "_opaque" in c]
     assert len(decode) == 1, [c[:200] for c in codes]
     calls = re.findall(r"torch\.ops\.adakv\.(\w+)\.default\(", decode[0])
@@ -58,17 +63,7 @@ def test_graphed_decode_gets_the_twins_by_default(monkeypatch):
     real = AdaKVBackend._replay_as_cuda_graph
     monkeypatch.setattr(AdaKVBackend, "_replay_as_cuda_graph",
                         lambda self, result, inputs: result.static is not None and result.static.phase == "append")
-    cfg = AdaKVConfig(budget=10, window=3)
-    ids, am = left_padded([22, 29], seed=int(torch.randint(0, 1 << 16, ())), vocab=96)
-    new = 3
-    expect = ReferenceSession(_tiny_llama(), cfg).generate(ids, attention_mask=am, max_new_tokens=new)[:, -new:]
-    model = _tiny_llama()
-    backend = compile_model(model, cfg, inner="inductor")
-    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=new)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=am, max_new_tokens=new, do_sample=False,
-                             **{cache_kwarg(model): cache})
-    assert torch.equal(out[:, -new:], expect)
+    backend, _ = _generate_equals_oracle(AdaKVConfig(budget=10, window=3), [22, 29])
     assert [g.get("cudagraphs") for g in backend.graphs] == [False, True]
     opaque = [g.get("opaque") for g in backend.graphs]
     assert opaque[0] is None and opaque[1] >= 2 * 2, opaque  # an append and an attention a layer, at least
@@ -101,17 +96,7 @@ def test_prewarm_helper_replays_the_decode_ops_layouts(monkeypatch):
     monkeypatch.setattr("adakv_compile.backend.start_prewarm", lambda calls: started.append(real_start(calls)))
     monkeypatch.setenv("ADAKV_DECODE_OPAQUE", "1")
     monkeypatch.setenv("ADAKV_PREWARM", "1")
-    cfg = AdaKVConfig(budget=12, window=4, gemv=True)
-    ids, am = left_padded([26, 15], seed=int(torch.randint(0, 1 << 16, ())), vocab=96)
-    new = 3
-    expect = ReferenceSession(_tiny_llama(), cfg).generate(ids, attention_mask=am, max_new_tokens=new)[:, -new:]
-    model = _tiny_llama()
-    backend = compile_model(model, cfg, inner="inductor")
-    cache = AdaKVCache(model, backend, batch_size=ids.shape[0], max_new_tokens=new)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=am, max_new_tokens=new, do_sample=False,
-                             **{cache_kwarg(model): cache})
-    assert torch.equal(out[:, -new:], expect)
+    backend, _ = _generate_equals_oracle(AdaKVConfig(budget=12, window=4, gemv=True), [26, 15])
     calls = [g.get("prewarm") for g in backend.graphs]
     assert calls[0] is None and calls[1] >= 3, calls  # distinct calls: GEMV shapes, one append, one attention
     procs = [p for batch in started for p in batch]
