@@ -99,8 +99,8 @@ _HELPER = ("import sys, types; package = types.ModuleType('adakv_compile'); "
 
 def start(calls: list, helpers: int = 8) -> list[subprocess.Popen]:
     """Start up to ``helpers`` processes compiling ``calls`` (round robin); returns them (not waited for).
-    One call each where it can: a helper spends ~2-3 s importing torch and starting CUDA before it compiles,
-    and the decode graph's compile leaves ~6 s (8 layers, H200) before the first step needs the kernels."""
+    One call each where it can: the decode graph's compile leaves ~8 s (8 layers, H200) before the first step
+    needs the kernels, and a helper spent 8.5-11 s of it importing torch beside that compile (module docstring)."""
     procs = []
     for i in range(min(helpers, len(calls))):
         share = calls[i::helpers]
