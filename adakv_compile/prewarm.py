@@ -42,10 +42,13 @@ MAX_CALL_BYTES = 1 << 30  # a call whose zero tensors would take more is left to
 
 
 def _layout(value: Any) -> Any:
-    """A picklable stand-in for one argument: a tensor's layout, or the value itself."""
+    """A picklable stand-in for one argument: a tensor's layout, or the value itself. A symbolic size raises."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(int(s) for s in value.shape), tuple(int(s) for s in value.stride()),
-                int(value.storage_offset()), str(value.dtype).removeprefix("torch."), value.device.type)
+        sizes = (*value.shape, *value.stride(), value.storage_offset())
+        if not all(isinstance(d, int) for d in sizes):
+            raise TypeError("a symbolic size")
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.storage_offset(),
+                str(value.dtype).removeprefix("torch."), value.device.type)
     if isinstance(value, (list, tuple)):
         return type(value)(_layout(v) for v in value)
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -53,29 +56,30 @@ def _layout(value: Any) -> Any:
     raise TypeError(f"no layout for {type(value).__name__}")
 
 
-def _value(node_or_value: Any, inputs: dict) -> Any:
-    if isinstance(node_or_value, fx.Node):
-        if node_or_value.name in inputs:
-            return inputs[node_or_value.name]
-        return node_or_value.meta.get("val", node_or_value.meta.get("example_value"))
-    if isinstance(node_or_value, (list, tuple)):
-        return type(node_or_value)(_value(v, inputs) for v in node_or_value)
-    return node_or_value
-
-
 def op_calls(gm: fx.GraphModule, example_inputs, targets) -> list[tuple[str, tuple, dict]]:
-    """The distinct calls of ``targets`` in ``gm``: (qualified op name, argument layouts, keyword layouts).
-    Calls whose arguments have no known layout (a symbolic size, a node without a value) are left out."""
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = dict(zip(names, example_inputs))
+    """The distinct calls of ``targets`` in ``gm``: (qualified op name, argument layouts, keyword layouts), the
+    layouts as in the graph as rewritten (``fake_values.layout_value``: merged q/k/v are views of one output)
+    and the graph's inputs as given. Calls with an argument of no known layout (a symbolic size, a node without
+    a value) are left out: those kernels compile at the first step, as without the helpers."""
+    from .passes.fake_values import graph_fake_mode, layout_value  # here: the helper process imports this module
+
+    inputs = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+    mode, memo = graph_fake_mode(gm.graph), {}
+
+    def value(node: fx.Node):
+        v = inputs[node] if node in inputs else layout_value(node, memo, mode)
+        if v is None:
+            raise TypeError(f"no value for {node.name}")
+        return v
+
     calls, seen = [], set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in targets:
             continue
         try:
-            args = _layout(_value(node.args, inputs))
-            kwargs = {k: _layout(_value(v, inputs)) for k, v in node.kwargs.items()}
-        except TypeError as err:  # a SymInt or a tensor-less node: the op compiles on first use instead
+            args = _layout(fx.node.map_arg(node.args, value))
+            kwargs = {k: _layout(v) for k, v in fx.node.map_arg(node.kwargs, value).items()}
+        except TypeError as err:
             log.debug("adakv: prewarm skips %s: %s", node.name, err)
             continue
         call = (node.target.name(), args, kwargs)
@@ -125,12 +129,17 @@ def _stop_helpers() -> None:
             proc.kill()
 
 
-def _bytes(layout: Any) -> int:
-    if isinstance(layout, tuple) and layout and layout[0] == "tensor":
-        return _span(layout) * getattr(torch, layout[4]).itemsize
-    if isinstance(layout, (list, tuple)):
-        return sum(_bytes(v) for v in layout)
-    return 0
+def _is_tensor(layout: Any) -> bool:
+    return isinstance(layout, tuple) and bool(layout) and layout[0] == "tensor"
+
+
+def _tensor_layouts(layout: Any):
+    """The tensor layouts inside ``layout`` (arguments, nested lists and tuples)."""
+    if _is_tensor(layout):
+        yield layout
+    elif isinstance(layout, (list, tuple)):
+        for v in layout:
+            yield from _tensor_layouts(v)
 
 
 def _span(layout: tuple) -> int:
@@ -139,7 +148,7 @@ def _span(layout: tuple) -> int:
 
 
 def _make(layout: Any) -> Any:
-    if isinstance(layout, tuple) and layout and layout[0] == "tensor":
+    if _is_tensor(layout):
         _, shape, stride, offset, dtype, device = layout
         storage = torch.zeros(max(_span(layout), 1), dtype=getattr(torch, dtype), device=device)
         return storage.as_strided(shape, stride, offset)
@@ -164,7 +173,8 @@ def run(calls: list, t0: Optional[float] = None) -> int:
     done = 0
     for name, args, kwargs in calls:
         namespace, op = name.split("::")
-        if _bytes(args) + _bytes(list(kwargs.values())) > MAX_CALL_BYTES:
+        tensors = list(_tensor_layouts([args, list(kwargs.values())]))
+        if sum(_span(t) * getattr(torch, t[4]).itemsize for t in tensors) > MAX_CALL_BYTES:
             print(f"adakv prewarm: {name}: skipped, over {MAX_CALL_BYTES} bytes", file=sys.stderr)
             continue
         try:
@@ -180,8 +190,7 @@ def run(calls: list, t0: Optional[float] = None) -> int:
 def main() -> None:
     t0, calls = pickle.loads(sys.stdin.buffer.read())
     print(f"adakv prewarm: torch imported at +{time.time() - t0:.2f} s (from the spawn)", file=sys.stderr)
-    if any(layout[-1] == "cuda" for _, args, _ in calls for layout in args
-           if isinstance(layout, tuple) and layout and layout[0] == "tensor"):
+    if any(t[-1] == "cuda" for t in _tensor_layouts([(args, list(kwargs.values())) for _, args, kwargs in calls])):
         compile_only()
     done = run(calls, t0)
     print(f"adakv prewarm: {done} of {len(calls)} calls, done at +{time.time() - t0:.2f} s", file=sys.stderr)

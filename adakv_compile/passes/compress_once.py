@@ -32,7 +32,7 @@ import torch.fx as fx
 from ..kernels.dispatch import switch
 from ..kernels.ops import config_for
 from .chunk import input_layouts
-from .fake_values import graph_fake_mode, run_node
+from .fake_values import graph_fake_mode, layout_value
 
 log = logging.getLogger("adakv_compile")
 
@@ -159,7 +159,7 @@ def compile_ahead(gm: fx.GraphModule) -> int:
         missing = []
 
         def value(n):
-            v = _layout_value(n, memo, mode)
+            v = layout_value(n, memo, mode)
             if v is None or (isinstance(v, torch.Tensor) and not all(
                     isinstance(d, int) for d in (*v.shape, *v.stride()))):
                 missing.append(n.name)
@@ -174,26 +174,6 @@ def compile_ahead(gm: fx.GraphModule) -> int:
         _compiled_for(*args, **kwargs)
         ready += 1
     return ready
-
-
-def _layout_value(node: fx.Node, memo: dict, mode):
-    """``node``'s fake value with the layout it has in the graph as rewritten. A view's value is recomputed from
-    its inputs': Dynamo's describes the graph before our rewrites, e.g. ``v`` as a view of its own projection
-    where merged linears made it a view of the shared q/k/v output (other strides). A fresh tensor keeps
-    Dynamo's value: Inductor hands a custom op such a tensor in the stride order it was traced with."""
-    if node in memo:
-        return memo[node]
-    v = node.meta.get("val", node.meta.get("example_value"))
-    if isinstance(v, torch.Tensor) and v._is_view() and node.op in ("call_function", "call_method") \
-            and mode is not None:
-        args = fx.node.map_arg(node.args, lambda n: _layout_value(n, memo, mode))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: _layout_value(n, memo, mode))
-        try:
-            v = run_node(node, args, kwargs, mode)
-        except Exception as e:  # noqa: BLE001  (Dynamo's value then; a wrong guess costs a run-time compile)
-            log.debug("adakv: compress_once: no fresh value for %s: %s", node.name, e)
-    memo[node] = v
-    return v
 
 
 @torch.library.custom_op("adakv::compress_once", mutates_args=("pool_k", "pool_v", "off", "lens", "pos"))

@@ -68,3 +68,24 @@ def fill_fake_values(graph: fx.Graph) -> int:
             continue
         node.meta["example_value"] = out
     return missing
+
+
+def layout_value(node: fx.Node, memo: dict, mode):
+    """``node``'s fake value with the layout it has in the graph as rewritten. A view's value is recomputed from
+    its inputs': Dynamo's describes the graph before our rewrites, e.g. ``v`` as a view of its own projection
+    where merged linears made it a view of the shared q/k/v output (other strides). A fresh tensor keeps
+    Dynamo's value: Inductor hands a custom op such a tensor in the stride order it was traced with. Used where
+    an op's argument layouts are read ahead of its run (passes/compress_once.py, prewarm.py)."""
+    if node in memo:
+        return memo[node]
+    v = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(v, torch.Tensor) and v._is_view() and node.op in ("call_function", "call_method") \
+            and mode is not None:
+        args = fx.node.map_arg(node.args, lambda n: layout_value(n, memo, mode))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: layout_value(n, memo, mode))
+        try:
+            v = run_node(node, args, kwargs, mode)
+        except Exception as e:  # noqa: BLE001  (Dynamo's value then; a wrong guess costs a run-time compile)
+            log.debug("adakv: no fresh fake value for %s: %s", node.name, e)
+    memo[node] = v
+    return v
